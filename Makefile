@@ -1,0 +1,42 @@
+# One entry point per chore. `make test` is what CI runs (.ci/run): it creates the virtualenv, installs
+# everything, checks lint and types, and runs the whole suite (PostgreSQL is found or started by
+# tests/conftest.py).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test check lint format typecheck pytest bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fusillade needs Python 3.11 or newer: set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+typecheck: install
+	$(PY) -m mypy
+
+pytest: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+check: lint typecheck
+
+test: check pytest
+
+bench: install
+	$(PY) bench/queue_throughput.py
+	$(PY) bench/upload_memory.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,357 @@
+"""Frozen records of the domain: files, request templates, batches, requests, daemons, and the commands a
+daemon sends to the request queue. Datetimes are always timezone-aware UTC."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Any, Final, Generic, TypeVar
+
+from fusillade import errors
+from fusillade.domain import counts as batch_counts
+from fusillade.domain import ids, states
+
+T = TypeVar("T")
+
+
+def _check_aware(*moments: datetime | None) -> None:
+    for moment in moments:
+        if moment is not None and moment.tzinfo is None:
+            raise ValueError("fusillade datetimes must be timezone-aware (UTC).")
+
+
+class AllOwners(Enum):
+    """The scope of an admin: every owner's objects. Passed explicitly, so a missing owner is never 'all'."""
+
+    ALL = "all"
+
+
+ALL_OWNERS: Final = AllOwners.ALL
+OwnerScope = str | AllOwners
+"""Whose objects an operation may see: one owner's name, or `ALL_OWNERS` for an admin."""
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class File:
+    id: ids.FileId
+    owner: str
+    filename: str
+    purpose: states.FilePurpose
+    bytes: int
+    """Input files: the uploaded size. Output and error files: the size of the content rendered so far."""
+    created_at: datetime
+    expires_at: datetime | None = None
+    request_count: int = 0
+    """Input files: number of request lines. Output and error files: number of lines so far."""
+    batch_id: ids.BatchId | None = None
+    """Output and error files: the batch whose results they hold."""
+
+    def __post_init__(self) -> None:
+        _check_aware(self.created_at, self.expires_at)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TemplateInput:
+    """One validated input line, ready to be stored (see `domain.jsonl`)."""
+
+    line_number: int
+    """1-based line number in the uploaded file."""
+    custom_id: str
+    method: str
+    url: str
+    """Path of the upstream endpoint, e.g. `/v1/chat/completions`; never a host."""
+    model: str
+    body: str
+    """The line's `body` object, serialised as compact JSON."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestTemplate:
+    id: ids.TemplateId
+    file_id: ids.FileId
+    line_number: int
+    custom_id: str
+    method: str
+    url: str
+    model: str
+    body: str
+
+
+# -------------------------------------------------------------------------------------------- batches
+
+
+_WINDOW = re.compile(r"^(\d+)(s|m|h|d)$")
+_WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_completion_window(text: str) -> timedelta:
+    """`"24h"` -> 24 hours. Accepts `<n>s`, `<n>m`, `<n>h`, `<n>d` with n > 0."""
+    match = _WINDOW.match(text)
+    if match is None or int(match.group(1)) <= 0:
+        raise errors.ValidationError(
+            f"completion_window {text!r} is not a duration such as '24h' (use a positive number "
+            "followed by s, m, h or d)."
+        )
+    return timedelta(seconds=int(match.group(1)) * _WINDOW_UNITS[match.group(2)])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestCounts:
+    total: int = 0
+    pending: int = 0
+    in_progress: int = 0
+    completed: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+    @property
+    def terminal(self) -> int:
+        return self.completed + self.failed + self.canceled
+
+    @property
+    def active(self) -> int:
+        return self.pending + self.in_progress
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchSpec:
+    """What a caller asks for when creating a batch."""
+
+    owner: str
+    input_file_id: ids.FileId
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: Mapping[str, str] | None = None
+    idempotency_key: str | None = None
+    """A retried create with the same owner and key returns the first batch instead of a new one."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchError:
+    code: str
+    message: str
+    line: int | None = None
+    param: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batch:
+    id: ids.BatchId
+    owner: str
+    input_file_id: ids.FileId
+    output_file_id: ids.FileId
+    error_file_id: ids.FileId
+    endpoint: str
+    completion_window: str
+    metadata: Mapping[str, str] | None
+    created_at: datetime
+    expires_at: datetime
+    in_progress_at: datetime | None = None
+    finalizing_at: datetime | None = None
+    completed_at: datetime | None = None
+    failed_at: datetime | None = None
+    expired_at: datetime | None = None
+    cancelling_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    errors: Sequence[BatchError] = ()
+    counts: RequestCounts = field(default_factory=RequestCounts)
+
+    def __post_init__(self) -> None:
+        _check_aware(
+            self.created_at,
+            self.expires_at,
+            self.in_progress_at,
+            self.finalizing_at,
+            self.completed_at,
+            self.failed_at,
+            self.expired_at,
+            self.cancelling_at,
+            self.cancelled_at,
+        )
+
+    @property
+    def status(self) -> states.BatchStatus:
+        return batch_counts.batch_status(self)
+
+
+# ------------------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    id: ids.RequestId
+    batch_id: ids.BatchId
+    template_id: ids.TemplateId
+    owner: str
+    custom_id: str
+    model: str
+    line_number: int
+    state: states.RequestState
+    attempt: int = 0
+    """Number of earlier attempts that ended in a retriable failure (0 for the first attempt)."""
+    not_before: datetime | None = None
+    daemon_id: ids.DaemonId | None = None
+    claimed_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    response_status: int | None = None
+    response_body: str | None = None
+    """The upstream's body as JSON text (a JSON string when the upstream did not send JSON)."""
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_aware(self.not_before, self.claimed_at, self.started_at, self.finished_at)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClaimedRequest:
+    """A request handed to a daemon by a claim: everything needed to call the upstream."""
+
+    id: ids.RequestId
+    batch_id: ids.BatchId
+    owner: str
+    custom_id: str
+    model: str
+    method: str
+    url: str
+    body: str
+    attempt: int
+    deadline: datetime
+    """The batch's `expires_at`: no retry may start after it."""
+    daemon_id: ids.DaemonId
+    claimed_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelCapacity:
+    """How many requests of one model a daemon may start now."""
+
+    model: str
+    free: int
+    """Slots free in this daemon."""
+    limit: int | None = None
+    """The model's limit across every daemon sharing the database (None: no shared limit). The claim counts
+    requests in flight for the model and never lets the total exceed this."""
+
+
+# ------------------------------------------------------------------------------ request queue commands
+
+
+@dataclass(frozen=True, slots=True)
+class MarkProcessing:
+    """claimed -> processing, just before the upstream call."""
+
+    request_id: ids.RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """processing -> completed with the upstream's response."""
+
+    request_id: ids.RequestId
+    status_code: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fail:
+    """claimed | processing -> failed, final. Either an upstream HTTP error (`status_code` and `body`), or
+    a failure without a response (`code` and `message`, e.g. `timeout`)."""
+
+    request_id: ids.RequestId
+    code: str | None = None
+    message: str | None = None
+    status_code: int | None = None
+    body: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reschedule:
+    """processing -> pending for another attempt, not before `not_before` (`attempt + 1`)."""
+
+    request_id: ids.RequestId
+    not_before: datetime
+    code: str | None = None
+    """Why the attempt failed (kept on the row for inspection)."""
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """claimed | processing -> pending without counting an attempt (graceful stop)."""
+
+    request_id: ids.RequestId
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """claimed | processing -> canceled, after the daemon aborted the call of a cancelled batch."""
+
+    request_id: ids.RequestId
+
+
+RequestWrite = MarkProcessing | Complete | Fail | Reschedule | Release | Cancel
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WriteReport:
+    """What a batch of fenced writes did: each request id lands in exactly one of the three sets."""
+
+    applied: frozenset[ids.RequestId] = frozenset()
+    conflicts: Mapping[ids.RequestId, states.RequestState] = field(default_factory=dict)
+    """The request exists but was not in the expected state or is owned by another daemon; its state."""
+    missing: frozenset[ids.RequestId] = frozenset()
+
+    def check(self, request_id: ids.RequestId) -> None:
+        """Raise `NotFound` or `StateConflict` unless the write of `request_id` was applied."""
+        if request_id in self.applied:
+            return
+        if request_id in self.conflicts:
+            state = self.conflicts[request_id]
+            raise errors.StateConflict(
+                f"Request {ids.request_wire(request_id)} is {state} or owned by another daemon; "
+                "the write was refused.",
+                current_state=str(state),
+            )
+        raise errors.NotFound(f"Request {ids.request_wire(request_id)} does not exist.")
+
+
+# -------------------------------------------------------------------------------------------- daemons
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonInfo:
+    hostname: str
+    pid: int
+    version: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Daemon:
+    id: ids.DaemonId
+    hostname: str
+    pid: int
+    version: str
+    status: states.DaemonStatus
+    started_at: datetime
+    last_heartbeat: datetime
+    stopped_at: datetime | None = None
+    in_flight: int = 0
+    """Requests in flight at the last heartbeat, as the daemon reported them."""
+
+
+# ------------------------------------------------------------------------------------------- listings
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: Sequence[T]
+    has_more: bool

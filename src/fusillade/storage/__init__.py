@@ -1,0 +1,1 @@
+"""Storage: the role protocols (`storage.base`) and their SQLite and PostgreSQL backends."""

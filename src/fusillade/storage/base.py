@@ -1,0 +1,235 @@
+"""The storage contract: role protocols that every backend (SQLite, PostgreSQL) implements in full.
+
+The daemon, the service layer and the API depend on these protocols only; the concrete backends are wired in
+by the composition root. One behavioural test suite (`tests/contract/`) runs against every backend.
+
+Rules that hold for every method:
+- Times come from the store's `Clock` (one reading per transaction), never from the database server, so
+  both backends behave alike and tests can move time by hand.
+- Owner scoping: every read and write of files and batches takes an `OwnerScope`. An object of another owner
+  is reported exactly like a missing one (`NotFound`), so ids cannot be probed. `ALL_OWNERS` is the admin view.
+- Soft-deleted objects are invisible (`NotFound`, absent from listings) until `purge_deleted` removes them.
+- Driver exceptions never escape: they become `StorageError` (or `StorageUnavailable` when the database could
+  not be reached or a call timed out), with the driver's exception as `__cause__`.
+- Request writes from daemons are fenced on the expected state and the owning daemon. `completed` and
+  `failed` are final for daemons: a late or duplicate write is refused and reported, never applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
+
+from fusillade.domain import ids, models, states
+
+SortOrder = Literal["asc", "desc"]
+
+
+class FileStore(Protocol):
+    async def create_file(
+        self,
+        *,
+        owner: str,
+        filename: str,
+        templates: AsyncIterable[models.TemplateInput] | Iterable[models.TemplateInput],
+        size_bytes: int,
+        expires_at: datetime | None = None,
+    ) -> models.File:
+        """Store an input file (purpose `batch`) and its request templates, inserted in chunks inside ONE
+        transaction. If iterating `templates` raises (e.g. the validator found bad lines), the transaction
+        is rolled back, nothing is stored, and the exception propagates unchanged. An empty iterable is
+        rejected with `ValidationError`. Memory stays flat: templates are consumed as a stream."""
+        ...
+
+    async def get_file(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> models.File:
+        """Input, output or error file. Output/error files report `bytes` and `request_count` of the
+        content rendered so far. `NotFound` if missing, deleted, or another owner's."""
+        ...
+
+    async def list_files(
+        self,
+        *,
+        owner: models.OwnerScope,
+        purpose: states.FilePurpose | None = None,
+        after: ids.FileId | None = None,
+        limit: int = 10_000,
+        order: SortOrder = "desc",
+    ) -> models.Page[models.File]:
+        """Files by `created_at` (then id) in `order`, starting after the file `after` (a cursor that is
+        unknown, deleted or another owner's gives `NotFound`)."""
+        ...
+
+    async def delete_file(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> None:
+        """Soft delete. Batches already created from an input file keep running (their requests were
+        copied); the file's rows are purged once no unfinished batch needs them. `NotFound` as in
+        `get_file`."""
+        ...
+
+    async def open_file_content(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> AsyncIterator[bytes]:
+        """Check the file (raising `NotFound` before any byte is produced) and return its content as a
+        stream of JSONL chunks, read from the database in pages:
+        - input file: one line per template in line order, `{"custom_id","method","url","body"}`;
+        - output file: the batch's completed requests, in completion order (`domain.jsonl` line format);
+        - error file: the batch's failed and canceled requests, in completion order.
+        Output and error files grow while the batch runs; a request appears in exactly one of them, once,
+        after it reached a terminal state."""
+        ...
+
+
+class BatchStore(Protocol):
+    async def create_batch(self, spec: models.BatchSpec) -> models.Batch:
+        """Create a batch from an input file of the same owner (`NotFound` otherwise), with its output and
+        error files and one pending request per template, all in ONE transaction. The batch starts
+        `in_progress` (validation happened at upload) and `expires_at = now + completion_window`. If
+        `spec.idempotency_key` was already used by this owner, the first batch is returned and nothing is
+        created. Bad endpoint/window: `ValidationError`."""
+        ...
+
+    async def get_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Batch:
+        """The batch with fresh `counts` (counted from its requests)."""
+        ...
+
+    async def list_batches(
+        self,
+        *,
+        owner: models.OwnerScope,
+        after: ids.BatchId | None = None,
+        limit: int = 20,
+    ) -> models.Page[models.Batch]:
+        """Newest first (created_at, then id, descending), each with counts."""
+        ...
+
+    async def cancel_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Batch:
+        """Set `cancelling_at`; pending requests end `canceled` at once (error code `batch_cancelled`);
+        claimed/processing requests are left to their daemon, which sees the batch in
+        `cancelling_requests` and aborts them. A batch with nothing in flight is `cancelled` at once.
+        Cancelling a cancelling/cancelled batch returns it unchanged; a completed, failed or expired batch
+        raises `StateConflict`."""
+        ...
+
+    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
+        """Put the batch's failed requests back to pending (attempt 0, errors and responses cleared) and
+        reopen the batch (`finalizing_at`/`completed_at` cleared). Returns how many. A cancelling,
+        cancelled or expired batch raises `StateConflict`."""
+        ...
+
+    async def delete_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> None:
+        """Soft delete (an unfinished batch is cancelled first); purged later by `purge_deleted`."""
+        ...
+
+    async def list_requests(
+        self,
+        batch_id: ids.BatchId,
+        *,
+        owner: models.OwnerScope,
+        state: states.RequestState | None = None,
+        after: ids.RequestId | None = None,
+        limit: int = 100,
+    ) -> models.Page[models.Request]:
+        """The batch's requests in input line order, optionally of one state, after a cursor."""
+        ...
+
+    async def expire_batches(self, *, grace: timedelta = timedelta(0), limit: int = 100) -> list[ids.BatchId]:
+        """For up to `limit` unfinished batches whose `expires_at + grace` has passed: every pending,
+        claimed or processing request ends `failed` with code `batch_expired` (daemons' later writes to
+        them are refused), finished results are kept, and the batch gets `expired_at`. Returns their ids."""
+        ...
+
+    async def finalize_batches(self, *, limit: int = 100) -> list[ids.BatchId]:
+        """For up to `limit` unfinished batches whose requests are all terminal: set `finalizing_at` and
+        `completed_at` (or `cancelled_at` for a cancelling batch). Returns their ids."""
+        ...
+
+
+class RequestQueue(Protocol):
+    """The hot path of the daemons."""
+
+    async def claim_requests(
+        self,
+        daemon_id: ids.DaemonId,
+        capacities: Sequence[models.ModelCapacity],
+        *,
+        limit: int,
+        owner_in_flight: Mapping[str, int] | None = None,
+    ) -> list[models.ClaimedRequest]:
+        """Claim at most `limit` pending requests in total and at most `capacity.free` per model (and never
+        more than `capacity.limit - in flight` across all daemons), moving them to `claimed` for
+        `daemon_id`. Eligible: state pending, `not_before` passed or unset, batch neither cancelling,
+        finished nor deleted. Order within a model: earliest batch deadline first, then batch (FIFO within
+        a deadline), then input line. With `owner_in_flight` (requests each owner has in flight), owners
+        with fewer in flight go first (fairness); the deadline order holds within an owner. Concurrent
+        claimers always get disjoint requests; the global per-model limit holds across them."""
+        ...
+
+    async def apply_writes(
+        self, daemon_id: ids.DaemonId, writes: Sequence[models.RequestWrite]
+    ) -> models.WriteReport:
+        """Apply many fenced state writes of one daemon in ONE transaction (group commit). Each write
+        applies only if the request is owned by `daemon_id` and in the state its command expects:
+
+        | command          | from                  | to          |
+        |------------------|-----------------------|-------------|
+        | `MarkProcessing` | claimed               | processing  |
+        | `Complete`       | processing            | completed   |
+        | `Fail`           | claimed, processing   | failed      |
+        | `Reschedule`     | processing            | pending, attempt + 1, not_before |
+        | `Release`        | claimed, processing   | pending (same attempt) |
+        | `Cancel`         | claimed, processing   | canceled (`batch_cancelled`) |
+
+        Leaving a daemon-owned state clears the owner. A refused write changes nothing and is reported in
+        `conflicts` (with the request's current state) or `missing`; the others still apply. At most one
+        write per request id in one call."""
+        ...
+
+    async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
+        """Requests this daemon has claimed or is processing whose batch is being cancelled."""
+        ...
+
+
+class DaemonRegistry(Protocol):
+    async def register_daemon(self, info: models.DaemonInfo) -> models.Daemon:
+        """A new daemon record, `running`, with a first heartbeat now."""
+        ...
+
+    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.Daemon:
+        """Record that the daemon is alive. `StateConflict` if it was marked dead (its requests may have
+        been reclaimed: the daemon must stop), `NotFound` if unknown."""
+        ...
+
+    async def mark_daemon_dead(self, daemon_id: ids.DaemonId) -> None:
+        """Mark the daemon dead (idempotent). Its claimed/processing requests become reclaimable at once."""
+        ...
+
+    async def list_daemons(self) -> list[models.Daemon]:
+        """All daemons, most recently started first."""
+        ...
+
+    async def reclaim_requests(self, *, stale_after: timedelta, limit: int = 1000) -> int:
+        """One bounded sweep: running daemons whose last heartbeat is older than `stale_after` are marked
+        dead; then up to `limit` claimed/processing requests of dead or unknown daemons go back to pending
+        (same attempt; `canceled` instead if their batch is cancelling). Returns how many requests moved."""
+        ...
+
+
+class RetentionStore(Protocol):
+    async def purge_deleted(self, *, limit: int = 1000) -> int:
+        """Hard-delete at most `limit` rows belonging to soft-deleted batches and files (requests first,
+        then templates, then the batch and file rows once empty). Returns rows deleted; 0 means nothing is
+        left to purge. Callers loop with a pause between calls to throttle."""
+        ...
+
+
+class Storage(FileStore, BatchStore, RequestQueue, DaemonRegistry, RetentionStore, Protocol):
+    """Everything a backend provides, plus its lifecycle."""
+
+    async def migrate(self) -> list[str]:
+        """Apply the pending schema migrations (idempotent; safe when several processes start at once).
+        Returns the names of those applied."""
+        ...
+
+    async def ping(self) -> None:
+        """Round-trip to the database; `StorageUnavailable` if it does not answer."""
+        ...
+
+    async def close(self) -> None: ...
