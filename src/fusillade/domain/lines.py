@@ -35,6 +35,33 @@ def input_line(template: models.RequestTemplate) -> bytes:
     return head[:-1] + b',"body":' + template.body.encode() + b"}\n"
 
 
+_ID_PART = len(b'{"id":"batch_req_') + 32 + len(b'","custom_id":')
+_RESPONSE_PART = (
+    len(b',"response":{"status_code":') + len(b',"request_id":null,"body":') + len(b'},"error":null}\n')
+)
+_ERROR_PART = len(b',"response":null,"error":') + len(b"}\n")
+
+
+def custom_id_json_bytes(custom_id: str) -> int:
+    """Size of the JSON-encoded custom_id inside a result line (stored per request at upload, so that the
+    backends can keep exact output/error file sizes with plain SQL arithmetic)."""
+    return len(orjson.dumps(custom_id))
+
+
+def response_line_bytes(custom_id_bytes: int, status_code: int, body_bytes: int) -> int:
+    """Exact size of `result_line` for a request with a response (`body_bytes` = UTF-8 size of the body)."""
+    return _ID_PART + custom_id_bytes + _RESPONSE_PART + len(str(status_code)) + body_bytes
+
+
+def error_line_bytes(custom_id_bytes: int, code: str, message: str) -> int:
+    """Exact size of `result_line` for a request that ended without a response."""
+    return _ID_PART + custom_id_bytes + _ERROR_PART + len(error_object(code, message))
+
+
+def error_object(code: str, message: str) -> bytes:
+    return orjson.dumps({"code": code, "message": message})
+
+
 def result_line(request: models.Request) -> bytes:
     """The output or error line of a terminal request (see the module docstring)."""
     prefix = (
@@ -52,4 +79,4 @@ def result_line(request: models.Request) -> bytes:
         )
     code = request.error_code or (BATCH_CANCELLED if request.state is states.RequestState.CANCELED else "error")
     message = request.error_message or default_message(code)
-    return prefix + b',"response":null,"error":' + orjson.dumps({"code": code, "message": message}) + b"}\n"
+    return prefix + b',"response":null,"error":' + error_object(code, message) + b"}\n"

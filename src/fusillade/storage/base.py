@@ -177,9 +177,9 @@ class RequestQueue(Protocol):
         | `Release`        | claimed, processing   | pending (same attempt) |
         | `Cancel`         | claimed, processing   | canceled (`batch_cancelled`) |
 
-        Leaving a daemon-owned state clears the owner. A refused write changes nothing and is reported in
-        `conflicts` (with the request's current state) or `missing`; the others still apply. At most one
-        write per request id in one call."""
+        Going back to pending clears the owner; terminal rows keep the daemon that finished them. A
+        refused write changes nothing and is reported in `conflicts` (with the request's current state) or
+        `missing`; the others still apply. Two writes for one request id in one call raise `ValueError`."""
         ...
 
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
