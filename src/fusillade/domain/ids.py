@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import NewType
 
@@ -23,6 +24,9 @@ DaemonId = NewType("DaemonId", uuid.UUID)
 FILE_PREFIX = "file-"
 BATCH_PREFIX = "batch_"
 REQUEST_PREFIX = "batch_req_"
+
+# uuid.UUID(hex=...) also takes "+", "_", spaces and a trailing newline (it ends in int(text, 16)).
+_HEX_32 = re.compile(r"[0-9a-fA-F]{32}")
 
 
 def new_file_id() -> FileId:
@@ -60,10 +64,9 @@ def request_wire(request_id: RequestId) -> str:
 def _parse(text: str, prefix: str, kind: str) -> uuid.UUID:
     if not text.startswith(prefix) or len(text) != len(prefix) + 32:
         raise errors.NotFound(f"No {kind} with id {text!r}: {kind} ids look like '{prefix}' + 32 hex digits.")
-    try:
-        return uuid.UUID(hex=text[len(prefix) :])
-    except ValueError:
-        raise errors.NotFound(f"No {kind} with id {text!r}.") from None
+    if _HEX_32.fullmatch(text, len(prefix)) is None:
+        raise errors.NotFound(f"No {kind} with id {text!r}.")
+    return uuid.UUID(hex=text[len(prefix) :])
 
 
 def parse_file_id(text: str) -> FileId:

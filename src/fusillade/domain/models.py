@@ -86,19 +86,23 @@ class RequestTemplate:
 # -------------------------------------------------------------------------------------------- batches
 
 
-_WINDOW = re.compile(r"^(\d+)(s|m|h|d)$")
+_WINDOW = re.compile(r"([0-9]{1,9})(s|m|h|d)")
+MAX_COMPLETION_WINDOW: Final = timedelta(days=365)
 _WINDOW_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_completion_window(text: str) -> timedelta:
-    """`"24h"` -> 24 hours. Accepts `<n>s`, `<n>m`, `<n>h`, `<n>d` with n > 0."""
-    match = _WINDOW.match(text)
+    """`"24h"` -> 24 hours. Accepts `<n>s`, `<n>m`, `<n>h`, `<n>d` (ASCII digits), from 1 s to 365 days."""
+    match = _WINDOW.fullmatch(text)
     if match is None or int(match.group(1)) <= 0:
         raise errors.ValidationError(
             f"completion_window {text!r} is not a duration such as '24h' (use a positive number "
             "followed by s, m, h or d)."
         )
-    return timedelta(seconds=int(match.group(1)) * _WINDOW_UNITS[match.group(2)])
+    window = timedelta(seconds=int(match.group(1)) * _WINDOW_UNITS[match.group(2)])
+    if window > MAX_COMPLETION_WINDOW:
+        raise errors.ValidationError(f"completion_window {text!r} is longer than the maximum of 365 days.")
+    return window
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,138 @@
+"""Claim + complete throughput of the request queue, on SQLite and PostgreSQL.
+
+Each run stores a fresh batch of N pending requests (setup, not timed), then drains it the way a daemon with
+group commit does: one transaction claims 100 requests, the next one marks those 100 processing and completes
+the 100 claimed before (`apply_writes`). With `--workers W`, W such loops run at once, each as its own daemon.
+Reported: requests per second (N / drain time), median of `--runs` runs.
+
+    .venv/bin/python bench/queue_throughput.py [--rows 200000] [--runs 3] [--workers 1] [--backend sqlite]
+
+PostgreSQL: `$FUSILLADE_BENCH_POSTGRES_URL` (a server URL; a scratch database is created and dropped), default
+postgresql://postgres@127.0.0.1:5432/postgres.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+import machine
+from fusillade.domain import ids, models
+from fusillade.storage import base, factory
+
+CLAIM_SIZE = 100
+MODEL = "bench-model"
+BODY = '{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
+RESPONSE = '{"id":"cmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello."},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}'  # noqa: E501
+
+
+def templates(rows: int) -> Iterator[models.TemplateInput]:
+    for line in range(1, rows + 1):
+        yield models.TemplateInput(
+            line_number=line,
+            custom_id=f"request-{line}",
+            method="POST",
+            url="/v1/chat/completions",
+            model=MODEL,
+            body=BODY,
+        )
+
+
+@asynccontextmanager
+async def database(backend: str) -> AsyncIterator[str]:
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="fusillade-bench-") as directory:
+            yield f"sqlite:///{directory}/bench.db"
+        return
+    server = os.environ.get("FUSILLADE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"fusillade_bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base_url, _, _ = server.rpartition("/")
+        yield f"{base_url}/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def drain(store: base.Storage, daemon_id: ids.DaemonId) -> int:
+    """Claim and complete until nothing is left; returns requests completed."""
+    capacity = [models.ModelCapacity(model=MODEL, free=CLAIM_SIZE)]
+    previous: list[models.ClaimedRequest] = []
+    done = 0
+    while True:
+        claimed = await store.claim_requests(daemon_id, capacity, limit=CLAIM_SIZE)
+        writes: list[models.RequestWrite] = [models.MarkProcessing(request.id) for request in claimed]
+        writes += [models.Complete(request.id, 200, RESPONSE) for request in previous]
+        if writes:
+            report = await store.apply_writes(daemon_id, writes)
+            assert len(report.applied) == len(writes), "a bench write was refused"
+        done += len(previous)
+        previous = claimed
+        if not claimed:
+            return done
+
+
+async def one_run(store: base.Storage, file_id: ids.FileId, rows: int, workers: int) -> float:
+    batch = await store.create_batch(
+        models.BatchSpec(owner="bench", input_file_id=file_id, endpoint="/v1/chat/completions")
+    )
+    daemons = [
+        await store.register_daemon(models.DaemonInfo(hostname="bench", pid=os.getpid(), version="bench"))
+        for _ in range(workers)
+    ]
+    started = time.perf_counter()
+    completed = await asyncio.gather(*(drain(store, daemon.id) for daemon in daemons))
+    elapsed = time.perf_counter() - started
+    assert sum(completed) == rows, f"completed {sum(completed)} of {rows}"
+    final = await store.get_batch(batch.id, owner="bench")
+    assert final.counts.completed == rows
+    return rows / elapsed
+
+
+async def bench(backend: str, rows: int, runs: int, workers: int) -> list[float]:
+    async with database(backend) as url:
+        store = await factory.open_storage(url)
+        try:
+            upload = await store.create_file(
+                owner="bench", filename="bench.jsonl", templates=templates(rows), size_bytes=0
+            )
+            return [await one_run(store, upload.id, rows, workers) for _ in range(runs)]
+        finally:
+            await store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--backend", choices=["sqlite", "postgres"], action="append")
+    arguments = parser.parse_args()
+    backends = arguments.backend or ["sqlite", "postgres"]
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"machine: {machine.describe()}")
+    print(
+        f"rows per run: {arguments.rows}, claim {CLAIM_SIZE} + complete {CLAIM_SIZE} per transaction, "
+        f"workers: {arguments.workers}, runs: {arguments.runs}"
+    )
+    for backend in backends:
+        rates = asyncio.run(bench(backend, arguments.rows, arguments.runs, arguments.workers))
+        shown = ", ".join(f"{rate:,.0f}" for rate in rates)
+        print(f"{backend:>8}: median {statistics.median(rates):,.0f} requests/s  (runs: {shown})")
+
+
+if __name__ == "__main__":
+    main()

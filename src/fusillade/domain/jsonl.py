@@ -1,0 +1,341 @@
+"""Streaming validation of an uploaded OpenAI Batch input file (JSONL).
+
+Each line must be one JSON object:
+
+    {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", ...}}
+
+`validate` reads the file chunk by chunk and yields a `TemplateInput` for every good line as soon as it is
+read, so memory stays flat whatever the file size: only the unfinished last line of a chunk and the set of
+custom_ids seen so far (bounded by `Limits.max_lines`) are kept. When the stream ends, if any line was bad,
+it raises `errors.ValidationError` listing the bad lines by number; a consumer stores the yielded templates
+inside a transaction, so that raise rolls the whole upload back. Going over the line or byte limit raises
+at once, without reading the rest of the file.
+
+Blank lines are accepted only at the end of the file (editors often add one); unknown top-level keys are
+ignored, as OpenAI does; a UTF-8 byte order mark at the start of the file is skipped (Windows editors write
+one).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from fusillade import errors
+from fusillade.domain import models
+
+SUPPORTED_URLS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"}
+)
+
+_BYTE_ORDER_MARK = b"\xef\xbb\xbf"
+_JSON_WHITESPACE = b" \t\r"
+_NOT_BLANK = re.compile(rb"[^ \t\r\n]")
+_MISSING: Any = object()
+_SHOWN_CHARACTERS = 60
+"""Values quoted back in messages are cut to this many characters."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """What an input file may hold."""
+
+    max_lines: int = 50_000
+    """Request lines (blank lines are not counted)."""
+    max_bytes: int = 200 * 1024 * 1024
+    max_custom_id_length: int = 512
+    """In characters."""
+    max_errors: int = 100
+    """Bad lines listed in the error; the others are only counted."""
+    allowed_urls: frozenset[str] = SUPPORTED_URLS
+
+    def __post_init__(self) -> None:
+        for name in ("max_lines", "max_bytes", "max_custom_id_length", "max_errors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be at least 1, not {getattr(self, name)}.")
+        if not self.allowed_urls:
+            raise ValueError("Limits.allowed_urls must name at least one endpoint path.")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+async def iterate_chunks(data: bytes, chunk_size: int = 65536) -> AsyncIterator[bytes]:
+    """Yield `data` in chunks of `chunk_size` bytes (the last one shorter): an in-memory upload stream."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, not {chunk_size}.")
+    for start in range(0, len(data), chunk_size):
+        yield data[start : start + chunk_size]
+
+
+async def validate(
+    chunks: AsyncIterable[bytes],
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    model_allowed: Callable[[str], bool] | None = None,
+) -> AsyncIterator[models.TemplateInput]:
+    """Yield one `TemplateInput` per good line, in file order, as the stream is read.
+
+    Raises `errors.ValidationError` (with `errors` = the bad lines, at most `limits.max_errors` of them and
+    then a line-0 summary) after the last chunk if any line was bad or the file holds no request, and at
+    once when the file goes over `limits.max_lines` or `limits.max_bytes`. `model_allowed`, if given, says
+    whether the server routes a model; a line whose model it refuses is bad.
+    """
+    scan = _Scan(limits, model_allowed)
+    async for lines in _split_lines(chunks, limits.max_bytes):
+        for line in lines:
+            if isinstance(line, int):
+                scan.skip_blank_lines(line)
+                continue
+            template = scan.read(line)
+            if template is not None:
+                yield template
+    scan.finish()
+
+
+async def _split_lines(chunks: AsyncIterable[bytes], max_bytes: int) -> AsyncIterator[list[bytes | int]]:
+    """Yield the complete lines of each chunk (without their `\\n`), and at the end the last line if the file
+    does not end with a newline. Only the unfinished last line is kept between chunks.
+
+    A run of blank lines comes as its count (an int): a file of newlines then costs a few C calls per chunk
+    instead of Python work per line.
+    """
+    total = 0
+    unfinished: list[bytes] = []
+    async for chunk in chunks:
+        if not chunk:
+            continue
+        total += len(chunk)
+        if total > max_bytes:
+            raise _file_too_large(max_bytes)
+        end = chunk.find(b"\n")
+        if end < 0:
+            # A line longer than a chunk: collect its parts and join them once, not once per chunk.
+            unfinished.append(chunk)
+            continue
+        unfinished.append(chunk[:end])
+        found: list[bytes | int] = [b"".join(unfinished)]
+        tail = _chunk_lines(chunk, end + 1, found)
+        unfinished = [tail] if tail else []
+        yield found
+    if unfinished:
+        yield [b"".join(unfinished)]
+
+
+def _chunk_lines(chunk: bytes, position: int, found: list[bytes | int]) -> bytes:
+    """Append the complete lines of `chunk` from `position` on to `found`; return the unfinished rest."""
+    while True:
+        content = _NOT_BLANK.search(chunk, position)
+        if content is None:
+            blanks = chunk.count(b"\n", position)
+            if blanks:
+                found.append(blanks)
+            last = chunk.rfind(b"\n", position)
+            return chunk[position if last < 0 else last + 1 :]
+        previous = chunk.rfind(b"\n", position, content.start())
+        start = position if previous < 0 else previous + 1
+        blanks = chunk.count(b"\n", position, start)
+        if blanks:
+            found.append(blanks)
+        end = chunk.find(b"\n", content.start())
+        if end < 0:
+            return chunk[start:]
+        found.append(chunk[start:end])
+        position = end + 1
+
+
+class _Scan:
+    """The state of one validation: line numbers, custom_ids seen, bad lines found so far."""
+
+    def __init__(self, limits: Limits, model_allowed: Callable[[str], bool] | None) -> None:
+        self.limits = limits
+        self.model_allowed = model_allowed
+        self.line_number = 0
+        self.requests = 0
+        self.first_line_of_seen: dict[str, int] = {}
+        self.listed: list[errors.LineError] = []
+        self.bad_lines = 0
+        self.blank_since: int | None = None
+        """First line of the run of blank lines just read (an error only if a request line follows)."""
+
+    def read(self, line: bytes) -> models.TemplateInput | None:
+        """Check the next line; return its template if it is a good request line."""
+        self.line_number += 1
+        if self.line_number == 1 and line.startswith(_BYTE_ORDER_MARK):
+            line = line[len(_BYTE_ORDER_MARK) :]
+        if not line.strip(_JSON_WHITESPACE):
+            if self.blank_since is None:
+                self.blank_since = self.line_number
+            return None
+        if self.blank_since is not None:
+            self._reject_blank_run(self.blank_since, self.line_number)
+            self.blank_since = None
+        self.requests += 1
+        if self.requests > self.limits.max_lines:
+            raise self._too_many_lines()
+        outcome = self._check(line)
+        if isinstance(outcome, str):
+            self._reject(self.line_number, outcome)
+            return None
+        return outcome
+
+    def skip_blank_lines(self, count: int) -> None:
+        """Note `count` blank lines (errors only if a request line follows them)."""
+        if self.blank_since is None:
+            self.blank_since = self.line_number + 1
+        self.line_number += count
+
+    def finish(self) -> None:
+        """Raise unless every line was good and there was at least one."""
+        if self.bad_lines:
+            found = list(self.listed)
+            unlisted = self.bad_lines - len(found)
+            if unlisted:
+                more = _count(unlisted, "more bad line")
+                found.append(errors.LineError(0, f"… and {more} (only the first {len(self.listed)} are listed)."))
+            raise errors.ValidationError(
+                f"The file has {_count(self.bad_lines, 'invalid line')}; nothing was stored.", errors=found
+            )
+        if self.requests == 0:
+            reason = "The file contains no requests."
+            raise errors.ValidationError(reason, errors=[errors.LineError(0, reason)])
+
+    def _reject(self, line_number: int, reason: str) -> None:
+        self.bad_lines += 1
+        if len(self.listed) < self.limits.max_errors:
+            self.listed.append(errors.LineError(line_number, reason))
+
+    def _reject_blank_run(self, first: int, end: int) -> None:
+        reason = "The line is empty; blank lines are allowed only at the end of the file."
+        room = max(0, self.limits.max_errors - len(self.listed))
+        self.listed.extend(errors.LineError(number, reason) for number in range(first, min(end, first + room)))
+        self.bad_lines += end - first
+
+    def _too_many_lines(self) -> errors.ValidationError:
+        limit = self.limits.max_lines
+        reason = f"The file has more than {limit} requests; the limit is {limit}. Split it into smaller files."
+        return errors.ValidationError(
+            f"The file has more than {limit} requests; the limit is {limit}. Nothing was stored.",
+            errors=[*self.listed, errors.LineError(self.line_number, reason)],
+        )
+
+    def _check(self, line: bytes) -> models.TemplateInput | str:
+        """The line's template, or the first reason it is bad."""
+        parsed = _parse(line)
+        if isinstance(parsed, str):
+            return parsed
+        custom_id = parsed.get("custom_id", _MISSING)
+        problem = self._check_custom_id(custom_id) or _check_target(parsed, self.limits)
+        if problem:
+            return problem
+        body = parsed.get("body", _MISSING)
+        if not isinstance(body, dict):
+            return _wrong("body", body, "a JSON object holding the request for the upstream")
+        model = body.get("model", _MISSING)
+        if not isinstance(model, str) or not model:
+            return _wrong("body.model", model, "a non-empty string naming the model")
+        if self.model_allowed is not None and not self.model_allowed(model):
+            return f"model {_show(model)} has no route configured on this server; use a model it serves."
+        return models.TemplateInput(
+            line_number=self.line_number,
+            custom_id=custom_id,
+            method="POST",
+            url=parsed["url"],
+            model=model,
+            body=orjson.dumps(body).decode(),
+        )
+
+    def _check_custom_id(self, custom_id: Any) -> str | None:
+        if not isinstance(custom_id, str) or not custom_id:
+            return _wrong("custom_id", custom_id, "a non-empty string that is unique within the file")
+        limit = self.limits.max_custom_id_length
+        if len(custom_id) > limit:
+            return f"custom_id is {len(custom_id)} characters long; the limit is {limit}."
+        first = self.first_line_of_seen.setdefault(custom_id, self.line_number)
+        if first != self.line_number:
+            return (
+                f"custom_id {_show(custom_id, limit)} is used again (first on line {first}); every custom_id "
+                "must be unique within the file."
+            )
+        return None
+
+
+def _parse(line: bytes) -> dict[str, Any] | str:
+    """The line's JSON object, or why it is not one."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        try:
+            line.decode()
+        except UnicodeDecodeError as bad:
+            return f"The line is not valid UTF-8 (byte {bad.start + 1} cannot be decoded); save the file as UTF-8."
+        return f"The line is not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object."
+    if not isinstance(value, dict):
+        return (
+            f"The line is {_describe(value)}, not a JSON object; each line must be an object with custom_id, "
+            "method, url and body."
+        )
+    return value
+
+
+def _check_target(parsed: dict[str, Any], limits: Limits) -> str | None:
+    """Check `method` and `url`: a POST to one of the supported endpoint paths."""
+    method = parsed.get("method", _MISSING)
+    if method != "POST":
+        return _wrong("method", method, '"POST"')
+    url = parsed.get("url", _MISSING)
+    if not isinstance(url, str):
+        return _wrong("url", url, "an endpoint path such as '/v1/chat/completions'")
+    if url not in limits.allowed_urls:
+        if "://" in url or url.startswith("//"):
+            return (
+                f"url {_show(url)} names a host; give only the path (such as '/v1/chat/completions'): "
+                "the host comes from the server's routing table."
+            )
+        supported = ", ".join(sorted(limits.allowed_urls))
+        return f"url {_show(url)} is not a supported endpoint; use one of {supported}."
+    return None
+
+
+def _wrong(key: str, value: Any, expected: str) -> str:
+    """The message for a field that is missing or holds the wrong kind of value."""
+    if value is _MISSING:
+        return f"{key} is missing; it must be {expected}."
+    return f"{key} must be {expected}, not {_describe(value)}."
+
+
+def _describe(value: Any) -> str:
+    """How a JSON value found in a line is named in a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {'true' if value else 'false'}"
+    if isinstance(value, str):
+        return f"the string {_show(value)}" if value else "an empty string"
+    if isinstance(value, int | float):
+        return f"the number {orjson.dumps(value).decode()}"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _show(text: str, limit: int = _SHOWN_CHARACTERS) -> str:
+    """Quote a value from the file, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _file_too_large(max_bytes: int) -> errors.ValidationError:
+    size = f"{max_bytes:,} bytes" + (f" ({max_bytes // 2**20} MiB)" if max_bytes % 2**20 == 0 else "")
+    reason = f"The file is larger than {size}, the limit; split it into smaller files."
+    return errors.ValidationError(
+        f"The file is larger than {size}, the limit; nothing was stored.",
+        errors=[errors.LineError(0, reason)],
+    )

@@ -1,0 +1,492 @@
+"""Streaming validation of uploaded JSONL input files (`domain.jsonl`)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusillade import errors
+from fusillade.domain import jsonl, models
+
+CHAT = "/v1/chat/completions"
+
+
+def line(custom_id: Any = "r1", *, method: Any = "POST", url: Any = CHAT, body: Any = None, **extra: Any) -> bytes:
+    record = {"custom_id": custom_id, "method": method, "url": url, "body": body or {"model": "m"}, **extra}
+    return orjson.dumps(record) + b"\n"
+
+
+def without(key: str, raw: bytes) -> bytes:
+    record = orjson.loads(raw)
+    del record[key]
+    return orjson.dumps(record) + b"\n"
+
+
+async def collect(
+    chunks: AsyncIterator[bytes] | Iterable[bytes],
+    limits: jsonl.Limits = jsonl.DEFAULT_LIMITS,
+    model_allowed: Callable[[str], bool] | None = None,
+) -> tuple[list[models.TemplateInput], errors.ValidationError | None]:
+    """Every template yielded, and the ValidationError raised at the end (if any)."""
+    if not isinstance(chunks, AsyncIterator):
+        chunks = from_list(list(chunks))
+    templates = []
+    try:
+        async for template in jsonl.validate(chunks, limits, model_allowed=model_allowed):
+            templates.append(template)
+    except errors.ValidationError as exc:
+        return templates, exc
+    return templates, None
+
+
+async def from_list(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def reasons(data: bytes, **options: Any) -> list[tuple[int, str]]:
+    """The (line, reason) pairs of the ValidationError that `data` must raise."""
+    _, error = await collect(jsonl.iterate_chunks(data), **options)
+    assert error is not None, "the file was expected to be rejected"
+    return [(item.line, item.reason) for item in error.errors]
+
+
+# ------------------------------------------------------------------------------------- good files
+
+
+async def test_good_lines_become_templates_in_order() -> None:
+    data = line("a", body={"model": "gpt", "messages": [{"role": "user", "content": "hé"}]}) + line(
+        "b", url="/v1/embeddings", body={"input": "x", "model": "emb"}
+    )
+    templates, error = await collect(jsonl.iterate_chunks(data))
+    assert error is None
+    assert templates == [
+        models.TemplateInput(
+            line_number=1,
+            custom_id="a",
+            method="POST",
+            url=CHAT,
+            model="gpt",
+            body='{"model":"gpt","messages":[{"role":"user","content":"hé"}]}',
+        ),
+        models.TemplateInput(
+            line_number=2,
+            custom_id="b",
+            method="POST",
+            url="/v1/embeddings",
+            model="emb",
+            body='{"input":"x","model":"emb"}',
+        ),
+    ]
+
+
+async def test_body_is_stored_as_compact_json() -> None:
+    data = (
+        b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",\t"body": { "model" : "m" , "n": 1 }}'
+    )
+    templates, error = await collect([data])
+    assert error is None
+    assert templates[0].body == '{"model":"m","n":1}'
+
+
+async def test_crlf_line_endings_and_missing_final_newline_are_accepted() -> None:
+    data = line("a").replace(b"\n", b"\r\n") + line("b").rstrip(b"\n")
+    templates, error = await collect([data])
+    assert error is None
+    assert [(t.line_number, t.custom_id) for t in templates] == [(1, "a"), (2, "b")]
+
+
+async def test_blank_lines_at_the_end_are_accepted() -> None:
+    templates, error = await collect([line("a") + b"\n  \r\n\t\n\n"])
+    assert error is None
+    assert [t.custom_id for t in templates] == ["a"]
+
+
+async def test_byte_order_mark_at_start_is_skipped() -> None:
+    templates, error = await collect([b"\xef\xbb\xbf" + line("a")])
+    assert error is None
+    assert templates[0].custom_id == "a"
+
+
+async def test_unknown_top_level_keys_are_ignored() -> None:
+    templates, error = await collect([line("a", note="anything", extra={"x": 1})])
+    assert error is None
+    assert len(templates) == 1
+
+
+async def test_every_allowed_url_is_accepted() -> None:
+    data = b"".join(line(str(n), url=url) for n, url in enumerate(sorted(jsonl.SUPPORTED_URLS)))
+    templates, error = await collect([data])
+    assert error is None
+    assert {t.url for t in templates} == jsonl.SUPPORTED_URLS
+
+
+async def test_custom_id_length_is_counted_in_characters() -> None:
+    templates, error = await collect([line("é" * 512)])
+    assert error is None
+    assert templates[0].custom_id == "é" * 512
+
+
+async def test_model_allowed_is_asked_about_each_model() -> None:
+    asked: list[str] = []
+
+    def allowed(model: str) -> bool:
+        asked.append(model)
+        return True
+
+    templates, error = await collect(
+        [line("a", body={"model": "x"}) + line("b", body={"model": "y"})], model_allowed=allowed
+    )
+    assert error is None
+    assert asked == ["x", "y"]
+    assert len(templates) == 2
+
+
+async def test_templates_are_yielded_while_the_stream_is_still_being_read() -> None:
+    produced = 0
+
+    async def source() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for n in range(3):
+            produced += 1
+            yield line(f"r{n}")
+
+    seen_when_yielded = [produced async for _ in jsonl.validate(source())]
+    assert seen_when_yielded == [1, 2, 3]
+
+
+async def test_a_line_longer_than_many_chunks_is_joined() -> None:
+    long_body = {"model": "m", "prompt": "x" * 10_000}
+    templates, error = await collect(jsonl.iterate_chunks(line("a", body=long_body) + line("b"), chunk_size=7))
+    assert error is None
+    assert orjson.loads(templates[0].body) == long_body
+    assert [t.line_number for t in templates] == [1, 2]
+
+
+# -------------------------------------------------------------------------------------- bad lines
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"{not json}\n", "The line is not valid JSON (unexpected character, expected a string key at column 2)"),
+        (b'{"custom_id": "a\xff"}\n', "The line is not valid UTF-8 (byte 17 cannot be decoded)"),
+        (b"[1, 2]\n", "The line is an array, not a JSON object"),
+        (b'"text"\n', "The line is the string 'text', not a JSON object"),
+        (b"null\n", "The line is null, not a JSON object"),
+        (without("custom_id", line()), "custom_id is missing; it must be a non-empty string"),
+        (line(7), "custom_id must be a non-empty string that is unique within the file, not the number 7."),
+        (line(""), "custom_id must be a non-empty string that is unique within the file, not an empty string."),
+        (line(None), "custom_id must be a non-empty string that is unique within the file, not null."),
+        (line("x" * 513), "custom_id is 513 characters long; the limit is 512."),
+        (without("method", line()), 'method is missing; it must be "POST".'),
+        (line(method="GET"), "method must be \"POST\", not the string 'GET'."),
+        (line(method="post"), "method must be \"POST\", not the string 'post'."),
+        (line(method=True), 'method must be "POST", not the boolean true.'),
+        (without("url", line()), "url is missing; it must be an endpoint path"),
+        (
+            line(url=["/v1/chat/completions"]),
+            "url must be an endpoint path such as '/v1/chat/completions', not an array.",
+        ),
+        (
+            line(url="/v1/images/generations"),
+            "url '/v1/images/generations' is not a supported endpoint; use one of",
+        ),
+        (line(url="https://api.example.com/v1/chat/completions"), "names a host; give only the path"),
+        (line(url="//169.254.169.254/v1/chat/completions"), "the host comes from the server's routing table"),
+        (without("body", line()), "body is missing; it must be a JSON object"),
+        (
+            line(body="text"),
+            "body must be a JSON object holding the request for the upstream, not the string 'text'.",
+        ),
+        (line(body={"messages": []}), "body.model is missing; it must be a non-empty string naming the model."),
+        (line(body={"model": ""}), "body.model must be a non-empty string naming the model, not an empty string."),
+        (line(body={"model": 4.5}), "body.model must be a non-empty string naming the model, not the number 4.5."),
+        (line(body={"model": {}}), "body.model must be a non-empty string naming the model, not an object."),
+    ],
+)
+async def test_each_kind_of_bad_line_is_reported_with_a_specific_reason(raw: bytes, expected: str) -> None:
+    found = await reasons(line("ok") + raw)
+    assert len(found) == 1
+    number, reason = found[0]
+    assert number == 2
+    assert expected in reason
+    assert "Line" not in reason, "the line number is carried by LineError.line, not repeated in the reason"
+
+
+async def test_unsupported_url_message_lists_the_supported_paths() -> None:
+    [(_, reason)] = await reasons(line(url="/v1/x"))
+    assert all(path in reason for path in jsonl.SUPPORTED_URLS)
+
+
+async def test_long_values_are_cut_in_messages() -> None:
+    [(_, reason)] = await reasons(line(method="G" * 10_000))
+    assert len(reason) < 200
+    assert "…" in reason
+
+
+async def test_duplicate_custom_ids_name_the_first_line() -> None:
+    data = line("a") + line("b") + line("a") + line("a")
+    found = await reasons(data)
+    expected = "custom_id 'a' is used again (first on line 1); every custom_id must be unique within the file."
+    assert found == [(3, expected), (4, expected)]
+
+
+async def test_a_custom_id_taken_by_a_bad_line_is_still_taken() -> None:
+    found = await reasons(line("a", method="GET") + line("a"))
+    assert [number for number, _ in found] == [1, 2]
+    assert "used again (first on line 1)" in found[1][1]
+
+
+async def test_model_without_a_route_is_rejected() -> None:
+    found = await reasons(line("a", body={"model": "nope"}), model_allowed=lambda model: model == "m")
+    assert found == [(1, "model 'nope' has no route configured on this server; use a model it serves.")]
+
+
+async def test_good_lines_are_yielded_before_the_final_error() -> None:
+    templates, error = await collect([line("a") + b"oops\n" + line("b")])
+    assert [t.custom_id for t in templates] == ["a", "b"]
+    assert error is not None
+    assert error.message == "The file has 1 invalid line; nothing was stored."
+    assert [(e.line, e.reason.split(" (")[0]) for e in error.errors] == [(2, "The line is not valid JSON")]
+
+
+async def test_blank_lines_before_a_request_are_errors() -> None:
+    found = await reasons(line("a") + b"\n \r\n" + line("b") + b"\n")
+    empty = "The line is empty; blank lines are allowed only at the end of the file."
+    assert found == [(2, empty), (3, empty)]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5, 64])
+async def test_blank_runs_across_chunks_keep_their_line_numbers(chunk_size: int) -> None:
+    data = line("a") + b"\n\n \r\n" * 4 + line("b") + b" \n" * 5
+    _, error = await collect(jsonl.iterate_chunks(data, chunk_size), jsonl.Limits(max_errors=20))
+    assert error is not None
+    assert [e.line for e in error.errors] == list(range(2, 14))
+
+
+async def test_a_blank_first_line_is_an_error() -> None:
+    assert [number for number, _ in await reasons(b"\n" + line("a"))] == [1]
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"\r\n  \n\t\n", b"\xef\xbb\xbf"])
+async def test_a_file_without_requests_is_rejected(data: bytes) -> None:
+    templates, error = await collect([data])
+    assert templates == []
+    assert error is not None
+    assert error.message == "The file contains no requests."
+    assert [(e.line, e.reason) for e in error.errors] == [(0, "The file contains no requests.")]
+
+
+async def test_bad_lines_past_max_errors_are_counted_in_a_summary() -> None:
+    data = b"".join(line(str(n), method="GET") for n in range(1, 151))
+    _, error = await collect([data], jsonl.Limits(max_errors=100))
+    assert error is not None
+    assert error.message == "The file has 150 invalid lines; nothing was stored."
+    assert [e.line for e in error.errors] == [*range(1, 101), 0]
+    assert error.errors[-1].reason == "… and 50 more bad lines (only the first 100 are listed)."
+
+
+async def test_a_long_run_of_blank_lines_is_capped_too() -> None:
+    _, error = await collect([b"\n" * 1000 + line("a")], jsonl.Limits(max_errors=3))
+    assert error is not None
+    assert error.message == "The file has 1000 invalid lines; nothing was stored."
+    assert [e.line for e in error.errors] == [1, 2, 3, 0]
+    assert error.errors[-1].reason.startswith("… and 997 more bad lines")
+
+
+# ----------------------------------------------------------------------------------------- limits
+
+
+async def endless_lines(counter: list[int]) -> AsyncIterator[bytes]:
+    for n in itertools.count():
+        counter[0] += 1
+        yield line(f"r{n}")
+
+
+async def test_too_many_lines_raises_at_once() -> None:
+    read = [0]
+    templates, error = await collect(endless_lines(read), jsonl.Limits(max_lines=5))
+    assert error is not None
+    assert len(templates) == 5
+    assert read[0] == 6, "reading must stop at the first line over the limit"
+    assert error.errors == [
+        errors.LineError(6, "The file has more than 5 requests; the limit is 5. Split it into smaller files.")
+    ]
+    assert "more than 5 requests" in error.message
+
+
+async def test_too_many_lines_keeps_the_errors_found_before() -> None:
+    data = line("a", method="GET") + b"".join(line(str(n)) for n in range(3))
+    _, error = await collect([data], jsonl.Limits(max_lines=3))
+    assert error is not None
+    assert [e.line for e in error.errors] == [1, 4]
+
+
+async def test_exactly_max_lines_with_trailing_blank_lines_is_accepted() -> None:
+    data = b"".join(line(str(n)) for n in range(3)) + b"\n\n"
+    templates, error = await collect([data], jsonl.Limits(max_lines=3))
+    assert error is None
+    assert len(templates) == 3
+
+
+async def test_too_many_bytes_raises_at_once() -> None:
+    read = [0]
+    _, error = await collect(endless_lines(read), jsonl.Limits(max_bytes=10_000))
+    assert error is not None
+    assert read[0] * len(line("r1")) < 10_000 + 2 * len(line("r1000"))
+    [problem] = error.errors
+    assert problem.line == 0
+    assert problem.reason == "The file is larger than 10,000 bytes, the limit; split it into smaller files."
+
+
+async def test_size_limit_message_names_mebibytes() -> None:
+    _, error = await collect([b"x" * (2 * 2**20 + 1)], jsonl.Limits(max_bytes=2 * 2**20))
+    assert error is not None
+    assert "2,097,152 bytes (2 MiB)" in error.errors[0].reason
+
+
+async def test_a_file_of_exactly_max_bytes_is_accepted() -> None:
+    data = line("a")
+    templates, error = await collect([data], jsonl.Limits(max_bytes=len(data)))
+    assert error is None
+    assert len(templates) == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_lines": 0},
+        {"max_bytes": 0},
+        {"max_custom_id_length": 0},
+        {"max_errors": -1},
+        {"allowed_urls": frozenset()},
+    ],
+)
+def test_limits_reject_nonsense(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="Limits"):
+        jsonl.Limits(**options)
+
+
+async def test_iterate_chunks_splits_and_rejects_a_zero_size() -> None:
+    assert [chunk async for chunk in jsonl.iterate_chunks(b"abcdefg", 3)] == [b"abc", b"def", b"g"]
+    with pytest.raises(ValueError, match="chunk_size"):
+        [chunk async for chunk in jsonl.iterate_chunks(b"abc", 0)]
+
+
+# ------------------------------------------------------------------------------ property-based tests
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+bodies = st.builds(
+    lambda model, rest: {**rest, "model": model},
+    st.text(min_size=1, max_size=20),
+    st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+)
+requests = st.lists(
+    st.tuples(st.text(min_size=1, max_size=40), st.sampled_from(sorted(jsonl.SUPPORTED_URLS)), bodies),
+    min_size=1,
+    max_size=10,
+    unique_by=lambda request: request[0],
+)
+line_fragments = st.sampled_from(
+    [
+        line("a"),
+        line("a"),
+        line("b", method="GET"),
+        line("c", url="http://x/v1/embeddings"),
+        line("d", body={"model": ""}),
+        b"\n",
+        b"\r\n",
+        b"  \n",
+        b"{",
+        b"}\n",
+        b"\xff\n",
+        b"\xef\xbb\xbf",
+        b'"custom_id"',
+        b"[]\n",
+    ]
+)
+messy_files = st.lists(line_fragments | st.binary(max_size=20), max_size=15).map(b"".join)
+
+
+def run(
+    data: bytes, chunk_sizes: list[int] | None = None, limits: jsonl.Limits = jsonl.DEFAULT_LIMITS
+) -> tuple[Any, ...]:
+    """Validate `data` split into chunks of the given sizes (cycled); a comparable summary of the outcome."""
+    chunks = []
+    sizes = itertools.cycle(chunk_sizes or [len(data) or 1])
+    position = 0
+    while position < len(data):
+        size = next(sizes)
+        chunks.append(data[position : position + size])
+        position += size
+    templates, error = asyncio.run(collect(chunks, limits))
+    return templates, None if error is None else (error.message, error.errors)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300) | messy_files)
+def test_arbitrary_bytes_raise_nothing_but_validation_error(data: bytes) -> None:
+    templates, failure = run(data)
+    assert [t.line_number for t in templates] == sorted({t.line_number for t in templates})
+    if failure is not None:
+        message, problems = failure
+        assert message
+        assert problems
+        assert all(problem.reason for problem in problems)
+
+
+@settings(max_examples=100, deadline=None)
+@given(requests, st.sampled_from([b"\n", b"\r\n"]), st.booleans())
+def test_valid_lines_round_trip(
+    request_list: list[tuple[str, str, dict[str, Any]]], newline: bytes, final_newline: bool
+) -> None:
+    data = newline.join(
+        orjson.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+        for custom_id, url, body in request_list
+    ) + (newline if final_newline else b"")
+    templates, failure = run(data)
+    assert failure is None
+    assert [(t.line_number, t.custom_id, t.method, t.url, t.model) for t in templates] == [
+        (number, custom_id, "POST", url, body["model"])
+        for number, (custom_id, url, body) in enumerate(request_list, 1)
+    ]
+    assert [orjson.loads(t.body) for t in templates] == [body for _, _, body in request_list]
+
+
+@settings(max_examples=150, deadline=None)
+@given(messy_files, st.lists(st.integers(1, 40), min_size=1, max_size=6))
+def test_chunking_does_not_change_the_outcome(data: bytes, chunk_sizes: list[int]) -> None:
+    assert run(data, chunk_sizes) == run(data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(line_fragments, max_size=12).map(b"".join),
+    st.lists(st.integers(1, 30), min_size=1, max_size=4),
+    st.integers(1, 4),
+    st.integers(1, 3),
+)
+def test_chunking_does_not_change_the_outcome_under_tight_limits(
+    data: bytes, chunk_sizes: list[int], max_lines: int, max_errors: int
+) -> None:
+    limits = jsonl.Limits(max_lines=max_lines, max_errors=max_errors)
+    assert run(data, chunk_sizes, limits) == run(data, limits=limits)
