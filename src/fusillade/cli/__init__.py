@@ -1,0 +1,1 @@
+"""The `fusillade` command line."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: a clean environment for every test, and PostgreSQL for the tests that need it.
+
+PostgreSQL (see `tests/support/postgres.py`): one server per session, found or started; one migrated template
+database per session; each test that asks gets its own copy (`CREATE DATABASE … TEMPLATE …`), dropped after.
+When no server can be had, the PostgreSQL tests fail with the reason; they never skip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.support import postgres
+
+ENV_PREFIX = "FUSILLADE_"
+POSTGRES_URL_VARIABLE = "FUSILLADE_TEST_POSTGRES_URL"
+# Read once at import, before any test scrubs the environment.
+POSTGRES_URL_FROM_ENV = os.environ.get(POSTGRES_URL_VARIABLE) or None
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FUSILLADE_* variable of the developer's shell or CI may change what a test sees (the test server URL
+    stays: it only tells the fixtures where PostgreSQL is)."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX) and name != POSTGRES_URL_VARIABLE:
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.Server]:
+    """A PostgreSQL server for the whole session (a throwaway cluster is stopped and deleted at the end)."""
+    try:
+        server = postgres.provision(POSTGRES_URL_FROM_ENV)
+    except postgres.ProvisioningError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: postgres.Server) -> Iterator[str]:
+    """Name of a database migrated once per session, copied by each test."""
+    name = postgres.run_sync(postgres.create_template(postgres_server.url))
+    try:
+        yield name
+    finally:
+        postgres.run_sync(
+            postgres.drop_database(postgres_server.url, postgres.with_database(postgres_server.url, name))
+        )
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: postgres.Server, postgres_template: str) -> AsyncIterator[str]:
+    """URL of a fresh, migrated database of this test alone."""
+    url = await postgres.create_database(postgres_server.url, template=postgres_template)
+    try:
+        yield url
+    finally:
+        await postgres.drop_database(postgres_server.url, url)
