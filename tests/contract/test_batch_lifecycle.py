@@ -69,6 +69,30 @@ async def test_cancel_ends_pending_at_once_and_waits_for_in_flight(
     assert (await storage.get_file(batch.error_file_id, owner="alice")).request_count == 4
 
 
+async def test_a_retry_rescheduled_after_cancel_does_not_keep_the_batch_cancelling(
+    storage: base.Storage, clock: clocks.ManualClock
+) -> None:
+    batch = await factories.create_batch(storage, count=3)
+    daemon = await factories.register(storage)
+    claimed = [item.id for item in await factories.claim(storage, daemon, 2)]
+    await factories.start(storage, daemon, claimed)
+    await storage.cancel_batch(batch.id, owner="alice")
+    # The daemon had already decided to retry one (a 429) and releases the other on shutdown.
+    await factories.apply(
+        storage,
+        daemon,
+        models.Reschedule(request_id=claimed[0], not_before=clock.now() + SECOND, code="rate_limited"),
+        models.Release(claimed[1]),
+    )
+    clock.advance(2 * SECOND)
+    assert await storage.finalize_batches() == [batch.id]
+    assert await factories.claim(storage, daemon) == []
+    done = await storage.get_batch(batch.id, owner="alice")
+    assert done.status is states.BatchStatus.CANCELLED
+    assert done.counts == models.RequestCounts(total=3, canceled=3)
+    assert await _states(storage, batch) == [State.CANCELED] * 3
+
+
 async def test_cancel_with_nothing_in_flight_is_cancelled_at_once(
     storage: base.Storage, clock: clocks.ManualClock
 ) -> None:

@@ -140,6 +140,17 @@ async def test_idempotency_key_returns_the_first_batch(storage: base.Storage, cl
     assert len(await factories.all_requests(storage, first.id)) == 3
 
 
+async def test_deleting_a_batch_frees_its_idempotency_key(storage: base.Storage) -> None:
+    file = await factories.upload(storage)
+    first = await factories.create_batch(storage, file=file, idempotency_key="k1")
+    await storage.delete_batch(first.id, owner="alice")
+    again = await factories.create_batch(storage, file=file, idempotency_key="k1")
+    assert again.id != first.id
+    assert (await storage.get_batch(again.id, owner="alice")).counts.total == 3
+    with pytest.raises(errors.NotFound):
+        await storage.get_batch(first.id, owner="alice")
+
+
 async def test_concurrent_creates_with_one_key_make_one_batch(
     backend: backends.Backend, storage: base.Storage, clock: clocks.ManualClock
 ) -> None:

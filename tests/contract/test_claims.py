@@ -152,8 +152,9 @@ async def test_claim_skips_cancelling_expired_and_deleted_batches(
     daemon = await factories.register(storage)
     held = await factories.claim(storage, daemon, 2)
     await storage.cancel_batch(cancelling.id, owner="alice")
-    # A released request of a cancelling batch is pending again, but must not be claimed.
+    # A request released while its batch is cancelling is cancelled, not queued again.
     await factories.apply(storage, daemon, *(models.Release(item.id) for item in held))
+    assert (await storage.get_batch(cancelling.id, owner="alice")).counts.canceled == 2
     expired = await factories.create_batch(storage, count=2, window="1h", prefix="expired")
     deleted = await factories.create_batch(storage, count=2, window="2h", prefix="deleted")
     live = await factories.create_batch(storage, count=2, window="3h", prefix="live")
@@ -162,7 +163,6 @@ async def test_claim_skips_cancelling_expired_and_deleted_batches(
     assert await storage.expire_batches() == [expired.id]
     claimed = await factories.claim(storage, daemon)
     assert {item.batch_id for item in claimed} == {live.id}
-    assert (await storage.get_batch(cancelling.id, owner="alice")).counts.pending == 2
 
 
 async def test_claim_finds_requests_reopened_by_retry(storage: base.Storage) -> None:

@@ -58,11 +58,36 @@ async def test_purge_keeps_templates_that_an_unfinished_batch_needs(storage: bas
     await factories.complete(storage, daemon, [item.id for item in claimed])
     assert await storage.finalize_batches() == [batch.id]
 
-    # The batch is finished: the deleted file's 4 templates and its row can go; the batch and results stay.
-    assert await purge_everything(storage, limit=3) == 5
+    # The batch is finished but live: a retry may still need the templates, so they stay.
+    assert await purge_everything(storage, limit=3) == 0
+    failed_later = claimed[0].id
+    assert await storage.retry_failed(batch.id, owner="alice") == 0
     done = await storage.get_batch(batch.id, owner="alice")
     assert done.status is states.BatchStatus.COMPLETED
     assert len(await factories.read_lines(storage, batch.output_file_id)) == 4
+
+    # Once the batch is deleted too, its rows, then the file's 4 templates and its row go.
+    await storage.delete_batch(batch.id, owner="alice")
+    # 4 requests + batch + 2 result files + 4 templates + the input file.
+    assert await purge_everything(storage, limit=3) == 12
+    assert failed_later not in {item.id for item in await factories.claim(storage, daemon)}
+
+
+async def test_purge_keeps_templates_a_finished_batch_may_retry_from(storage: base.Storage) -> None:
+    file = await factories.upload(storage, count=2)
+    batch = await factories.create_batch(storage, file=file)
+    daemon = await factories.register(storage)
+    claimed = await factories.claim(storage, daemon)
+    await factories.start(storage, daemon, [item.id for item in claimed])
+    await factories.apply(storage, daemon, *(models.Fail(request_id=item.id, code="timeout") for item in claimed))
+    assert await storage.finalize_batches() == [batch.id]
+    await storage.delete_file(file.id, owner="alice")
+    assert await purge_everything(storage, limit=10) == 0
+
+    assert await storage.retry_failed(batch.id, owner="alice") == 2
+    again = await factories.claim(storage, daemon)
+    assert sorted(item.custom_id for item in again) == ["req-1", "req-2"]
+    assert all(orjson.loads(item.body)["model"] == factories.MODEL for item in again)
 
 
 async def test_purge_of_a_deleted_batch_keeps_its_live_input_file(storage: base.Storage) -> None:

@@ -3,7 +3,7 @@ report, and cancelling_requests."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -58,7 +58,6 @@ async def test_mark_processing(storage: base.Storage, clock: clocks.ManualClock)
 
 async def test_complete_is_final(storage: base.Storage, clock: clocks.ManualClock) -> None:
     batch, daemon, (first, *_) = await _claimed(storage)
-    await _refused(storage, daemon, models.Complete(first, 200, "{}"), State.CLAIMED)
     await factories.start(storage, daemon, [first])
     clock.advance(SECOND)
     await factories.apply(storage, daemon, models.Complete(first, 201, '{"v":1}'))
@@ -191,7 +190,7 @@ async def test_report_sorts_each_write_into_one_set(storage: base.Storage) -> No
         daemon,
         [
             models.MarkProcessing(first),
-            models.Complete(second, 200, "{}"),  # still claimed: refused
+            models.Reschedule(request_id=second, not_before=datetime.now(UTC)),  # still claimed: refused
             models.Complete(unknown, 200, "{}"),
             models.Fail(request_id=third, code="timeout"),
         ],
@@ -202,6 +201,8 @@ async def test_report_sorts_each_write_into_one_set(storage: base.Storage) -> No
     report.check(first)
     with pytest.raises(errors.NotFound):
         report.check(unknown)
+    with pytest.raises(errors.StateConflict):
+        report.check(second)
     states_now = {request.id: request.state for request in await factories.all_requests(storage, batch.id)}
     assert states_now == {
         first: State.PROCESSING,
@@ -209,6 +210,16 @@ async def test_report_sorts_each_write_into_one_set(storage: base.Storage) -> No
         third: State.FAILED,
         fourth: State.CLAIMED,
     }
+
+
+async def test_complete_from_claimed_folds_in_the_start(storage: base.Storage, clock: clocks.ManualClock) -> None:
+    batch, daemon, (first, *_) = await _claimed(storage)
+    clock.advance(timedelta(seconds=1))
+    await factories.apply(storage, daemon, models.Complete(first, 200, '{"ok":true}'))
+    request = await _request(storage, batch, first)
+    assert request.state is State.COMPLETED
+    assert request.started_at == request.finished_at == clock.now()
+    assert request.response_body == '{"ok":true}'
 
 
 async def test_duplicate_ids_in_one_call_raise_before_any_change(storage: base.Storage) -> None:

@@ -257,7 +257,8 @@ class MarkProcessing:
 
 @dataclass(frozen=True, slots=True)
 class Complete:
-    """processing -> completed with the upstream's response."""
+    """claimed | processing -> completed with the upstream's response. From claimed, the `MarkProcessing` of a
+    fast call that had not been written yet is folded into this write (group commit)."""
 
     request_id: ids.RequestId
     status_code: int

@@ -171,7 +171,7 @@ class RequestQueue(Protocol):
         | command          | from                  | to          |
         |------------------|-----------------------|-------------|
         | `MarkProcessing` | claimed               | processing  |
-        | `Complete`       | processing            | completed   |
+        | `Complete`       | claimed, processing   | completed   |
         | `Fail`           | claimed, processing   | failed      |
         | `Reschedule`     | processing            | pending, attempt + 1, not_before |
         | `Release`        | claimed, processing   | pending (same attempt) |

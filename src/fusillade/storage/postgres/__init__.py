@@ -1,0 +1,1 @@
+"""The PostgreSQL backend (asyncpg): `store.PostgresStorage` and its schema in `migrations/`."""

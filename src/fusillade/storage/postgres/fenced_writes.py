@@ -1,0 +1,217 @@
+"""Fenced request writes of one daemon, group-committed: ONE statement whose data-modifying CTEs update each
+kind of command present from arrays (one UPDATE per kind, never one per row). Each UPDATE applies only to rows
+owned by the daemon and in the states its command expects; the ids it returns are the writes applied."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fusillade.domain import ids, lines, models, states
+from fusillade.storage.postgres import rows
+from fusillade.storage.postgres.connection import Connection
+from fusillade.storage.postgres.lifecycle import CANCELLED_LINE_BYTES, CANCELLED_MESSAGE
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """One command kind: the columns of its array source `w` and its UPDATE (`{source}` is the unnest)."""
+
+    columns: tuple[tuple[str, str], ...]
+    update: str
+
+
+# $1 = daemon id, $2 = now; the array parameters follow from $3.
+_KINDS = {
+    "processing": _Kind(
+        (("id", "uuid"),),
+        """
+        UPDATE requests r SET started_at = $2
+        FROM {source}
+        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight' AND r.started_at IS NULL
+        RETURNING r.id
+        """,
+    ),
+    "completed": _Kind(
+        (("id", "uuid"), ("status", "integer"), ("body", "text"), ("line_bytes", "bigint")),
+        """
+        UPDATE requests r
+        SET state = 'completed', started_at = COALESCE(r.started_at, $2), finished_at = $2,
+            response_status = w.status, response_body = w.body, error_code = NULL, error_message = NULL,
+            result_bytes = r.custom_id_bytes + w.line_bytes
+        FROM {source}
+        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'
+        RETURNING r.id
+        """,
+    ),
+    "failed": _Kind(
+        (
+            ("id", "uuid"),
+            ("status", "integer"),
+            ("body", "text"),
+            ("code", "text"),
+            ("message", "text"),
+            ("line_bytes", "bigint"),
+        ),
+        """
+        UPDATE requests r
+        SET state = 'failed', finished_at = $2, response_status = w.status, response_body = w.body,
+            error_code = w.code, error_message = w.message, result_bytes = r.custom_id_bytes + w.line_bytes
+        FROM {source}
+        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'
+        RETURNING r.id
+        """,
+    ),
+    "rescheduled": _Kind(
+        (("id", "uuid"), ("not_before", "timestamptz"), ("code", "text"), ("message", "text")),
+        """
+        UPDATE requests r
+        SET state = 'pending', attempt = r.attempt + 1, not_before = w.not_before, daemon_id = NULL,
+            claimed_at = NULL, started_at = NULL, error_code = w.code, error_message = w.message
+        FROM {source}
+        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight' AND r.started_at IS NOT NULL
+        RETURNING r.id
+        """,
+    ),
+    "released": _Kind(
+        (("id", "uuid"),),
+        """
+        UPDATE requests r SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL
+        FROM {source}
+        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'
+        RETURNING r.id
+        """,
+    ),
+    "canceled": _Kind(
+        (("id", "uuid"), ("code", "text"), ("message", "text"), ("line_bytes", "bigint")),
+        """
+        UPDATE requests r
+        SET state = 'canceled', finished_at = $2, response_status = NULL, response_body = NULL,
+            error_code = w.code, error_message = w.message, result_bytes = r.custom_id_bytes + w.line_bytes
+        FROM {source}
+        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'
+        RETURNING r.id
+        """,
+    ),
+}
+
+# A request rescheduled or released while its batch is being cancelled (or was deleted) is cancelled instead of
+# going back to pending: claims do not look at batches, so it would otherwise be run again.
+_CANCEL_RETURNED = """
+UPDATE requests r
+SET state = 'canceled', finished_at = $2, error_code = $3, error_message = $4,
+    result_bytes = r.custom_id_bytes + $5
+FROM batches b
+WHERE r.id = ANY($1::uuid[]) AND r.state = 'pending' AND b.id = r.batch_id
+  AND (b.cancelling_at IS NOT NULL OR b.deleted_at IS NOT NULL)
+"""
+
+_CURRENT_STATES = f"SELECT r.id, {rows.STATE_EXPRESSION} AS state FROM requests r WHERE r.id = ANY($1::uuid[])"
+
+
+@functools.cache
+def _statement(kinds: tuple[str, ...]) -> str:
+    """The statement for the kinds present in a call (at most 63 variants, each prepared once)."""
+    # Declares the types of $1 and $2 even when no update of the call uses them.
+    parts = ["arguments AS (SELECT $1::uuid AS daemon_id, $2::timestamptz AS now)"]
+    number = 3
+    for name in kinds:
+        kind = _KINDS[name]
+        arrays = ", ".join(
+            f"${number + offset}::{type_name}[]" for offset, (_, type_name) in enumerate(kind.columns)
+        )
+        aliases = ", ".join(column for column, _ in kind.columns)
+        number += len(kind.columns)
+        parts.append(f"{name} AS ({kind.update.format(source=f'unnest({arrays}) AS w({aliases})')})")
+    selects = " UNION ALL ".join(f"SELECT id FROM {name}" for name in kinds)
+    return f"WITH {', '.join(parts)} {selects}"
+
+
+def _row(write: models.RequestWrite) -> tuple[str, tuple[Any, ...]]:
+    """The kind of a write and its values, in the order of the kind's columns."""
+    match write:
+        case models.MarkProcessing():
+            return "processing", (write.request_id,)
+        case models.Complete():
+            line_bytes = _response_bytes(write.status_code, write.body)
+            return "completed", (write.request_id, write.status_code, write.body, line_bytes)
+        case models.Fail(status_code=int(status_code)):
+            line_bytes = _response_bytes(status_code, write.body)
+            return "failed", (write.request_id, status_code, write.body, None, None, line_bytes)
+        case models.Fail():
+            code = write.code or "error"
+            message = write.message or lines.default_message(code)
+            return "failed", (
+                write.request_id,
+                None,
+                None,
+                code,
+                message,
+                lines.error_line_bytes(0, code, message),
+            )
+        case models.Reschedule():
+            return "rescheduled", (write.request_id, write.not_before, write.code, write.message)
+        case models.Release():
+            return "released", (write.request_id,)
+        case models.Cancel():
+            return "canceled", (write.request_id, lines.BATCH_CANCELLED, CANCELLED_MESSAGE, CANCELLED_LINE_BYTES)
+
+
+def _response_bytes(status: int, body: str | None) -> int:
+    """Size of a result line with a response, without its custom_id (a missing body renders as `null`)."""
+    return lines.response_line_bytes(0, status, 4 if body is None else len(body.encode()))
+
+
+def check_unique(writes: Sequence[models.RequestWrite]) -> None:
+    """`ValueError` if two writes name the same request."""
+    seen: set[ids.RequestId] = set()
+    for write in writes:
+        if write.request_id in seen:
+            raise ValueError(f"Two writes for request {ids.request_wire(write.request_id)} in one call.")
+        seen.add(write.request_id)
+
+
+async def apply_writes(
+    connection: Connection, daemon_id: ids.DaemonId, writes: Sequence[models.RequestWrite], *, now: datetime
+) -> models.WriteReport:
+    """Apply the writes in one statement, then read the state of the refused ones. The caller runs this in a
+    transaction when it holds a `Reschedule` or `Release` (those take a second statement)."""
+    by_kind: dict[str, list[tuple[Any, ...]]] = {}
+    for write in writes:
+        name, values = _row(write)
+        by_kind.setdefault(name, []).append(values)
+    kinds = tuple(name for name in _KINDS if name in by_kind)
+    arguments: list[Any] = []
+    for name in kinds:
+        arguments.extend(list(column) for column in zip(*by_kind[name], strict=True))
+    # The driver's UUIDs hash and compare like the caller's, so the report can hold the caller's own ids.
+    returned = {row["id"] for row in await connection.fetch(_statement(kinds), daemon_id, now, *arguments)}
+    applied = frozenset(write.request_id for write in writes if write.request_id in returned)
+    returned_to_queue = [
+        write.request_id
+        for write in writes
+        if isinstance(write, models.Reschedule | models.Release) and write.request_id in applied
+    ]
+    if returned_to_queue:
+        await connection.execute(
+            _CANCEL_RETURNED,
+            returned_to_queue,
+            now,
+            lines.BATCH_CANCELLED,
+            CANCELLED_MESSAGE,
+            CANCELLED_LINE_BYTES,
+        )
+    refused = [write.request_id for write in writes if write.request_id not in returned]
+    if not refused:
+        return models.WriteReport(applied=applied)
+    current = {
+        row["id"]: states.RequestState(row["state"]) for row in await connection.fetch(_CURRENT_STATES, refused)
+    }
+    return models.WriteReport(
+        applied=applied,
+        conflicts={request_id: current[request_id] for request_id in refused if request_id in current},
+        missing=frozenset(request_id for request_id in refused if request_id not in current),
+    )

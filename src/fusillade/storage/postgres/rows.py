@@ -1,0 +1,215 @@
+"""Row -> domain record mapping for the PostgreSQL backend, and the column lists the queries select."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+from fusillade.domain import ids, models, states
+
+FILE_COLUMNS = """
+    f.id, f.owner, f.filename, f.purpose, f.created_at, f.expires_at, f.batch_id,
+    CASE WHEN f.purpose = 'batch' THEN f.size_bytes ELSE v.bytes END AS bytes,
+    CASE WHEN f.purpose = 'batch' THEN f.request_count ELSE v.lines END AS request_count
+"""
+
+FILE_SOURCE = """
+    files f
+    CROSS JOIN LATERAL (
+        SELECT COALESCE(sum(r.result_bytes), 0)::bigint AS bytes, count(*)::integer AS lines
+        FROM requests r
+        WHERE f.purpose <> 'batch'
+          AND r.batch_id = f.batch_id
+          AND r.state = ANY(CASE WHEN f.purpose = 'batch_output' THEN '{completed}'::text[]
+                                 ELSE '{failed,canceled}'::text[] END)
+    ) v
+"""
+"""`files f` with the rendered size and line count of virtual (output/error) files."""
+
+BATCH_COLUMNS = """
+    b.id, b.owner, b.input_file_id, b.output_file_id, b.error_file_id, b.endpoint, b.completion_window,
+    b.metadata, b.created_at, b.expires_at, b.in_progress_at, b.finalizing_at, b.completed_at, b.failed_at,
+    b.expired_at, b.cancelling_at, b.cancelled_at, b.errors, b.total_requests,
+    c.pending, c.in_progress, c.completed, c.failed, c.canceled
+"""
+
+BATCH_SOURCE = """
+    batches b
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE r.state = 'pending')::integer AS pending,
+               count(*) FILTER (WHERE r.state = 'in_flight')::integer AS in_progress,
+               count(*) FILTER (WHERE r.state = 'completed')::integer AS completed,
+               count(*) FILTER (WHERE r.state = 'failed')::integer AS failed,
+               count(*) FILTER (WHERE r.state = 'canceled')::integer AS canceled
+        FROM requests r
+        WHERE r.batch_id = b.id
+    ) c
+"""
+"""`batches b` with the request counts of each batch."""
+
+STATE_EXPRESSION = """
+    CASE WHEN r.state <> 'in_flight' THEN r.state WHEN r.started_at IS NULL THEN 'claimed' ELSE 'processing' END
+"""
+"""The domain state of request `r`. Storage keeps `claimed` and `processing` as one state, `in_flight`, told
+apart by `started_at`: marking a request processing then changes no indexed column, so PostgreSQL updates the
+row in place (a HOT update, no index entries) on the hottest write path."""
+
+REQUEST_COLUMNS = f"""
+    r.id, r.batch_id, r.template_id, r.owner, r.custom_id, r.model, r.line_number, {STATE_EXPRESSION} AS state,
+    r.attempt,
+    r.not_before, r.daemon_id, r.claimed_at, r.started_at, r.finished_at, r.response_status,
+    r.response_body, r.error_code, r.error_message
+"""
+
+TEMPLATE_COLUMNS = "t.id, t.file_id, t.line_number, t.custom_id, t.method, t.url, t.model, t.body"
+
+DAEMON_COLUMNS = """
+    d.id, d.hostname, d.pid, d.version, d.status, d.started_at, d.last_heartbeat, d.stopped_at, d.in_flight
+"""
+
+
+def plain_uuid(value: Any) -> uuid.UUID:
+    # asyncpg's UUID subclasses uuid.UUID; a plain one keeps records simple to compare, hash and pickle.
+    return uuid.UUID(int=value.int)
+
+
+def file_from_row(row: asyncpg.Record) -> models.File:
+    batch_id = row["batch_id"]
+    return models.File(
+        id=ids.FileId(plain_uuid(row["id"])),
+        owner=row["owner"],
+        filename=row["filename"],
+        purpose=states.FilePurpose(row["purpose"]),
+        bytes=int(row["bytes"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        request_count=int(row["request_count"]),
+        batch_id=None if batch_id is None else ids.BatchId(plain_uuid(batch_id)),
+    )
+
+
+def _batch_errors(value: Any) -> tuple[models.BatchError, ...]:
+    if not value:
+        return ()
+    return tuple(
+        models.BatchError(
+            code=item["code"], message=item["message"], line=item.get("line"), param=item.get("param")
+        )
+        for item in value
+    )
+
+
+def _metadata(value: Any) -> Mapping[str, str] | None:
+    return None if value is None else dict(value)
+
+
+def batch_from_row(row: asyncpg.Record) -> models.Batch:
+    return models.Batch(
+        id=ids.BatchId(plain_uuid(row["id"])),
+        owner=row["owner"],
+        input_file_id=ids.FileId(plain_uuid(row["input_file_id"])),
+        output_file_id=ids.FileId(plain_uuid(row["output_file_id"])),
+        error_file_id=ids.FileId(plain_uuid(row["error_file_id"])),
+        endpoint=row["endpoint"],
+        completion_window=row["completion_window"],
+        metadata=_metadata(row["metadata"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        in_progress_at=row["in_progress_at"],
+        finalizing_at=row["finalizing_at"],
+        completed_at=row["completed_at"],
+        failed_at=row["failed_at"],
+        expired_at=row["expired_at"],
+        cancelling_at=row["cancelling_at"],
+        cancelled_at=row["cancelled_at"],
+        errors=_batch_errors(row["errors"]),
+        counts=models.RequestCounts(
+            total=row["total_requests"],
+            pending=row["pending"],
+            in_progress=row["in_progress"],
+            completed=row["completed"],
+            failed=row["failed"],
+            canceled=row["canceled"],
+        ),
+    )
+
+
+def request_from_row(row: asyncpg.Record) -> models.Request:
+    daemon_id = row["daemon_id"]
+    return models.Request(
+        id=ids.RequestId(plain_uuid(row["id"])),
+        batch_id=ids.BatchId(plain_uuid(row["batch_id"])),
+        template_id=ids.TemplateId(plain_uuid(row["template_id"])),
+        owner=row["owner"],
+        custom_id=row["custom_id"],
+        model=row["model"],
+        line_number=row["line_number"],
+        state=states.RequestState(row["state"]),
+        attempt=row["attempt"],
+        not_before=row["not_before"],
+        daemon_id=None if daemon_id is None else ids.DaemonId(plain_uuid(daemon_id)),
+        claimed_at=row["claimed_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        response_status=row["response_status"],
+        response_body=row["response_body"],
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+    )
+
+
+def template_from_row(row: asyncpg.Record) -> models.RequestTemplate:
+    return models.RequestTemplate(
+        id=ids.TemplateId(plain_uuid(row["id"])),
+        file_id=ids.FileId(plain_uuid(row["file_id"])),
+        line_number=row["line_number"],
+        custom_id=row["custom_id"],
+        method=row["method"],
+        url=row["url"],
+        model=row["model"],
+        body=row["body"],
+    )
+
+
+def claimed_from_row(row: asyncpg.Record, *, daemon_id: ids.DaemonId) -> models.ClaimedRequest:
+    return models.ClaimedRequest(
+        id=ids.RequestId(plain_uuid(row["id"])),
+        batch_id=ids.BatchId(plain_uuid(row["batch_id"])),
+        owner=row["owner"],
+        custom_id=row["custom_id"],
+        model=row["model"],
+        method=row["method"],
+        url=row["url"],
+        body=row["body"],
+        attempt=row["attempt"],
+        deadline=row["deadline"],
+        daemon_id=daemon_id,
+        claimed_at=row["claimed_at"],
+    )
+
+
+def daemon_from_row(row: asyncpg.Record) -> models.Daemon:
+    return models.Daemon(
+        id=ids.DaemonId(plain_uuid(row["id"])),
+        hostname=row["hostname"],
+        pid=row["pid"],
+        version=row["version"],
+        status=states.DaemonStatus(row["status"]),
+        started_at=row["started_at"],
+        last_heartbeat=row["last_heartbeat"],
+        stopped_at=row["stopped_at"],
+        in_flight=row["in_flight"],
+    )
+
+
+def stored_state(state: states.RequestState) -> str:
+    """The value of the `state` column for requests in `state` (see `STATE_EXPRESSION`)."""
+    return "in_flight" if state.is_in_flight else state.value
+
+
+def owner_parameter(owner: models.OwnerScope) -> str | None:
+    """The `$owner` parameter of scoped queries: None stands for every owner (`owner_matches`)."""
+    return None if owner is models.ALL_OWNERS else str(owner)

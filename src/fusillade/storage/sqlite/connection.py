@@ -1,0 +1,326 @@
+"""Connections to one SQLite file: a writer thread, a pool of reader threads, pragmas, error wrapping, and the
+conversions between Python values and SQLite columns.
+
+Every operation runs as ONE function in the right thread (one thread hop per call): writes in the single writer
+thread inside `BEGIN IMMEDIATE … COMMIT`, reads on a pooled reader connection inside a deferred transaction (a
+consistent WAL snapshot). Several processes may open the same file; WAL, `busy_timeout` and `BEGIN IMMEDIATE`
+make their writers take turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent import futures
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final, TypeVar
+
+from fusillade import clock as clocks
+from fusillade import errors
+
+T = TypeVar("T")
+
+MINIMUM_SQLITE_VERSION: Final = (3, 35)
+BUSY_TIMEOUT_MS: Final = 10_000
+WRITER_CACHE_KIB: Final = 32_768
+READER_CACHE_KIB: Final = 8_192
+STATEMENT_CACHE_SIZE: Final = 512
+
+# Result codes (low byte of the extended code) that mean "not reachable now": retrying may help.
+_UNAVAILABLE_CODES: Final = frozenset(
+    {
+        5,  # SQLITE_BUSY
+        6,  # SQLITE_LOCKED
+        7,  # SQLITE_NOMEM
+        10,  # SQLITE_IOERR
+        13,  # SQLITE_FULL
+        14,  # SQLITE_CANTOPEN
+        15,  # SQLITE_PROTOCOL
+    }
+)
+_UNAVAILABLE_WORDS: Final = ("locked", "busy", "disk i/o", "unable to open", "disk is full")
+
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND: Final = timedelta(microseconds=1)
+
+WriteOperation = Callable[[sqlite3.Connection, datetime], T]
+ReadOperation = Callable[[sqlite3.Connection], T]
+
+
+# ------------------------------------------------------------------------------------------ conversions
+
+
+def to_micros(moment: datetime) -> int:
+    """An aware datetime as integer microseconds since the Unix epoch."""
+    return (moment - EPOCH) // MICROSECOND
+
+
+def to_micros_or_none(moment: datetime | None) -> int | None:
+    return None if moment is None else to_micros(moment)
+
+
+def from_micros(value: int) -> datetime:
+    return EPOCH + timedelta(microseconds=value)
+
+
+def from_micros_or_none(value: int | None) -> datetime | None:
+    return None if value is None else EPOCH + timedelta(microseconds=value)
+
+
+def to_uuid(value: bytes) -> uuid.UUID:
+    return uuid.UUID(bytes=value)
+
+
+def to_uuid_or_none(value: bytes | None) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(bytes=value)
+
+
+class TimeOrderedIds:
+    """UUIDs of version 7 (RFC 9562) that increase within a process: a millisecond timestamp, then a counter
+    from a random start. Requests and templates get these (SQL `new_uuid()`) so that rows created together have
+    neighbouring primary-key entries: the daemons' writes by id then touch a few index pages instead of one
+    random page per row."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._millis = -1
+        self._random = 0
+        self._counter = 0
+
+    def next_bytes(self) -> bytes:
+        millis = time.time_ns() // 1_000_000
+        with self._lock:
+            if millis > self._millis:
+                self._millis = millis
+                self._random = secrets.randbits(12)
+                self._counter = secrets.randbits(60)
+            else:
+                self._counter += 1
+            value = (self._millis << 80) | (0x7 << 76) | (self._random << 64) | (0b10 << 62) | self._counter
+        return value.to_bytes(16, "big")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def wrap_error(exc: sqlite3.Error) -> errors.StorageError:
+    """The fusillade error for a driver exception (the caller raises it `from exc`)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc)
+    unavailable = (code is not None and code & 0xFF in _UNAVAILABLE_CODES) or (
+        isinstance(exc, sqlite3.OperationalError) and any(word in text.lower() for word in _UNAVAILABLE_WORDS)
+    )
+    if unavailable:
+        return errors.StorageUnavailable(f"The SQLite database is not available ({text}); retry later.")
+    return errors.StorageError(f"The SQLite database reported an error: {text}")
+
+
+def _wrapped(function: Callable[[], T]) -> Callable[[], T]:
+    def call() -> T:
+        try:
+            return function()
+        except sqlite3.Error as exc:
+            raise wrap_error(exc) from exc
+
+    return call
+
+
+# ------------------------------------------------------------------------------------------- connections
+
+
+def check_version() -> None:
+    if sqlite3.sqlite_version_info < MINIMUM_SQLITE_VERSION:
+        wanted = ".".join(str(part) for part in MINIMUM_SQLITE_VERSION)
+        raise errors.ConfigurationError(
+            f"fusillade needs SQLite {wanted} or newer (for RETURNING), but Python is linked against SQLite "
+            f"{sqlite3.sqlite_version}. Use a Python build with a newer SQLite, or use PostgreSQL."
+        )
+
+
+def connect(path: Path, *, writer: bool) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) with fusillade's pragmas."""
+    connection = sqlite3.connect(
+        path,
+        isolation_level=None,
+        check_same_thread=False,
+        cached_statements=STATEMENT_CACHE_SIZE,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+    )
+    try:
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if writer:
+            connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute("PRAGMA foreign_keys = OFF")
+        connection.execute("PRAGMA temp_store = MEMORY")
+        cache_kib = WRITER_CACHE_KIB if writer else READER_CACHE_KIB
+        connection.execute(f"PRAGMA cache_size = -{cache_kib}")
+        if writer:
+            connection.create_function("new_uuid", 0, TimeOrderedIds().next_bytes)
+        else:
+            connection.execute("PRAGMA query_only = ON")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _rollback_if_open(connection: sqlite3.Connection) -> None:
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")
+
+
+class WriteTransaction:
+    """A write transaction held open across several awaited steps (see `Database.write_transaction`)."""
+
+    def __init__(self, database: Database, now: datetime) -> None:
+        self._database = database
+        self.now = now
+
+    async def run(self, operation: WriteOperation[T]) -> T:
+        """Run one step inside the open transaction, in the writer thread."""
+        connection = self._database.writer_connection
+        return await self._database.in_writer(lambda: operation(connection, self.now))
+
+
+class Database:
+    """One SQLite file: one writer connection used only by one thread, and a pool of reader connections."""
+
+    def __init__(
+        self,
+        path: Path,
+        clock: clocks.Clock,
+        writer: sqlite3.Connection,
+        writer_executor: futures.ThreadPoolExecutor,
+        readers: list[sqlite3.Connection],
+        reader_executor: futures.ThreadPoolExecutor,
+    ) -> None:
+        self.path = path
+        self.clock = clock
+        self.writer_connection = writer
+        self._writer_executor = writer_executor
+        self._readers = readers
+        self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        for reader in readers:
+            self._idle_readers.put(reader)
+        self._reader_executor = reader_executor
+        self._write_lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path, *, clock: clocks.Clock, readers: int) -> Database:
+        check_version()
+        if readers < 1:
+            raise errors.ConfigurationError("The SQLite store needs at least one reader connection.")
+        loop = asyncio.get_running_loop()
+        writer_executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusillade-sqlite-writer")
+        reader_executor = futures.ThreadPoolExecutor(
+            max_workers=readers, thread_name_prefix="fusillade-sqlite-reader"
+        )
+        opened: list[sqlite3.Connection] = []
+        try:
+            writer = await loop.run_in_executor(writer_executor, _wrapped(lambda: connect(path, writer=True)))
+            opened.append(writer)
+            for _ in range(readers):
+                reader = await loop.run_in_executor(reader_executor, _wrapped(lambda: connect(path, writer=False)))
+                opened.append(reader)
+        except BaseException:
+            for connection in opened:
+                connection.close()
+            writer_executor.shutdown(wait=False)
+            reader_executor.shutdown(wait=False)
+            raise
+        return cls(path, clock, writer, writer_executor, opened[1:], reader_executor)
+
+    # ------------------------------------------------------------------------------------ thread hops
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.StorageUnavailable("The SQLite store is closed.")
+
+    async def in_writer(self, function: Callable[[], T]) -> T:
+        """Run `function` in the writer thread (the caller holds the write lock)."""
+        self._check_open()
+        return await asyncio.get_running_loop().run_in_executor(self._writer_executor, _wrapped(function))
+
+    async def write(self, operation: WriteOperation[T]) -> T:
+        """Run `operation(connection, now)` as one `BEGIN IMMEDIATE` transaction in the writer thread."""
+        connection = self.writer_connection
+        clock = self.clock
+
+        def transaction() -> T:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                result = operation(connection, clock.now())
+                connection.execute("COMMIT")
+            except BaseException:
+                _rollback_if_open(connection)
+                raise
+            return result
+
+        async with self._write_lock:
+            return await self.in_writer(transaction)
+
+    @contextlib.asynccontextmanager
+    async def write_transaction(self) -> AsyncIterator[WriteTransaction]:
+        """Hold the writer and one `BEGIN IMMEDIATE` transaction across several awaited steps; commit at the
+        end, roll back if the body raises (the exception then propagates unchanged)."""
+        connection = self.writer_connection
+        clock = self.clock
+
+        def begin() -> datetime:
+            connection.execute("BEGIN IMMEDIATE")
+            return clock.now()
+
+        async with self._write_lock:
+            now = await self.in_writer(begin)
+            try:
+                yield WriteTransaction(self, now)
+                await self.in_writer(lambda: connection.execute("COMMIT"))
+            except BaseException:
+                # Shielded: a cancelled caller must not drop the rollback from the writer's queue.
+                await asyncio.shield(self.in_writer(lambda: _rollback_if_open(connection)))
+                raise
+
+    async def read(self, operation: ReadOperation[T]) -> T:
+        """Run `operation(connection)` on a reader connection inside one read transaction (one snapshot)."""
+        idle = self._idle_readers
+
+        def transaction() -> T:
+            connection = idle.get()
+            try:
+                connection.execute("BEGIN")
+                try:
+                    return operation(connection)
+                finally:
+                    _rollback_if_open(connection)
+            finally:
+                idle.put(connection)
+
+        self._check_open()
+        return await asyncio.get_running_loop().run_in_executor(self._reader_executor, _wrapped(transaction))
+
+    # -------------------------------------------------------------------------------------- lifecycle
+
+    async def close(self) -> None:
+        """Wait for running work, then close every connection (idempotent)."""
+        if self._closed:
+            return
+        async with self._write_lock:
+            self._closed = True
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._writer_executor.shutdown(wait=True)
+        self._reader_executor.shutdown(wait=True)
+        for connection in [self.writer_connection, *self._readers]:
+            connection.close()

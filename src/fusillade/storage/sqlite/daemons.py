@@ -1,0 +1,106 @@
+"""The daemon registry on SQLite: registration, heartbeats, death, and the reclaim of a dead daemon's work."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timedelta
+
+import orjson
+
+from fusillade import errors
+from fusillade.domain import ids, lines, models, states
+from fusillade.storage.sqlite import connection as connections
+from fusillade.storage.sqlite import records
+
+INSERT_DAEMON = """
+INSERT INTO daemons (id, hostname, pid, version, config, status, started_at, last_heartbeat, stopped_at, in_flight)
+VALUES (?, ?, ?, ?, ?, 'running', ?, ?, NULL, 0)
+"""
+SELECT_DAEMON = f"SELECT {records.DAEMON_COLUMNS} FROM daemons WHERE id = ?"
+HEARTBEAT = "UPDATE daemons SET last_heartbeat = ?, in_flight = ? WHERE id = ?"
+MARK_DEAD = "UPDATE daemons SET status = 'dead', stopped_at = COALESCE(stopped_at, ?) WHERE id = ?"
+LIST_DAEMONS = f"SELECT {records.DAEMON_COLUMNS} FROM daemons ORDER BY started_at DESC, id DESC"
+MARK_STALE_DEAD = """
+UPDATE daemons SET status = 'dead', stopped_at = COALESCE(stopped_at, ?1)
+WHERE status = 'running' AND last_heartbeat < ?2
+"""
+SELECT_ORPHANS = """
+SELECT r.id, (b.id IS NULL OR b.cancelling_at IS NOT NULL OR b.deleted_at IS NOT NULL) AS cancel
+FROM requests AS r
+LEFT JOIN daemons AS d ON d.id = r.daemon_id
+LEFT JOIN batches AS b ON b.id = r.batch_id
+WHERE r.claimed_at IS NOT NULL AND r.finished_at IS NULL AND r.state IN ('claimed', 'processing')
+    AND (d.id IS NULL OR d.status = 'dead')
+LIMIT ?
+"""
+RETURN_TO_PENDING = """
+UPDATE requests SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL
+WHERE id = ? AND state IN ('claimed', 'processing')
+"""
+CANCEL_ORPHAN = """
+UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
+    result_bytes = ? + custom_id_bytes
+WHERE id = ? AND state IN ('claimed', 'processing')
+"""
+
+
+def register_daemon(connection: sqlite3.Connection, now: datetime, info: models.DaemonInfo) -> models.Daemon:
+    daemon_id = ids.new_daemon_id()
+    moment = connections.to_micros(now)
+    config = orjson.dumps(dict(info.config), default=str).decode()
+    connection.execute(
+        INSERT_DAEMON, (daemon_id.bytes, info.hostname, info.pid, info.version, config, moment, moment)
+    )
+    return models.Daemon(
+        id=daemon_id,
+        hostname=info.hostname,
+        pid=info.pid,
+        version=info.version,
+        status=states.DaemonStatus.RUNNING,
+        started_at=now,
+        last_heartbeat=now,
+    )
+
+
+def _daemon_row(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> records.DaemonRow:
+    found = connection.execute(SELECT_DAEMON, (daemon_id.bytes,)).fetchone()
+    if found is None:
+        raise errors.NotFound(f"No daemon {daemon_id}.")
+    return records.DaemonRow._make(found)
+
+
+def heartbeat(
+    connection: sqlite3.Connection, now: datetime, daemon_id: ids.DaemonId, in_flight: int
+) -> models.Daemon:
+    row = _daemon_row(connection, daemon_id)
+    if row.status == states.DaemonStatus.DEAD.value:
+        raise errors.StateConflict(
+            f"Daemon {daemon_id} was marked dead (its requests may have been reclaimed); it must stop.",
+            current_state=row.status,
+        )
+    connection.execute(HEARTBEAT, (connections.to_micros(now), in_flight, daemon_id.bytes))
+    return records.daemon_from_row(_daemon_row(connection, daemon_id))
+
+
+def mark_daemon_dead(connection: sqlite3.Connection, now: datetime, daemon_id: ids.DaemonId) -> None:
+    _daemon_row(connection, daemon_id)
+    connection.execute(MARK_DEAD, (connections.to_micros(now), daemon_id.bytes))
+
+
+def list_daemons(connection: sqlite3.Connection) -> list[models.Daemon]:
+    return [records.daemon_from_row(records.DaemonRow._make(row)) for row in connection.execute(LIST_DAEMONS)]
+
+
+def reclaim_requests(connection: sqlite3.Connection, now: datetime, *, stale_after: timedelta, limit: int) -> int:
+    moment = connections.to_micros(now)
+    connection.execute(MARK_STALE_DEAD, (moment, connections.to_micros(now - stale_after)))
+    orphans = connection.execute(SELECT_ORPHANS, (limit,)).fetchall()
+    to_pending = [(key,) for key, cancel in orphans if not cancel]
+    to_cancel = [
+        (moment, lines.BATCH_CANCELLED, records.CANCELLED_MESSAGE, records.CANCELLED_LINE_BYTES, key)
+        for key, cancel in orphans
+        if cancel
+    ]
+    connection.executemany(RETURN_TO_PENDING, to_pending)
+    connection.executemany(CANCEL_ORPHAN, to_cancel)
+    return len(orphans)

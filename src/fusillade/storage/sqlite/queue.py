@@ -1,0 +1,295 @@
+"""The request queue on SQLite, the daemons' hot path: claims, fenced state writes, and the requests a daemon
+must abort because their batch is being cancelled.
+
+A claim and a group of writes are each one `BEGIN IMMEDIATE` transaction, so they are serialised against every
+other writer of the file (this process or another): claimers get disjoint rows and the per-model limit holds.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final, NamedTuple
+
+from fusillade.domain import ids, lines, models, states
+from fusillade.storage.sqlite import connection as connections
+from fusillade.storage.sqlite import records
+
+# In flight <=> claimed_at set and finished_at not set (the invariant behind the in-flight indexes).
+COUNT_IN_FLIGHT = (
+    "SELECT COUNT(*) FROM requests WHERE model = ? AND claimed_at IS NOT NULL AND finished_at IS NULL"
+)
+
+
+class ClaimableRow(NamedTuple):
+    """A row of `SELECT_CLAIMABLE`."""
+
+    rowid: int
+    id: bytes
+    batch_id: bytes
+    owner: str
+    custom_id: str
+    attempt: int
+    deadline: int
+    method: str
+    url: str
+    body: str
+
+
+# No join with batches: a batch that is cancelled, expired, finished or deleted has no pending requests (those
+# operations end them), so the claim is one scan of the claim index. The only exception is a request that a
+# daemon rescheduled while its batch was being cancelled; finalize_batches cancels such leftovers.
+_SELECT_CLAIMABLE = """
+SELECT r.rowid, r.id, r.batch_id, r.owner, r.custom_id, r.attempt, r.deadline, t.method, t.url, t.body
+FROM requests AS r
+JOIN request_templates AS t ON t.id = r.template_id
+WHERE r.model = ? AND r.state = 'pending' AND (r.not_before IS NULL OR r.not_before <= ?)
+"""
+_CLAIM_ORDER = " ORDER BY r.deadline, r.batch_id, r.line_number LIMIT ?"
+SELECT_CLAIMABLE = _SELECT_CLAIMABLE + _CLAIM_ORDER
+MARK_CLAIMED = "UPDATE requests SET state = 'claimed', daemon_id = ?, claimed_at = ? WHERE rowid = ?"
+
+# The ids of a write group travel as one BLOB of concatenated 16-byte UUIDs, split here in SQL: one cached
+# statement whatever the group size.
+SELECT_CURRENT = """
+WITH RECURSIVE wanted(position, id) AS (
+    SELECT 1, substr(?1, 1, 16) WHERE length(?1) >= 16
+    UNION ALL
+    SELECT position + 16, substr(?1, position + 16, 16) FROM wanted WHERE position + 16 <= length(?1)
+)
+SELECT r.id, r.state, r.daemon_id FROM wanted JOIN requests AS r ON r.id = wanted.id
+"""
+
+_FENCE = " WHERE id = ? AND daemon_id = ? AND state "
+MARK_PROCESSING = "UPDATE requests SET state = 'processing', started_at = ?" + _FENCE + "= 'claimed'"
+COMPLETE = (
+    "UPDATE requests SET state = 'completed', started_at = COALESCE(started_at, ?1), finished_at = ?1, "
+    "response_status = ?2, response_body = ?3, error_code = NULL, error_message = NULL, "
+    "result_bytes = ?4 + custom_id_bytes WHERE id = ?5 AND daemon_id = ?6 AND state IN ('claimed', 'processing')"
+)
+FAIL = (
+    "UPDATE requests SET state = 'failed', finished_at = ?, response_status = ?, response_body = ?, "
+    "error_code = ?, error_message = ?, result_bytes = ? + custom_id_bytes"
+    + _FENCE
+    + "IN ('claimed', 'processing')"
+)
+RESCHEDULE = (
+    "UPDATE requests SET state = 'pending', attempt = attempt + 1, not_before = ?, daemon_id = NULL, "
+    "claimed_at = NULL, started_at = NULL, error_code = ?, error_message = ?" + _FENCE + "= 'processing'"
+)
+RELEASE = (
+    "UPDATE requests SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL"
+    + _FENCE
+    + "IN ('claimed', 'processing')"
+)
+CANCEL = (
+    "UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?, "
+    "result_bytes = ? + custom_id_bytes" + _FENCE + "IN ('claimed', 'processing')"
+)
+
+# A request rescheduled or released while its batch is being cancelled (or was deleted) is cancelled instead of
+# going back to pending: claims do not look at batches, so it would otherwise be run again.
+CANCEL_RETURNED = """
+UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
+    result_bytes = ? + custom_id_bytes
+WHERE id = ? AND state = 'pending' AND EXISTS (
+    SELECT 1 FROM batches AS b
+    WHERE b.id = requests.batch_id AND (b.cancelling_at IS NOT NULL OR b.deleted_at IS NOT NULL)
+)
+"""
+
+# Only a cancelling batch (cancelling_at set, cancelled_at not yet) can have requests in flight: a deleted batch
+# was cancelled first or had finished, and a cancelled one has none left.
+SELECT_CANCELLING = """
+SELECT r.id FROM batches AS b CROSS JOIN requests AS r INDEXED BY requests_in_flight_batch ON r.batch_id = b.id
+WHERE b.cancelling_at IS NOT NULL AND b.cancelled_at IS NULL
+    AND r.claimed_at IS NOT NULL AND r.finished_at IS NULL
+    AND r.daemon_id = ? AND r.state IN ('claimed', 'processing')
+"""
+
+_CLAIMED, _PROCESSING = states.RequestState.CLAIMED.value, states.RequestState.PROCESSING.value
+ALLOWED_FROM: Final[dict[type[Any], frozenset[str]]] = {
+    models.MarkProcessing: frozenset({_CLAIMED}),
+    models.Complete: frozenset({_CLAIMED, _PROCESSING}),
+    models.Fail: frozenset({_CLAIMED, _PROCESSING}),
+    models.Reschedule: frozenset({_PROCESSING}),
+    models.Release: frozenset({_CLAIMED, _PROCESSING}),
+    models.Cancel: frozenset({_CLAIMED, _PROCESSING}),
+}
+
+NULL_BODY_BYTES: Final = len(b"null")
+
+
+# ------------------------------------------------------------------------------------------------ claim
+
+
+def claim_requests(
+    connection: sqlite3.Connection,
+    now: datetime,
+    daemon_id: ids.DaemonId,
+    capacities: Sequence[models.ModelCapacity],
+    *,
+    limit: int,
+    owner_in_flight: Mapping[str, int] | None,
+) -> list[models.ClaimedRequest]:
+    wanted = [capacity for capacity in capacities if capacity.free > 0]
+    if sum(capacity.free for capacity in wanted) > limit:
+        wanted = random.sample(wanted, len(wanted))
+    claimed: list[models.ClaimedRequest] = []
+    for capacity in wanted:
+        count = min(capacity.free, limit - len(claimed))
+        if capacity.limit is not None:
+            in_flight = connection.execute(COUNT_IN_FLIGHT, (capacity.model,)).fetchone()[0]
+            count = min(count, capacity.limit - in_flight)
+        if count > 0:
+            claimed.extend(_claim_model(connection, now, daemon_id, capacity.model, count, owner_in_flight))
+        if len(claimed) >= limit:
+            break
+    return claimed
+
+
+def _claim_model(
+    connection: sqlite3.Connection,
+    now: datetime,
+    daemon_id: ids.DaemonId,
+    model: str,
+    count: int,
+    owner_in_flight: Mapping[str, int] | None,
+) -> list[models.ClaimedRequest]:
+    moment = connections.to_micros(now)
+    rows: list[ClaimableRow] = []
+    for condition, owners in _owner_tiers(owner_in_flight):
+        sql = SELECT_CLAIMABLE if not owners else _SELECT_CLAIMABLE + condition + _CLAIM_ORDER
+        found = connection.execute(sql, (model, moment, *owners, count - len(rows)))
+        rows.extend(map(ClaimableRow._make, found))
+        if len(rows) >= count:
+            break
+    if not rows:
+        return []
+    daemon_key = daemon_id.bytes
+    connection.executemany(MARK_CLAIMED, [(daemon_key, moment, row.rowid) for row in rows])
+    to_uuid = connections.to_uuid
+    # Rows share a few batches: convert each batch id and deadline once.
+    batch_ids = {key: ids.BatchId(to_uuid(key)) for key in {row.batch_id for row in rows}}
+    deadlines = {value: connections.from_micros(value) for value in {row.deadline for row in rows}}
+    return [
+        models.ClaimedRequest(
+            id=ids.RequestId(to_uuid(row.id)),
+            batch_id=batch_ids[row.batch_id],
+            owner=row.owner,
+            custom_id=row.custom_id,
+            model=model,
+            method=row.method,
+            url=row.url,
+            body=row.body,
+            attempt=row.attempt,
+            deadline=deadlines[row.deadline],
+            daemon_id=daemon_id,
+            claimed_at=now,
+        )
+        for row in rows
+    ]
+
+
+def _owner_tiers(owner_in_flight: Mapping[str, int] | None) -> Iterable[tuple[str, tuple[str, ...]]]:
+    """The claim's owner filters, fewest requests in flight first: `(SQL condition, owners)`; the first tier
+    also takes every owner not in the map (0 in flight). Without a map: one tier, no filter."""
+    busy = {owner: count for owner, count in (owner_in_flight or {}).items() if count > 0}
+    if not busy:
+        yield "", ()
+        return
+    names = tuple(busy)
+    yield f" AND r.owner NOT IN ({', '.join('?' * len(names))})", names
+    for level in sorted(set(busy.values())):
+        tier = tuple(owner for owner, count in busy.items() if count == level)
+        yield f" AND r.owner IN ({', '.join('?' * len(tier))})", tier
+
+
+# ----------------------------------------------------------------------------------------------- writes
+
+
+def apply_writes(
+    connection: sqlite3.Connection,
+    now: datetime,
+    daemon_id: ids.DaemonId,
+    writes: Sequence[models.RequestWrite],
+) -> models.WriteReport:
+    """Apply the writes whose request is owned by `daemon_id` and in an allowed state; report the others.
+
+    Fast path: run every fenced UPDATE; if each one changed its row, all applied. Otherwise undo them (savepoint),
+    read the current rows, and apply only the writes they allow (fenced again)."""
+    moment = connections.to_micros(now)
+    daemon_key = daemon_id.bytes
+    connection.execute("SAVEPOINT writes")
+    if _update(connection, moment, daemon_key, writes) == len(writes):
+        connection.execute("RELEASE writes")
+        return models.WriteReport(applied=frozenset(write.request_id for write in writes))
+    connection.execute("ROLLBACK TO writes")
+    connection.execute("RELEASE writes")
+    keys = b"".join(write.request_id.bytes for write in writes)
+    current = {key: (state, daemon) for key, state, daemon in connection.execute(SELECT_CURRENT, (keys,))}
+    applied: list[models.RequestWrite] = []
+    conflicts: dict[ids.RequestId, states.RequestState] = {}
+    missing: set[ids.RequestId] = set()
+    for write in writes:
+        found = current.get(write.request_id.bytes)
+        if found is None:
+            missing.add(write.request_id)
+        elif found[1] != daemon_key or found[0] not in ALLOWED_FROM[type(write)]:
+            conflicts[write.request_id] = states.RequestState(found[0])
+        else:
+            applied.append(write)
+    _update(connection, moment, daemon_key, applied)
+    return models.WriteReport(
+        applied=frozenset(write.request_id for write in applied),
+        conflicts=conflicts,
+        missing=frozenset(missing),
+    )
+
+
+def _update(connection: sqlite3.Connection, now: int, daemon: bytes, writes: Sequence[models.RequestWrite]) -> int:
+    """Run the fenced UPDATEs, one `executemany` per kind of write; returns how many rows changed."""
+    groups: dict[str, list[tuple[Any, ...]]] = {}
+    for write in writes:
+        sql, parameters = _statement(write, now)
+        groups.setdefault(sql, []).append((*parameters, write.request_id.bytes, daemon))
+    changed = sum(connection.executemany(sql, rows).rowcount for sql, rows in groups.items())
+    returned = [
+        write.request_id.bytes for write in writes if isinstance(write, models.Reschedule | models.Release)
+    ]
+    if returned:
+        cancelled = (lines.BATCH_CANCELLED, records.CANCELLED_MESSAGE, records.CANCELLED_LINE_BYTES)
+        connection.executemany(CANCEL_RETURNED, [(now, *cancelled, key) for key in returned])
+    return changed
+
+
+def _statement(write: models.RequestWrite, now: int) -> tuple[str, tuple[Any, ...]]:
+    """The fenced UPDATE of one write and its parameters before `id, daemon_id`."""
+    match write:
+        case models.MarkProcessing():
+            return MARK_PROCESSING, (now,)
+        case models.Complete(status_code=status, body=body):
+            return COMPLETE, (now, status, body, lines.response_line_bytes(0, status, len(body.encode())))
+        case models.Fail(status_code=int() as status, body=body):
+            size = NULL_BODY_BYTES if body is None else len(body.encode())
+            return FAIL, (now, status, body, None, None, lines.response_line_bytes(0, status, size))
+        case models.Fail(code=code, message=message):
+            code = code or "error"
+            message = message or lines.default_message(code)
+            return FAIL, (now, None, None, code, message, lines.error_line_bytes(0, code, message))
+        case models.Reschedule(not_before=not_before, code=code, message=message):
+            return RESCHEDULE, (connections.to_micros(not_before), code, message)
+        case models.Release():
+            return RELEASE, ()
+        case models.Cancel():
+            return CANCEL, (now, lines.BATCH_CANCELLED, records.CANCELLED_MESSAGE, records.CANCELLED_LINE_BYTES)
+    raise TypeError(f"Unknown request write {write!r}.")
+
+
+def cancelling_requests(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
+    return [
+        ids.RequestId(connections.to_uuid(row[0]))
+        for row in connection.execute(SELECT_CANCELLING, (daemon_id.bytes,))
+    ]

@@ -1,0 +1,269 @@
+"""`SqliteStorage`: the embedded backend, every role of `storage.base.Storage` on one SQLite file.
+
+Each method is one transaction run as one function in a database thread (`connection.Database`); the SQL and
+the row mapping live in the role modules (`files`, `batches`, `queue`, `daemons`, `retention`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sqlite3
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+from fusillade import clock as clocks
+from fusillade import errors
+from fusillade.domain import ids, models, states
+from fusillade.storage import base
+from fusillade.storage.sqlite import batches, daemons, files, migration, queue, retention
+from fusillade.storage.sqlite import connection as connections
+
+TEMPLATE_CHUNK_ROWS: Final = 2000
+"""Templates inserted per step of an upload (bounds the memory an upload holds)."""
+
+
+class SqliteStorage:
+    """The storage contract on one SQLite file (WAL mode; several processes may share it)."""
+
+    def __init__(self, database: connections.Database) -> None:
+        self._database = database
+
+    @classmethod
+    async def open(cls, path: str | Path, *, clock: clocks.Clock | None = None, readers: int = 4) -> SqliteStorage:
+        """Open (or create) the database file. Does not migrate: call `migrate()`."""
+        database = await connections.Database.open(
+            Path(path), clock=clock or clocks.SystemClock(), readers=readers
+        )
+        return cls(database)
+
+    # -------------------------------------------------------------------------------------- lifecycle
+
+    async def migrate(self) -> list[str]:
+        return await migration.run(self._database)
+
+    async def ping(self) -> None:
+        await self._database.read(lambda connection: connection.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        await self._database.close()
+
+    # ------------------------------------------------------------------------------------------ files
+
+    async def create_file(
+        self,
+        *,
+        owner: str,
+        filename: str,
+        templates: AsyncIterable[models.TemplateInput] | Iterable[models.TemplateInput],
+        size_bytes: int,
+        expires_at: datetime | None = None,
+    ) -> models.File:
+        file_id = ids.new_file_id()
+        count = 0
+        async with (
+            self._database.write_transaction() as transaction,
+            contextlib.aclosing(_as_async(templates)) as items,
+        ):
+            chunk: list[models.TemplateInput] = []
+            async for item in items:
+                chunk.append(item)
+                if len(chunk) >= TEMPLATE_CHUNK_ROWS:
+                    await transaction.run(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
+                    count += len(chunk)
+                    chunk = []
+            if chunk:
+                await transaction.run(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
+                count += len(chunk)
+            if count == 0:
+                raise errors.ValidationError(
+                    "The file is empty: upload at least one request line.",
+                    errors=[errors.LineError(0, "The file contains no request lines.")],
+                )
+            return await transaction.run(
+                functools.partial(
+                    files.insert_input_file,
+                    file_id=file_id,
+                    owner=owner,
+                    filename=filename,
+                    size_bytes=size_bytes,
+                    request_count=count,
+                    expires_at=expires_at,
+                )
+            )
+
+    async def get_file(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> models.File:
+        return await self._database.read(lambda connection: files.get_file(connection, file_id, owner))
+
+    async def list_files(
+        self,
+        *,
+        owner: models.OwnerScope,
+        purpose: states.FilePurpose | None = None,
+        after: ids.FileId | None = None,
+        limit: int = 10_000,
+        order: base.SortOrder = "desc",
+    ) -> models.Page[models.File]:
+        return await self._database.read(
+            functools.partial(
+                files.list_files, owner=owner, purpose=purpose, after=after, limit=limit, order=order
+            )
+        )
+
+    async def delete_file(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> None:
+        await self._database.write(lambda connection, now: files.delete_file(connection, now, file_id, owner))
+
+    async def open_file_content(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> AsyncIterator[bytes]:
+        source = await self._database.read(lambda connection: files.content_source(connection, file_id, owner))
+        return self._stream_content(source)
+
+    async def _stream_content(self, source: files.ContentSource) -> AsyncIterator[bytes]:
+        cursor: files.Cursor | None = files.FIRST_CURSOR
+        while cursor is not None:
+            chunk, cursor = await self._database.read(
+                functools.partial(files.content_page, source=source, cursor=cursor)
+            )
+            if chunk:
+                yield chunk
+
+    # ---------------------------------------------------------------------------------------- batches
+
+    async def create_batch(self, spec: models.BatchSpec) -> models.Batch:
+        try:
+            return await self._database.write(lambda connection, now: batches.create_batch(connection, now, spec))
+        except errors.StorageError as exc:
+            # Two creates with one idempotency key raced (in two processes): the loser returns the winner.
+            if spec.idempotency_key is None or not isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise
+            winner = await self._database.read(
+                lambda connection: batches.find_by_idempotency_key(connection, spec)
+            )
+            if winner is None:
+                raise
+            return winner
+
+    async def get_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Batch:
+        return await self._database.read(lambda connection: batches.get_batch(connection, batch_id, owner))
+
+    async def list_batches(
+        self, *, owner: models.OwnerScope, after: ids.BatchId | None = None, limit: int = 20
+    ) -> models.Page[models.Batch]:
+        return await self._database.read(
+            functools.partial(batches.list_batches, owner=owner, after=after, limit=limit)
+        )
+
+    async def cancel_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Batch:
+        return await self._database.write(
+            lambda connection, now: batches.cancel_batch(connection, now, batch_id, owner)
+        )
+
+    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
+        return await self._database.write(
+            lambda connection, now: batches.retry_failed(connection, now, batch_id, owner)
+        )
+
+    async def delete_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> None:
+        await self._database.write(lambda connection, now: batches.delete_batch(connection, now, batch_id, owner))
+
+    async def list_requests(
+        self,
+        batch_id: ids.BatchId,
+        *,
+        owner: models.OwnerScope,
+        state: states.RequestState | None = None,
+        after: ids.RequestId | None = None,
+        limit: int = 100,
+    ) -> models.Page[models.Request]:
+        return await self._database.read(
+            lambda connection: batches.list_requests(
+                connection, batch_id, owner=owner, state=state, after=after, limit=limit
+            )
+        )
+
+    async def expire_batches(self, *, grace: timedelta = timedelta(0), limit: int = 100) -> list[ids.BatchId]:
+        return await self._database.write(functools.partial(batches.expire_batches, grace=grace, limit=limit))
+
+    async def finalize_batches(self, *, limit: int = 100) -> list[ids.BatchId]:
+        return await self._database.write(functools.partial(batches.finalize_batches, limit=limit))
+
+    # ---------------------------------------------------------------------------------- request queue
+
+    async def claim_requests(
+        self,
+        daemon_id: ids.DaemonId,
+        capacities: Sequence[models.ModelCapacity],
+        *,
+        limit: int,
+        owner_in_flight: Mapping[str, int] | None = None,
+    ) -> list[models.ClaimedRequest]:
+        if limit <= 0 or not any(capacity.free > 0 for capacity in capacities):
+            return []
+        return await self._database.write(
+            lambda connection, now: queue.claim_requests(
+                connection, now, daemon_id, capacities, limit=limit, owner_in_flight=owner_in_flight
+            )
+        )
+
+    async def apply_writes(
+        self, daemon_id: ids.DaemonId, writes: Sequence[models.RequestWrite]
+    ) -> models.WriteReport:
+        if len({write.request_id for write in writes}) != len(writes):
+            raise ValueError("Two writes for one request id in one call; send one write per request.")
+        if not writes:
+            return models.WriteReport()
+        return await self._database.write(
+            lambda connection, now: queue.apply_writes(connection, now, daemon_id, writes)
+        )
+
+    async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
+        return await self._database.read(lambda connection: queue.cancelling_requests(connection, daemon_id))
+
+    # -------------------------------------------------------------------------------- daemon registry
+
+    async def register_daemon(self, info: models.DaemonInfo) -> models.Daemon:
+        return await self._database.write(lambda connection, now: daemons.register_daemon(connection, now, info))
+
+    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.Daemon:
+        return await self._database.write(
+            lambda connection, now: daemons.heartbeat(connection, now, daemon_id, in_flight)
+        )
+
+    async def mark_daemon_dead(self, daemon_id: ids.DaemonId) -> None:
+        await self._database.write(lambda connection, now: daemons.mark_daemon_dead(connection, now, daemon_id))
+
+    async def list_daemons(self) -> list[models.Daemon]:
+        return await self._database.read(daemons.list_daemons)
+
+    async def reclaim_requests(self, *, stale_after: timedelta, limit: int = 1000) -> int:
+        return await self._database.write(
+            functools.partial(daemons.reclaim_requests, stale_after=stale_after, limit=limit)
+        )
+
+    # -------------------------------------------------------------------------------------- retention
+
+    async def purge_deleted(self, *, limit: int = 1000) -> int:
+        return await self._database.write(functools.partial(retention.purge_deleted, limit=limit))
+
+
+def _insert_chunk(
+    connection: sqlite3.Connection, now: datetime, *, file_id: ids.FileId, chunk: list[models.TemplateInput]
+) -> None:
+    files.insert_templates(connection, now, files.template_rows(file_id, chunk))
+
+
+async def _as_async(
+    templates: AsyncIterable[models.TemplateInput] | Iterable[models.TemplateInput],
+) -> AsyncGenerator[models.TemplateInput, None]:
+    if isinstance(templates, AsyncIterable):
+        async for item in templates:
+            yield item
+    else:
+        for item in templates:
+            yield item
+
+
+def _satisfies_contract(store: SqliteStorage) -> base.Storage:
+    """Never called: makes mypy check that `SqliteStorage` implements every method of `base.Storage`."""
+    return store
