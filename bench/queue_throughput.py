@@ -1,11 +1,18 @@
 """Claim + complete throughput of the request queue, on SQLite and PostgreSQL.
 
-Each run stores a fresh batch of N pending requests (setup, not timed), then drains it the way a daemon with
-group commit does: one transaction claims 100 requests, the next one marks those 100 processing and completes
-the 100 claimed before (`apply_writes`). With `--workers W`, W such loops run at once, each as its own daemon.
-Reported: requests per second (N / drain time), median of `--runs` runs.
+Each run uses a fresh database holding one batch of N pending requests (setup, not timed), then drains it
+the way a daemon with group commit does, 100 requests per transaction, in one of two modes:
 
-    .venv/bin/python bench/queue_throughput.py [--rows 200000] [--runs 3] [--workers 1] [--backend sqlite]
+- `claim+complete`: one transaction claims 100 requests, the next completes them (`apply_writes` of 100
+  `Complete`): two row writes per request.
+- `claim+start+complete`: one transaction claims 100, the next marks those 100 processing and completes the 100
+  claimed before: three row writes per request, as a daemon does when calls outlast a commit tick.
+
+With `--workers W`, W such loops run at once, each as its own daemon. Reported: requests per second
+(N / drain time), median of `--runs` runs.
+
+    .venv/bin/python bench/queue_throughput.py [--rows 200000] [--runs 3] [--workers 1 4]
+        [--backend sqlite] [--mode claim+complete]
 
 PostgreSQL: `$FUSILLADE_BENCH_POSTGRES_URL` (a server URL; a scratch database is created and dropped), default
 postgresql://postgres@127.0.0.1:5432/postgres.
@@ -67,49 +74,51 @@ async def database(backend: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-async def drain(store: base.Storage, daemon_id: ids.DaemonId) -> int:
+MODES = ("claim+complete", "claim+start+complete")
+
+
+async def drain(store: base.Storage, daemon_id: ids.DaemonId, mode: str) -> int:
     """Claim and complete until nothing is left; returns requests completed."""
     capacity = [models.ModelCapacity(model=MODEL, free=CLAIM_SIZE)]
     previous: list[models.ClaimedRequest] = []
     done = 0
     while True:
         claimed = await store.claim_requests(daemon_id, capacity, limit=CLAIM_SIZE)
-        writes: list[models.RequestWrite] = [models.MarkProcessing(request.id) for request in claimed]
-        writes += [models.Complete(request.id, 200, RESPONSE) for request in previous]
+        writes: list[models.RequestWrite]
+        if mode == "claim+complete":
+            writes = [models.Complete(request.id, 200, RESPONSE) for request in claimed]
+            finished = len(claimed)
+        else:
+            writes = [models.MarkProcessing(request.id) for request in claimed]
+            writes += [models.Complete(request.id, 200, RESPONSE) for request in previous]
+            finished, previous = len(previous), claimed
         if writes:
             report = await store.apply_writes(daemon_id, writes)
             assert len(report.applied) == len(writes), "a bench write was refused"
-        done += len(previous)
-        previous = claimed
+        done += finished
         if not claimed:
             return done
 
 
-async def one_run(store: base.Storage, file_id: ids.FileId, rows: int, workers: int) -> float:
-    batch = await store.create_batch(
-        models.BatchSpec(owner="bench", input_file_id=file_id, endpoint="/v1/chat/completions")
-    )
-    daemons = [
-        await store.register_daemon(models.DaemonInfo(hostname="bench", pid=os.getpid(), version="bench"))
-        for _ in range(workers)
-    ]
-    started = time.perf_counter()
-    completed = await asyncio.gather(*(drain(store, daemon.id) for daemon in daemons))
-    elapsed = time.perf_counter() - started
-    assert sum(completed) == rows, f"completed {sum(completed)} of {rows}"
-    final = await store.get_batch(batch.id, owner="bench")
-    assert final.counts.completed == rows
-    return rows / elapsed
-
-
-async def bench(backend: str, rows: int, runs: int, workers: int) -> list[float]:
+async def one_run(backend: str, rows: int, workers: int, mode: str) -> float:
     async with database(backend) as url:
         store = await factory.open_storage(url)
         try:
             upload = await store.create_file(
                 owner="bench", filename="bench.jsonl", templates=templates(rows), size_bytes=0
             )
-            return [await one_run(store, upload.id, rows, workers) for _ in range(runs)]
+            batch = await store.create_batch(
+                models.BatchSpec(owner="bench", input_file_id=upload.id, endpoint="/v1/chat/completions")
+            )
+            info = models.DaemonInfo(hostname="bench", pid=os.getpid(), version="bench")
+            daemons = [await store.register_daemon(info) for _ in range(workers)]
+            started = time.perf_counter()
+            completed = await asyncio.gather(*(drain(store, daemon.id, mode) for daemon in daemons))
+            elapsed = time.perf_counter() - started
+            assert sum(completed) == rows, f"completed {sum(completed)} of {rows}"
+            final = await store.get_batch(batch.id, owner="bench")
+            assert final.counts.completed == rows
+            return rows / elapsed
         finally:
             await store.close()
 
@@ -118,20 +127,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--backend", choices=["sqlite", "postgres"], action="append")
+    parser.add_argument("--mode", choices=MODES, action="append")
     arguments = parser.parse_args()
-    backends = arguments.backend or ["sqlite", "postgres"]
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"machine: {machine.describe()}")
-    print(
-        f"rows per run: {arguments.rows}, claim {CLAIM_SIZE} + complete {CLAIM_SIZE} per transaction, "
-        f"workers: {arguments.workers}, runs: {arguments.runs}"
-    )
-    for backend in backends:
-        rates = asyncio.run(bench(backend, arguments.rows, arguments.runs, arguments.workers))
-        shown = ", ".join(f"{rate:,.0f}" for rate in rates)
-        print(f"{backend:>8}: median {statistics.median(rates):,.0f} requests/s  (runs: {shown})")
+    print(f"rows per run: {arguments.rows}, {CLAIM_SIZE} requests per transaction, runs: {arguments.runs}")
+    for backend in arguments.backend or ["sqlite", "postgres"]:
+        for mode in arguments.mode or MODES:
+            for workers in arguments.workers:
+                rates = [
+                    asyncio.run(one_run(backend, arguments.rows, workers, mode)) for _ in range(arguments.runs)
+                ]
+                shown = ", ".join(f"{rate:,.0f}" for rate in rates)
+                print(
+                    f"{backend:>8} {mode:<21} workers {workers}: median {statistics.median(rates):,.0f} "
+                    f"requests/s  (runs: {shown})",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
