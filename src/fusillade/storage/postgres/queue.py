@@ -105,10 +105,10 @@ claimed AS (
     UPDATE requests r
     SET state = 'in_flight', daemon_id = $6, claimed_at = $4
     WHERE r.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-    RETURNING r.id, r.batch_id, r.owner, r.custom_id, r.model, r.template_id, r.attempt, r.deadline, r.claimed_at
+    RETURNING r.id, r.batch_id, r.owner, r.custom_id, r.model, r.template_id, r.attempt, r.deadline
 )
-SELECT c.id, c.batch_id, c.owner, c.custom_id, c.model, t.method, t.url, t.body, c.attempt, c.deadline,
-       c.claimed_at
+-- Columns in the order `rows.claimed_from_rows` unpacks them.
+SELECT c.id, c.batch_id, c.owner, c.custom_id, c.model, t.method, t.url, t.body, c.attempt, c.deadline
 FROM claimed c
 JOIN request_templates t ON t.id = c.template_id
 """
@@ -183,7 +183,7 @@ async def claim(
     else:
         # With no owner in flight, fairness orders exactly like the deadline order.
         found = await connection.fetch(_CLAIM, *arguments)
-    return [rows.claimed_from_row(row, daemon_id=daemon_id) for row in found]
+    return rows.claimed_from_rows(found, daemon_id=daemon_id, claimed_at=now)
 
 
 async def cancelling_requests(connection: Connection, daemon_id: ids.DaemonId) -> list[ids.RequestId]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -174,21 +175,36 @@ def template_from_row(row: asyncpg.Record) -> models.RequestTemplate:
     )
 
 
-def claimed_from_row(row: asyncpg.Record, *, daemon_id: ids.DaemonId) -> models.ClaimedRequest:
-    return models.ClaimedRequest(
-        id=ids.RequestId(plain_uuid(row["id"])),
-        batch_id=ids.BatchId(plain_uuid(row["batch_id"])),
-        owner=row["owner"],
-        custom_id=row["custom_id"],
-        model=row["model"],
-        method=row["method"],
-        url=row["url"],
-        body=row["body"],
-        attempt=row["attempt"],
-        deadline=row["deadline"],
-        daemon_id=daemon_id,
-        claimed_at=row["claimed_at"],
-    )
+def claimed_from_rows(
+    found: list[asyncpg.Record], *, daemon_id: ids.DaemonId, claimed_at: datetime
+) -> list[models.ClaimedRequest]:
+    """The claimed requests of rows (id, batch_id, owner, custom_id, model, method, url, body, attempt, deadline),
+    all claimed by `daemon_id` at `claimed_at` (the claim sets both, so they are not read back)."""
+    # The daemons' hot path: positional unpacking, and each distinct batch id converted once (a claim usually
+    # takes many requests of few batches).
+    batch_ids: dict[Any, ids.BatchId] = {}
+    claimed = []
+    for request_id, batch_id, owner, custom_id, model, method, url, body, attempt, deadline in found:
+        plain_batch_id = batch_ids.get(batch_id)
+        if plain_batch_id is None:
+            plain_batch_id = batch_ids[batch_id] = ids.BatchId(plain_uuid(batch_id))
+        claimed.append(
+            models.ClaimedRequest(
+                id=ids.RequestId(plain_uuid(request_id)),
+                batch_id=plain_batch_id,
+                owner=owner,
+                custom_id=custom_id,
+                model=model,
+                method=method,
+                url=url,
+                body=body,
+                attempt=attempt,
+                deadline=deadline,
+                daemon_id=daemon_id,
+                claimed_at=claimed_at,
+            )
+        )
+    return claimed
 
 
 def daemon_from_row(row: asyncpg.Record) -> models.Daemon:
