@@ -80,3 +80,11 @@ def result_line(request: models.Request) -> bytes:
     code = request.error_code or (BATCH_CANCELLED if request.state is states.RequestState.CANCELED else "error")
     message = request.error_message or default_message(code)
     return prefix + b',"response":null,"error":' + error_object(code, message) + b"}\n"
+
+
+CANCELLED_MESSAGE = default_message(BATCH_CANCELLED)
+CANCELLED_LINE_BYTES = error_line_bytes(0, BATCH_CANCELLED, CANCELLED_MESSAGE)
+"""Size of a `batch_cancelled` error line without its custom_id (backends add the row's `custom_id_bytes`)."""
+EXPIRED_MESSAGE = default_message(BATCH_EXPIRED)
+EXPIRED_LINE_BYTES = error_line_bytes(0, BATCH_EXPIRED, EXPIRED_MESSAGE)
+"""Size of a `batch_expired` error line without its custom_id."""

@@ -8,7 +8,6 @@ from fusillade import errors
 from fusillade.domain import ids, lines, models
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
-from fusillade.storage.postgres.lifecycle import CANCELLED_LINE_BYTES, CANCELLED_MESSAGE
 
 _REGISTER = f"""
 INSERT INTO daemons AS d (id, hostname, pid, version, config, status, started_at, last_heartbeat, in_flight)
@@ -102,6 +101,6 @@ async def reclaim_requests(connection: Connection, *, stale_after: timedelta, li
     if limit <= 0:
         return 0
     status = await connection.execute(
-        _RECLAIM, limit, now, lines.BATCH_CANCELLED, CANCELLED_MESSAGE, CANCELLED_LINE_BYTES
+        _RECLAIM, limit, now, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES
     )
     return int(status.rsplit(" ", 1)[-1])

@@ -13,7 +13,6 @@ from typing import Any
 from fusillade.domain import ids, lines, models, states
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
-from fusillade.storage.postgres.lifecycle import CANCELLED_LINE_BYTES, CANCELLED_MESSAGE
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +156,12 @@ def _row(write: models.RequestWrite) -> tuple[str, tuple[Any, ...]]:
         case models.Release():
             return "released", (write.request_id,)
         case models.Cancel():
-            return "canceled", (write.request_id, lines.BATCH_CANCELLED, CANCELLED_MESSAGE, CANCELLED_LINE_BYTES)
+            return "canceled", (
+                write.request_id,
+                lines.BATCH_CANCELLED,
+                lines.CANCELLED_MESSAGE,
+                lines.CANCELLED_LINE_BYTES,
+            )
 
 
 def _response_bytes(status: int, body: str | None) -> int:
@@ -201,8 +205,8 @@ async def apply_writes(
             returned_to_queue,
             now,
             lines.BATCH_CANCELLED,
-            CANCELLED_MESSAGE,
-            CANCELLED_LINE_BYTES,
+            lines.CANCELLED_MESSAGE,
+            lines.CANCELLED_LINE_BYTES,
         )
     refused = [write.request_id for write in writes if write.request_id not in returned]
     if not refused:

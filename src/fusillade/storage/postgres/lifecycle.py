@@ -16,12 +16,6 @@ from fusillade.domain import ids, lines, models
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
-CANCELLED_MESSAGE = lines.default_message(lines.BATCH_CANCELLED)
-CANCELLED_LINE_BYTES = lines.error_line_bytes(0, lines.BATCH_CANCELLED, CANCELLED_MESSAGE)
-"""Size of a `batch_cancelled` error line without its custom_id (added per row in SQL)."""
-EXPIRED_MESSAGE = lines.default_message(lines.BATCH_EXPIRED)
-EXPIRED_LINE_BYTES = lines.error_line_bytes(0, lines.BATCH_EXPIRED, EXPIRED_MESSAGE)
-
 _UNFINISHED = """
     completed_at IS NULL AND failed_at IS NULL AND expired_at IS NULL AND cancelled_at IS NULL
 """
@@ -133,7 +127,12 @@ async def _cancel_locked(connection: Connection, batch_id: ids.BatchId, now: dat
     """Cancel the pending requests of a locked, unfinished batch and mark it cancelling (or cancelled when
     nothing is in flight)."""
     await connection.execute(
-        _CANCEL_PENDING, [batch_id], now, lines.BATCH_CANCELLED, CANCELLED_MESSAGE, CANCELLED_LINE_BYTES
+        _CANCEL_PENDING,
+        [batch_id],
+        now,
+        lines.BATCH_CANCELLED,
+        lines.CANCELLED_MESSAGE,
+        lines.CANCELLED_LINE_BYTES,
     )
     await connection.execute(_MARK_CANCELLING, batch_id, now)
 
@@ -198,7 +197,9 @@ async def expire_batches(
     due = [row["id"] for row in await connection.fetch(_DUE_FOR_EXPIRY, now - grace, limit)]
     if not due:
         return []
-    await connection.execute(_EXPIRE_REQUESTS, due, now, lines.BATCH_EXPIRED, EXPIRED_MESSAGE, EXPIRED_LINE_BYTES)
+    await connection.execute(
+        _EXPIRE_REQUESTS, due, now, lines.BATCH_EXPIRED, lines.EXPIRED_MESSAGE, lines.EXPIRED_LINE_BYTES
+    )
     await connection.execute(_MARK_EXPIRED, due, now)
     return [ids.BatchId(rows.plain_uuid(batch_id)) for batch_id in due]
 
@@ -210,7 +211,12 @@ async def finalize_batches(connection: Connection, *, limit: int, now: datetime)
     leftovers = [row["id"] for row in await connection.fetch(_CANCELLING_WITH_PENDING)]
     if leftovers:
         await connection.execute(
-            _CANCEL_PENDING, leftovers, now, lines.BATCH_CANCELLED, CANCELLED_MESSAGE, CANCELLED_LINE_BYTES
+            _CANCEL_PENDING,
+            leftovers,
+            now,
+            lines.BATCH_CANCELLED,
+            lines.CANCELLED_MESSAGE,
+            lines.CANCELLED_LINE_BYTES,
         )
     due = [row["id"] for row in await connection.fetch(_DUE_FOR_FINALIZE, limit)]
     if not due:

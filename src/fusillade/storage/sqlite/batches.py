@@ -249,7 +249,7 @@ def _cancel(connection: sqlite3.Connection, now: int, row: records.BatchRow) -> 
     at once if nothing is in flight, else it stays cancelling until `finalize_batches`."""
     connection.execute(
         CANCEL_PENDING,
-        (now, lines.BATCH_CANCELLED, records.CANCELLED_MESSAGE, records.CANCELLED_LINE_BYTES, row.id),
+        (now, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES, row.id),
     )
     in_flight = connection.execute(ANY_IN_FLIGHT, (row.id,)).fetchone()[0]
     connection.execute(MARK_CANCELLING, (now, None if in_flight else now, row.id))
@@ -297,7 +297,7 @@ def expire_batches(
     for key in keys:
         connection.execute(
             EXPIRE_REQUESTS,
-            (moment, lines.BATCH_EXPIRED, records.EXPIRED_MESSAGE, records.EXPIRED_LINE_BYTES, key),
+            (moment, lines.BATCH_EXPIRED, lines.EXPIRED_MESSAGE, lines.EXPIRED_LINE_BYTES, key),
         )
         connection.execute(MARK_EXPIRED, (moment, key))
     return [ids.BatchId(connections.to_uuid(key)) for key in keys]
@@ -311,7 +311,7 @@ def finalize_batches(connection: sqlite3.Connection, now: datetime, *, limit: in
     connection.executemany(
         CANCEL_PENDING,
         [
-            (moment, lines.BATCH_CANCELLED, records.CANCELLED_MESSAGE, records.CANCELLED_LINE_BYTES, key)
+            (moment, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES, key)
             for key in leftovers
         ],
     )

@@ -97,7 +97,7 @@ def reclaim_requests(connection: sqlite3.Connection, now: datetime, *, stale_aft
     orphans = connection.execute(SELECT_ORPHANS, (limit,)).fetchall()
     to_pending = [(key,) for key, cancel in orphans if not cancel]
     to_cancel = [
-        (moment, lines.BATCH_CANCELLED, records.CANCELLED_MESSAGE, records.CANCELLED_LINE_BYTES, key)
+        (moment, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES, key)
         for key, cancel in orphans
         if cancel
     ]

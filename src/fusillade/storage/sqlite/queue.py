@@ -15,7 +15,6 @@ from typing import Any, Final, NamedTuple
 
 from fusillade.domain import ids, lines, models, states
 from fusillade.storage.sqlite import connection as connections
-from fusillade.storage.sqlite import records
 
 # In flight <=> claimed_at set and finished_at not set (the invariant behind the in-flight indexes).
 COUNT_IN_FLIGHT = (
@@ -260,7 +259,7 @@ def _update(connection: sqlite3.Connection, now: int, daemon: bytes, writes: Seq
         write.request_id.bytes for write in writes if isinstance(write, models.Reschedule | models.Release)
     ]
     if returned:
-        cancelled = (lines.BATCH_CANCELLED, records.CANCELLED_MESSAGE, records.CANCELLED_LINE_BYTES)
+        cancelled = (lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
         connection.executemany(CANCEL_RETURNED, [(now, *cancelled, key) for key in returned])
     return changed
 
@@ -284,7 +283,7 @@ def _statement(write: models.RequestWrite, now: int) -> tuple[str, tuple[Any, ..
         case models.Release():
             return RELEASE, ()
         case models.Cancel():
-            return CANCEL, (now, lines.BATCH_CANCELLED, records.CANCELLED_MESSAGE, records.CANCELLED_LINE_BYTES)
+            return CANCEL, (now, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
     raise TypeError(f"Unknown request write {write!r}.")
 
 

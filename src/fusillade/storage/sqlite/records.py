@@ -12,15 +12,11 @@ from typing import Final, NamedTuple
 
 import orjson
 
-from fusillade.domain import ids, lines, models, states
+from fusillade.domain import ids, models, states
 from fusillade.storage.sqlite import connection as connections
 
 # Requests the store itself ends (cancel, expiry, reclaim): their message, and the size of their error line
 # without the custom id (the SQL adds each row's `custom_id_bytes`).
-CANCELLED_MESSAGE: Final = lines.default_message(lines.BATCH_CANCELLED)
-CANCELLED_LINE_BYTES: Final = lines.error_line_bytes(0, lines.BATCH_CANCELLED, CANCELLED_MESSAGE)
-EXPIRED_MESSAGE: Final = lines.default_message(lines.BATCH_EXPIRED)
-EXPIRED_LINE_BYTES: Final = lines.error_line_bytes(0, lines.BATCH_EXPIRED, EXPIRED_MESSAGE)
 
 _micros = connections.from_micros
 _micros_or_none = connections.from_micros_or_none
