@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.support import postgres
+from tests.support import backends, postgres
 
 ENV_PREFIX = "FUSILLADE_"
 POSTGRES_URL_VARIABLE = "FUSILLADE_TEST_POSTGRES_URL"
@@ -62,3 +63,27 @@ async def postgres_url(postgres_server: postgres.Server, postgres_template: str)
         yield url
     finally:
         await postgres.drop_database(postgres_server.url, url)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
+    ]
+)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[backends.Backend]:
+    """The backend under test, on a fresh database (closed and dropped after the test)."""
+    if request.param == "postgres":
+        handle = backends.Backend(
+            "postgres",
+            tmp_path,
+            server=request.getfixturevalue("postgres_server"),
+            template=request.getfixturevalue("postgres_template"),
+        )
+    else:
+        handle = backends.Backend("sqlite", tmp_path)
+    await handle.setup()
+    try:
+        yield handle
+    finally:
+        await handle.aclose()

@@ -1,0 +1,440 @@
+"""The daemon: its loops, and how it starts and stops.
+
+```
+ register ──► claim loop ──► one task per request ──► group-commit writer ──► database
+                 ▲  wakes on: new work (notify_work), freed capacity, a due retry, a lane resuming, a timer
+ side loops: heartbeat · maintenance (reclaim dead daemons' work, expire, finalize) · cancellation · purge
+```
+
+Survival rules:
+- A failing database call in any loop is logged, counted and retried with backoff; the loop goes on.
+- A loop that crashes (a bug) stops the daemon loudly: `run` raises it after the orderly stop below.
+- If the heartbeat finds this daemon declared dead (another daemon reclaimed its work), it stops at once and
+  writes nothing more: `run` raises `DaemonFenced`.
+- `stop()` (SIGTERM/SIGINT in the CLI): no more claims; in-flight calls get `shutdown_grace` to finish; the rest
+  are aborted and released to pending; pending writes are committed; the daemon is marked dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import TypeVar
+
+from fusillade import errors
+from fusillade.clock import Clock, SystemClock
+from fusillade.daemon.backoff import Backoff
+from fusillade.daemon.executor import AbortReason, RequestExecutor, Upstream
+from fusillade.daemon.lanes import Lanes
+from fusillade.daemon.settings import DaemonSettings
+from fusillade.daemon.writer import GroupCommitWriter
+from fusillade.domain import ids, models
+from fusillade.metrics import DaemonMetrics
+from fusillade.storage.base import Storage
+from fusillade.upstream.routes import Route
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_HEADER_SAFE_METADATA = 256
+_BATCH_HEADER_CACHE = 1024
+
+
+class DaemonFenced(errors.FusilladeError):
+    """This daemon was declared dead (its heartbeat went stale) and its requests may have been reclaimed by
+    another daemon; it stopped without writing anything more."""
+
+
+class Daemon:
+    def __init__(
+        self,
+        storage: Storage,
+        client: Upstream,
+        routes: Mapping[str, Route],
+        *,
+        settings: DaemonSettings | None = None,
+        clock: Clock | None = None,
+        metrics: DaemonMetrics | None = None,
+        version: str = "0",
+    ) -> None:
+        self._storage = storage
+        self._client = client
+        self._settings = settings or DaemonSettings()
+        self._clock = clock or SystemClock()
+        self.metrics = metrics or DaemonMetrics()
+        self._version = version
+        self._lanes = Lanes(routes)
+        self._daemon_id: ids.DaemonId | None = None
+        self._tasks: dict[ids.RequestId, asyncio.Task[None]] = {}
+        self._claims: dict[ids.RequestId, models.ClaimedRequest] = {}
+        self._abort_reasons: dict[ids.RequestId, AbortReason] = {}
+        self._wake = asyncio.Event()
+        self._maintenance_wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._retry_due: float | None = None
+        self._batch_headers: dict[ids.BatchId, dict[str, str]] = {}
+        self._claiming = True
+
+    # ------------------------------------------------------------------------------------- public surface
+
+    @property
+    def daemon_id(self) -> ids.DaemonId | None:
+        """Set once the daemon registered."""
+        return self._daemon_id
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    def notify_work(self) -> None:
+        """New work may be claimable (a batch was created or retried in this process): claim now."""
+        self._wake.set()
+
+    def replace_routes(self, routes: Mapping[str, Route]) -> None:
+        """New routing table (limits, upstreams); applies to the next claim and the next calls."""
+        self._lanes.replace_routes(routes)
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Ask for an orderly stop (safe to call from a signal handler via `loop.call_soon_threadsafe`)."""
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Run until `stop()`; raises `DaemonFenced` or a crashed loop's exception after stopping."""
+        daemon = await self._retrying("register", self._register)
+        if daemon is None:  # stopped before it could register
+            return
+        self._daemon_id = daemon.id
+        logger.info("Daemon %s started (models: %s).", daemon.id, ", ".join(self._lanes.model_names) or "none")
+        writer = GroupCommitWriter(
+            self._storage,
+            daemon.id,
+            max_delay=self._settings.commit_max_delay.total_seconds(),
+            max_size=self._settings.commit_max_size,
+            metrics=self.metrics,
+            backoff=self._backoff(),
+        )
+        executor = RequestExecutor(
+            client=self._client,
+            lanes=self._lanes,
+            writer=writer,
+            settings=self._settings,
+            clock=self._clock,
+            metrics=self.metrics,
+            on_retry_scheduled=self._retry_scheduled,
+            on_lane_paused=self._wake.set,
+        )
+        writer_task = asyncio.create_task(writer.run(), name="fusillade-writer")
+        loops = {
+            asyncio.create_task(self._claim_loop(daemon.id, executor), name="fusillade-claim"),
+            asyncio.create_task(self._heartbeat_loop(daemon.id), name="fusillade-heartbeat"),
+            asyncio.create_task(self._maintenance_loop(), name="fusillade-maintenance"),
+            asyncio.create_task(self._cancellation_loop(daemon.id), name="fusillade-cancellation"),
+        }
+        if self._settings.purge_interval is not None:
+            loops.add(asyncio.create_task(self._purge_loop(), name="fusillade-purge"))
+        stop_task = asyncio.create_task(self._stop.wait(), name="fusillade-stop")
+        failure: BaseException | None = None
+        try:
+            done, _ = await asyncio.wait({*loops, writer_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stop_task}:
+                failure = task.exception()
+                if failure is None and not self._stop.is_set():
+                    failure = RuntimeError(f"The daemon's {task.get_name()} loop returned.")
+                if failure is not None:
+                    break
+        finally:
+            stop_task.cancel()
+            await self._shut_down(daemon.id, writer, writer_task, loops, fenced=isinstance(failure, DaemonFenced))
+        if failure is not None:
+            if not isinstance(failure, DaemonFenced):
+                logger.critical("Daemon %s stopped: a loop crashed.", daemon.id, exc_info=failure)
+            raise failure
+
+    # ------------------------------------------------------------------------------------------ claim loop
+
+    async def _claim_loop(self, daemon_id: ids.DaemonId, executor: RequestExecutor) -> None:
+        backoff = self._backoff()
+        while not self._stop.is_set():
+            self._wake.clear()
+            capacities = self._lanes.capacities(time.monotonic())
+            if not capacities:
+                await self._sleep_until_woken(None)
+                continue
+            limit = min(self._settings.claim_batch_size, sum(capacity.free for capacity in capacities))
+            started = time.perf_counter()
+            try:
+                claimed = await self._storage.claim_requests(
+                    daemon_id, capacities, limit=limit, owner_in_flight=self._lanes.owners_in_flight() or None
+                )
+            except errors.StorageError as exc:
+                await self._database_failed("claim", exc, backoff)
+                continue
+            backoff.succeeded()
+            self.metrics.claim_duration.observe(time.perf_counter() - started)
+            self.metrics.claim_size.observe(len(claimed))
+            for request in claimed:
+                await self._start(request, executor)
+            if len(claimed) < limit:
+                await self._sleep_until_woken(self._settings.idle_poll_interval.total_seconds())
+
+    async def _start(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
+        headers = await self._headers_for(request) if self._settings.batch_metadata_headers else None
+        self._lanes.started(request)
+        self.metrics.in_flight.labels(request.model).inc()
+        self._claims[request.id] = request
+        task = asyncio.create_task(
+            executor.execute(request, headers=headers, abort_reason=lambda: self._abort_reasons.get(request.id))
+        )
+        self._tasks[request.id] = task
+        task.add_done_callback(lambda done: self._finished(request, done))
+
+    def _finished(self, request: models.ClaimedRequest, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(request.id, None)
+        self._claims.pop(request.id, None)
+        self._abort_reasons.pop(request.id, None)
+        self._lanes.finished(request)
+        self.metrics.in_flight.labels(request.model).dec()
+        self._wake.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("Request %s: its task failed.", ids.request_wire(request.id), exc_info=exc)
+
+    async def _sleep_until_woken(self, idle: float | None) -> None:
+        now = time.monotonic()
+        deadlines = [now + idle] if idle is not None else []
+        if self._retry_due is not None:
+            deadlines.append(self._retry_due)
+        if (resume := self._lanes.next_resume()) is not None:
+            deadlines.append(resume)
+        wait_for = max(0.0, min(deadlines) - now) if deadlines else None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_for):
+                await self._wake.wait()
+        if self._retry_due is not None and self._retry_due <= time.monotonic():
+            self._retry_due = None
+
+    def _retry_scheduled(self, retry_at: datetime) -> None:
+        due = time.monotonic() + max(0.0, (retry_at - self._clock.now()).total_seconds())
+        if self._retry_due is None or due < self._retry_due:
+            self._retry_due = due
+            self._wake.set()
+
+    async def _headers_for(self, request: models.ClaimedRequest) -> dict[str, str]:
+        headers = self._batch_headers.get(request.batch_id)
+        if headers is None:
+            try:
+                batch = await self._storage.get_batch(request.batch_id, owner=models.ALL_OWNERS)
+            except errors.FusilladeError:
+                return {}
+            metadata = batch.metadata or {}
+            headers = {
+                f"x-fusillade-batch-{key.lower()}": value
+                for key in self._settings.batch_metadata_headers
+                if (value := metadata.get(key)) is not None and _header_safe(value)
+            }
+            if len(self._batch_headers) >= _BATCH_HEADER_CACHE:
+                self._batch_headers.clear()
+            self._batch_headers[request.batch_id] = headers
+        return headers
+
+    # ------------------------------------------------------------------------------------------ side loops
+
+    async def _heartbeat_loop(self, daemon_id: ids.DaemonId) -> None:
+        interval = self._settings.heartbeat_interval.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._storage.heartbeat(daemon_id, in_flight=len(self._tasks))
+            except (errors.StateConflict, errors.NotFound) as exc:
+                raise DaemonFenced(
+                    f"Daemon {daemon_id} was declared dead (its heartbeat was older than "
+                    f"{self._settings.stale_after}); it stops so that its reclaimed requests are not sent twice."
+                ) from exc
+            except errors.StorageError as exc:
+                self.metrics.database_errors.labels("heartbeat").inc()
+                logger.warning("Heartbeat failed (%s); trying again in %.1f s.", exc, interval)
+
+    async def _maintenance_loop(self) -> None:
+        interval = self._settings.maintenance_interval.total_seconds()
+        backoff = self._backoff()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._maintenance_wake.wait()
+            self._maintenance_wake.clear()
+            try:
+                reclaimed = await self._storage.reclaim_requests(stale_after=self._settings.stale_after)
+                if reclaimed:
+                    self.metrics.reclaimed.inc(reclaimed)
+                    logger.warning("Reclaimed %d requests of dead or silent daemons.", reclaimed)
+                    self._wake.set()
+                await self._storage.expire_batches(grace=self._settings.expiry_grace)
+                while len(await self._storage.finalize_batches(limit=100)) == 100:
+                    pass
+            except errors.StorageError as exc:
+                await self._database_failed("maintenance", exc, backoff)
+                continue
+            backoff.succeeded()
+
+    async def _cancellation_loop(self, daemon_id: ids.DaemonId) -> None:
+        interval = self._settings.cancellation_poll_interval.total_seconds()
+        backoff = self._backoff()
+        while True:
+            await asyncio.sleep(interval)
+            if not self._tasks:
+                continue
+            try:
+                cancelling = await self._storage.cancelling_requests(daemon_id)
+            except errors.StorageError as exc:
+                await self._database_failed("cancellation", exc, backoff)
+                continue
+            backoff.succeeded()
+            for request_id in cancelling:
+                self._abort(request_id, AbortReason.CANCELLED)
+            if cancelling:
+                self._maintenance_wake.set()  # finalize the cancelled batches soon
+
+    async def _purge_loop(self) -> None:
+        assert self._settings.purge_interval is not None
+        interval = self._settings.purge_interval.total_seconds()
+        throttle = self._settings.purge_throttle.total_seconds()
+        backoff = self._backoff()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                purged = await self._storage.purge_deleted(limit=self._settings.purge_batch_size)
+                while purged:
+                    await asyncio.sleep(throttle)
+                    purged = await self._storage.purge_deleted(limit=self._settings.purge_batch_size)
+            except errors.StorageError as exc:
+                await self._database_failed("purge", exc, backoff)
+                continue
+            backoff.succeeded()
+
+    # ---------------------------------------------------------------------------------------------- stop
+
+    def _abort(self, request_id: ids.RequestId, reason: AbortReason) -> None:
+        task = self._tasks.get(request_id)
+        if task is not None and request_id not in self._abort_reasons:
+            self._abort_reasons[request_id] = reason
+            task.cancel()
+
+    async def _shut_down(
+        self,
+        daemon_id: ids.DaemonId,
+        writer: GroupCommitWriter,
+        writer_task: asyncio.Task[None],
+        loops: set[asyncio.Task[None]],
+        *,
+        fenced: bool,
+    ) -> None:
+        self._stop.set()
+        claim_loops = [task for task in loops if task.get_name() == "fusillade-claim"]
+        await _cancel_all(claim_loops)
+        if fenced:
+            writer.abandon()
+            for request_id in list(self._tasks):
+                self._abort(request_id, AbortReason.FENCED)
+        elif self._tasks:
+            logger.info(
+                "Stopping: waiting up to %s for %d calls in flight.",
+                self._settings.shutdown_grace,
+                len(self._tasks),
+            )
+            await asyncio.wait(list(self._tasks.values()), timeout=self._settings.shutdown_grace.total_seconds())
+            for request_id in list(self._tasks):
+                self._abort(request_id, AbortReason.SHUTDOWN)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+        await _cancel_all([task for task in loops if task not in claim_loops])
+        await writer.close()
+        if not writer_task.done():
+            try:
+                async with asyncio.timeout(self._settings.shutdown_grace.total_seconds()):
+                    await writer_task
+            except TimeoutError:
+                writer.abandon()
+                logger.error(
+                    "Stopping: the database did not take the last state writes in time; those requests "
+                    "will be reclaimed after the heartbeat threshold."
+                )
+                await _cancel_all([writer_task])
+        if not fenced:
+            try:
+                await self._storage.mark_daemon_dead(daemon_id)
+            except errors.StorageError as exc:
+                logger.error(
+                    "Stopping: could not mark daemon %s dead (%s); others will reclaim its requests after "
+                    "the heartbeat threshold.",
+                    daemon_id,
+                    exc,
+                )
+        logger.info("Daemon %s stopped.", daemon_id)
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    async def _register(self) -> models.Daemon:
+        return await self._storage.register_daemon(
+            models.DaemonInfo(
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                version=self._version,
+                config={"models": {model: route.concurrency for model, route in self._routes_items()}},
+            )
+        )
+
+    def _routes_items(self) -> list[tuple[str, Route]]:
+        return [(model, route) for model in self._lanes.model_names if (route := self._lanes.route(model))]
+
+    async def _retrying(self, task: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        backoff = self._backoff()
+        while not self._stop.is_set():
+            try:
+                return await call()
+            except errors.StorageError as exc:
+                await self._database_failed(task, exc, backoff)
+        return None
+
+    async def _database_failed(self, task: str, exc: errors.StorageError, backoff: Backoff) -> None:
+        self.metrics.database_errors.labels(task).inc()
+        delay = backoff.failed()
+        log = logger.warning if backoff.failures <= 3 else logger.error
+        log("Database call of the %s loop failed (%s); retrying in %.2f s.", task, exc, delay)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._stop.wait()
+
+    def _backoff(self) -> Backoff:
+        return Backoff(cap=self._settings.database_backoff_max.total_seconds())
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def _header_safe(value: str) -> bool:
+    return len(value) <= _HEADER_SAFE_METADATA and value.isprintable() and value.isascii()
+
+
+async def run_until_signalled(daemon: Daemon) -> None:
+    """Run the daemon; SIGTERM or SIGINT asks it to stop in order (the CLI's `fusillade daemon`)."""
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, daemon.stop)
+    try:
+        await daemon.run()
+    finally:
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signal_number)

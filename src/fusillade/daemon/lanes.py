@@ -1,0 +1,78 @@
+"""One lane per model: its route (limit, upstream), what this daemon has in flight on it, and a pause after the
+upstream answered 429. The claim loop asks the lanes what may start now; the routing table can be replaced
+while the daemon runs (a lowered limit lets calls in flight finish and starts no new ones until below it)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+from fusillade.domain import models
+from fusillade.upstream.routes import Route
+
+
+class Lanes:
+    def __init__(self, routes: Mapping[str, Route]) -> None:
+        self._routes = dict(routes)
+        self._in_flight: Counter[str] = Counter()
+        self._owners: Counter[str] = Counter()
+        self._paused_until: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------- routes
+
+    def replace_routes(self, routes: Mapping[str, Route]) -> None:
+        self._routes = dict(routes)
+
+    def route(self, model: str) -> Route | None:
+        return self._routes.get(model)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self._routes)
+
+    # ------------------------------------------------------------------------------------------ capacity
+
+    def capacities(self, now: float) -> list[models.ModelCapacity]:
+        """What may start now (monotonic `now`), per model with free slots and no pause."""
+        result = []
+        for model, route in self._routes.items():
+            paused_until = self._paused_until.get(model)
+            if paused_until is not None:
+                if paused_until > now:
+                    continue
+                del self._paused_until[model]
+            free = route.concurrency - self._in_flight[model]
+            if free > 0:
+                result.append(models.ModelCapacity(model=model, free=free, limit=route.concurrency))
+        return result
+
+    def next_resume(self) -> float | None:
+        """When the earliest pause ends (monotonic), if any lane is paused."""
+        return min(self._paused_until.values(), default=None)
+
+    def pause(self, model: str, until: float) -> bool:
+        """Pause a model's lane until `until` (monotonic); a later pause extends it. True if it was extended."""
+        if self._paused_until.get(model, 0.0) >= until:
+            return False
+        self._paused_until[model] = until
+        return True
+
+    # ------------------------------------------------------------------------------------------ in flight
+
+    def started(self, request: models.ClaimedRequest) -> None:
+        self._in_flight[request.model] += 1
+        self._owners[request.owner] += 1
+
+    def finished(self, request: models.ClaimedRequest) -> None:
+        for counter, key in ((self._in_flight, request.model), (self._owners, request.owner)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+
+    def in_flight(self, model: str | None = None) -> int:
+        if model is None:
+            return sum(self._in_flight.values())
+        return self._in_flight[model]
+
+    def owners_in_flight(self) -> dict[str, int]:
+        return dict(self._owners)

@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from fusillade.mock_upstream.command import main
+
+raise SystemExit(main())

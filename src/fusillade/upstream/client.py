@@ -1,0 +1,363 @@
+"""The HTTP client that sends claimed requests to their upstream and says what came of it.
+
+One aiohttp `ClientSession` (one connection pool, keep-alive) serves every call; open it with
+`async with UpstreamClient() as client`. `send` never raises for upstream trouble: every failure is an
+`Outcome` (see `classify`). It does let `asyncio.CancelledError` through: the daemon cancels the task to abort a
+call, and the connection is then closed, not returned to the pool.
+
+What is sent: `request.method` to `route.base_url` + `request.url` (the host only ever comes from the route),
+the body as stored, and these headers: `Authorization: Bearer <key>` when the route has a key,
+`Content-Type: application/json`, `X-Fusillade-Request-Id`, `X-Fusillade-Batch-Id`, `X-Fusillade-Custom-Id`
+when the custom id is safe in a header (printable ASCII without surrounding spaces, at most 256 characters),
+then the caller's extra headers (batch metadata, `traceparent`), which cannot replace those. Redirects are not
+followed.
+
+Streaming: when the route streams and the path is chat completions, completions or responses, the body gets
+`"stream": true` (plus `"stream_options": {"include_usage": true}` except for responses). Any 2xx answer with
+`Content-Type: text/event-stream` on those paths is read as SSE and reassembled (`reassemble`), so the stored
+body always has the non-streaming shape.
+
+Timers (`route.timeouts`): `connect` for the TCP/TLS connection; `first_byte` from the start of the call to the
+response headers, and for a stream to its first event; `idle` for the longest gap between two body chunks (two
+events for a stream; comments such as keep-alive pings do not count); `total` for the whole call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+import orjson
+import yarl
+
+from fusillade.clock import Clock, SystemClock
+from fusillade.domain import ids, models
+from fusillade.upstream import classify, reassemble, sse
+from fusillade.upstream.outcome import Outcome, Retriable, Success
+from fusillade.upstream.routes import PhaseTimeouts, Route
+
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_CUSTOM_ID_HEADER = 256
+"""A longer custom id is not sent as a header."""
+
+_log = logging.getLogger(__name__)
+
+_OWN_HEADERS = frozenset(
+    {"authorization", "content-type", "x-fusillade-request-id", "x-fusillade-batch-id", "x-fusillade-custom-id"}
+)
+_EVENT_STREAM = "text/event-stream"
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        connection_limit: int = 0,
+        keepalive_timeout: float = 30.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
+        """`connection_limit`: connections open at once across all upstreams, 0 for no limit (the daemon
+        already bounds the calls in flight). `keepalive_timeout`: seconds an idle pooled connection is kept.
+        `max_response_bytes`: a larger response body (decompressed) is a Permanent `response_too_large`."""
+        if connection_limit < 0:
+            raise ValueError(f"connection_limit must not be negative, not {connection_limit}.")
+        if max_response_bytes < 1:
+            raise ValueError(f"max_response_bytes must be positive, not {max_response_bytes}.")
+        self._clock = clock or SystemClock()
+        self._connection_limit = connection_limit
+        self._keepalive_timeout = keepalive_timeout
+        self._max_bytes = max_response_bytes
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        if self._session is not None:
+            raise RuntimeError("This UpstreamClient is already open.")
+        connector = aiohttp.TCPConnector(
+            limit=self._connection_limit, limit_per_host=0, keepalive_timeout=self._keepalive_timeout
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every pooled connection (calls still running end with a connection or stream error)."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def send(
+        self, request: models.ClaimedRequest, route: Route, *, headers: Mapping[str, str] | None = None
+    ) -> Outcome:
+        """Send one request to its route's upstream; what came of it, never an exception for upstream trouble.
+        `headers` are added to the request (they cannot replace the headers this client sets itself)."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("UpstreamClient is not open: use `async with UpstreamClient(...) as client`.")
+        try:
+            url = _target(route.base_url, request.url)
+        except ValueError as exc:
+            outcome: Outcome = classify.invalid_request(f"no valid URL from the route and path ({exc})")
+            return self._logged(request, outcome)
+        new_reassembler = _reassembler_factory(request.url)
+        body: bytes
+        if route.stream and new_reassembler is not None:
+            streaming_body = _streaming_body(
+                request.body, usage=new_reassembler is not reassemble.ResponsesReassembler
+            )
+            if streaming_body is None:
+                outcome = classify.invalid_request("a streamed request needs a JSON object body")
+                return self._logged(request, outcome)
+            body = streaming_body
+        else:
+            body = request.body.encode()
+        outcome = await self._call(
+            session, request.method, url, body, _headers(request, route, headers), route, new_reassembler
+        )
+        return self._logged(request, outcome)
+
+    async def _call(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: yarl.URL,
+        body: bytes,
+        headers: Mapping[str, str],
+        route: Route,
+        new_reassembler: Callable[[], reassemble.Reassembler] | None,
+    ) -> Outcome:
+        loop = asyncio.get_running_loop()
+        timers = _Timers(loop, route.timeouts)
+        scope = asyncio.timeout_at(timers.first_byte_deadline)
+        response: aiohttp.ClientResponse | None = None
+        reading_stream = clean = False
+        try:
+            async with scope:
+                try:
+                    response = await session.request(
+                        method,
+                        url,
+                        data=body,
+                        headers=headers,
+                        allow_redirects=False,
+                        timeout=_aiohttp_timeout(route.timeouts),
+                    )
+                except ValueError as exc:  # a header value aiohttp refuses (e.g. a newline), or a bad URL
+                    return classify.invalid_request(str(exc))
+                reassembler = None
+                ok = 200 <= response.status <= 299
+                if new_reassembler is not None and ok and response.content_type == _EVENT_STREAM:
+                    reassembler = new_reassembler()
+                if reassembler is not None:
+                    reading_stream = True
+                    timers.waiting_for = "first SSE event"
+                    outcome = await self._read_stream(response, reassembler, scope, timers, route)
+                else:
+                    timers.enter_idle(scope, "next body chunk")
+                    data = await self._read_body(response, scope, timers)
+                    if data is None:
+                        return classify.response_too_large(self._max_bytes)
+                    outcome = classify.classify_response(
+                        response.status, response.headers, data, clock=self._clock, retry_404=route.retry_404
+                    )
+                clean = True
+                return outcome
+        except TimeoutError as exc:
+            if scope.expired():
+                return timers.timed_out(scope)
+            # Only the connect phase is timed by aiohttp (see `_aiohttp_timeout`).
+            limit = route.timeouts.connect
+            return classify.timeout("connect", f"no connection within {_seconds(limit)}" if limit else str(exc))
+        except aiohttp.ClientError as exc:
+            if reading_stream:
+                return classify.stream_error(exc)
+            return classify.connection_error(exc)
+        finally:
+            if response is not None:
+                if clean:
+                    response.release()
+                else:
+                    response.close()
+
+    async def _read_body(
+        self, response: aiohttp.ClientResponse, scope: asyncio.Timeout, timers: _Timers
+    ) -> bytes | None:
+        """The whole body, or None when it is larger than the cap."""
+        limit = self._max_bytes
+        length = response.content_length
+        if length is not None and length > limit:
+            return None
+        content = response.content
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not content.at_eof():
+                timers.enter_idle(scope, "next body chunk")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _read_stream(
+        self,
+        response: aiohttp.ClientResponse,
+        reassembler: reassemble.Reassembler,
+        scope: asyncio.Timeout,
+        timers: _Timers,
+        route: Route,
+    ) -> Outcome:
+        """Read SSE until the end marker (or the end of the body) and reassemble it."""
+        limit = self._max_bytes
+        parser = sse.SSEParser(max_event_bytes=limit)
+        content = response.content
+        size = 0
+        try:
+            while not reassembler.complete:
+                chunk = await content.readany()
+                if not chunk:
+                    for event in parser.finish():
+                        reassembler.add(event)
+                    break
+                size += len(chunk)
+                if size > limit:
+                    return classify.response_too_large(limit)
+                events = parser.feed(chunk)
+                if events:
+                    for event in events:
+                        reassembler.add(event)
+                    timers.enter_idle(scope, "next SSE event")
+            body = reassembler.finish()
+        except (sse.SSEError, reassemble.StreamError) as exc:
+            return classify.stream_error(exc)
+        except reassemble.EmbeddedError as exc:
+            return classify.classify_embedded_error(exc, retry_404=route.retry_404)
+        return Success(status_code=response.status, body=body.decode())
+
+    def _logged(self, request: models.ClaimedRequest, outcome: Outcome) -> Outcome:
+        if _log.isEnabledFor(logging.DEBUG):
+            result = f"HTTP {outcome.status_code}" if isinstance(outcome, Success) else outcome.code
+            _log.debug("upstream call for %s: %s", ids.request_wire(request.id), result)
+        return outcome
+
+
+class _Timers:
+    """The deadlines of one call, on the event loop's clock. One `asyncio.Timeout` scope covers the call and
+    is moved on as the phases go (first byte, then idle gaps), never past the total deadline."""
+
+    __slots__ = ("_idle", "_loop", "_timeouts", "_total_at", "first_byte_deadline", "phase", "waiting_for")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: PhaseTimeouts) -> None:
+        start = loop.time()
+        self._loop = loop
+        self._timeouts = timeouts
+        self._idle = None if timeouts.idle is None else timeouts.idle.total_seconds()
+        self._total_at = None if timeouts.total is None else start + timeouts.total.total_seconds()
+        first_byte_at = None if timeouts.first_byte is None else start + timeouts.first_byte.total_seconds()
+        self.first_byte_deadline = _earliest(first_byte_at, self._total_at)
+        self.phase = "first_byte"
+        self.waiting_for = "response headers"
+
+    def enter_idle(self, scope: asyncio.Timeout, waiting_for: str) -> None:
+        self.phase = "idle"
+        self.waiting_for = waiting_for
+        idle_at = None if self._idle is None else self._loop.time() + self._idle
+        scope.reschedule(_earliest(idle_at, self._total_at))
+
+    def timed_out(self, scope: asyncio.Timeout) -> Retriable:
+        timeouts = self._timeouts
+        if self._total_at is not None and scope.when() == self._total_at and timeouts.total is not None:
+            return classify.timeout("total", f"the call took more than {_seconds(timeouts.total)}")
+        limit = timeouts.first_byte if self.phase == "first_byte" else timeouts.idle
+        within = f" within {_seconds(limit)}" if limit is not None else ""
+        return classify.timeout(self.phase, f"no {self.waiting_for}{within}")
+
+
+def _earliest(first: float | None, second: float | None) -> float | None:
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return min(first, second)
+
+
+def _seconds(duration: timedelta) -> str:
+    return f"{duration.total_seconds():g} s"
+
+
+@functools.lru_cache(maxsize=1024)
+def _target(base_url: str, path: str) -> yarl.URL:
+    """The upstream URL: the route's base URL with the request path appended (`/v1` not doubled)."""
+    base = base_url.rstrip("/")
+    if not path.startswith("/"):
+        path = "/" + path
+    if base.endswith("/v1") and path.startswith("/v1/"):
+        path = path[3:]
+    url = yarl.URL(base + path)
+    if not url.absolute or url.scheme not in ("http", "https"):
+        raise ValueError(f"{base_url!r} is not an http(s) base URL")
+    return url
+
+
+_reassembler_factory = functools.lru_cache(maxsize=256)(reassemble.reassembler_for)
+
+
+@functools.lru_cache(maxsize=64)
+def _aiohttp_timeout(timeouts: PhaseTimeouts) -> aiohttp.ClientTimeout:
+    """aiohttp times the connection itself (it knows when connecting ends); the other phases are ours."""
+    connect = None if timeouts.connect is None else timeouts.connect.total_seconds()
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect)
+
+
+def _streaming_body(body: str, *, usage: bool) -> bytes | None:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    document["stream"] = True
+    if usage:
+        options = document.get("stream_options")
+        document["stream_options"] = (
+            {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
+        )
+    return orjson.dumps(document)
+
+
+def _headers(request: models.ClaimedRequest, route: Route, extra: Mapping[str, str] | None) -> dict[str, str]:
+    headers = {name: value for name, value in extra.items() if name.lower() not in _OWN_HEADERS} if extra else {}
+    if route.api_key:
+        headers["Authorization"] = "Bearer " + route.api_key
+    headers["Content-Type"] = "application/json"
+    headers["X-Fusillade-Request-Id"] = ids.request_wire(request.id)
+    headers["X-Fusillade-Batch-Id"] = ids.batch_wire(request.batch_id)
+    custom_id = request.custom_id
+    if _header_safe(custom_id):
+        headers["X-Fusillade-Custom-Id"] = custom_id
+    return headers
+
+
+def _header_safe(value: str) -> bool:
+    return (
+        0 < len(value) <= MAX_CUSTOM_ID_HEADER
+        and value.isascii()
+        and value.isprintable()
+        and value[0] != " "
+        and value[-1] != " "
+    )
