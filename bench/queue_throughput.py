@@ -8,11 +8,12 @@ the way a daemon with group commit does, 100 requests per transaction, in one of
 - `claim+start+complete`: one transaction claims 100, the next marks those 100 processing and completes the 100
   claimed before: three row writes per request, as a daemon does when calls outlast a commit tick.
 
-With `--workers W`, W such loops run at once, each as its own daemon. Reported: requests per second
-(N / drain time), median of `--runs` runs.
+With `--workers W`, W such loops run at once, each as its own daemon. Meanwhile the store's queue is
+maintained (`maintain_queue`) every `--maintain-interval` seconds, as a daemon does on its maintenance interval
+(0: never). Reported: requests per second (N / drain time), median of `--runs` runs.
 
     .venv/bin/python bench/queue_throughput.py [--rows 200000] [--runs 3] [--workers 1 4]
-        [--backend sqlite] [--mode claim+complete]
+        [--backend sqlite] [--mode claim+complete] [--maintain-interval 1.0]
 
 PostgreSQL: `$FUSILLADE_BENCH_POSTGRES_URL` (a server URL; a scratch database is created and dropped), default
 postgresql://postgres@127.0.0.1:5432/postgres.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import statistics
@@ -100,7 +102,17 @@ async def drain(store: base.Storage, daemon_id: ids.DaemonId, mode: str) -> int:
             return done
 
 
-async def one_run(backend: str, rows: int, workers: int, mode: str) -> float:
+async def maintain(store: base.Storage, interval: float, stop: asyncio.Event) -> None:
+    """Call `maintain_queue` every `interval` seconds until `stop` is set."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        if stop.is_set():
+            return
+        await store.maintain_queue()
+
+
+async def one_run(backend: str, rows: int, workers: int, mode: str, maintain_interval: float) -> float:
     async with database(backend) as url:
         store = await factory.open_storage(url)
         try:
@@ -112,9 +124,15 @@ async def one_run(backend: str, rows: int, workers: int, mode: str) -> float:
             )
             info = models.DaemonInfo(hostname="bench", pid=os.getpid(), version="bench")
             daemons = [await store.register_daemon(info) for _ in range(workers)]
+            stop = asyncio.Event()
+            maintenance = (
+                [asyncio.create_task(maintain(store, maintain_interval, stop))] if maintain_interval else []
+            )
             started = time.perf_counter()
             completed = await asyncio.gather(*(drain(store, daemon.id, mode) for daemon in daemons))
             elapsed = time.perf_counter() - started
+            stop.set()
+            await asyncio.gather(*maintenance)
             assert sum(completed) == rows, f"completed {sum(completed)} of {rows}"
             final = await store.get_batch(batch.id, owner="bench")
             assert final.counts.completed == rows
@@ -130,15 +148,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--backend", choices=["sqlite", "postgres"], action="append")
     parser.add_argument("--mode", choices=MODES, action="append")
+    parser.add_argument("--maintain-interval", type=float, default=1.0, help="seconds; 0: never")
     arguments = parser.parse_args()
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"machine: {machine.describe()}")
-    print(f"rows per run: {arguments.rows}, {CLAIM_SIZE} requests per transaction, runs: {arguments.runs}")
+    maintained = (
+        f"queue maintained every {arguments.maintain_interval:g} s"
+        if arguments.maintain_interval
+        else "no maintenance"
+    )
+    print(
+        f"rows per run: {arguments.rows}, {CLAIM_SIZE} requests per transaction, runs: {arguments.runs}, "
+        f"{maintained}"
+    )
     for backend in arguments.backend or ["sqlite", "postgres"]:
         for mode in arguments.mode or MODES:
             for workers in arguments.workers:
                 rates = [
-                    asyncio.run(one_run(backend, arguments.rows, workers, mode)) for _ in range(arguments.runs)
+                    asyncio.run(one_run(backend, arguments.rows, workers, mode, arguments.maintain_interval))
+                    for _ in range(arguments.runs)
                 ]
                 shown = ", ".join(f"{rate:,.0f}" for rate in rates)
                 print(

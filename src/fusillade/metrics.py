@@ -68,6 +68,9 @@ class DaemonMetrics:
             "Requests of dead or silent daemons this daemon put back to pending.",
             registry=r,
         )
+        self.rows_purged = Counter(
+            "fusillade_rows_purged", "Rows of deleted batches and files removed for good.", registry=r
+        )
         self.lane_pauses = Counter(
             "fusillade_model_pauses",
             "Times a model's lane was paused because its upstream answered 429.",

@@ -169,3 +169,18 @@ async def test_reclaim_of_requests_whose_daemon_has_no_record(storage: base.Stor
     assert len(await factories.claim(storage, ghost)) == 2
     assert await storage.reclaim_requests(stale_after=STALE) == 2
     assert {request.state for request in await factories.all_requests(storage, batch.id)} == {State.PENDING}
+
+
+async def test_held_requests_are_the_daemons_claimed_and_processing_ones(storage: base.Storage) -> None:
+    batch = await factories.create_batch(storage, count=6)
+    mine, other = await factories.register(storage, "mine"), await factories.register(storage, "other")
+    claimed = await factories.claim(storage, mine, 4)
+    await factories.claim(storage, other, 1)
+    await factories.start(storage, mine, [claimed[0].id])
+    await factories.complete(storage, mine, [claimed[1].id])
+
+    held = await storage.held_requests(mine)
+
+    assert sorted(held) == sorted(request.id for request in (claimed[0], claimed[2], claimed[3]))
+    assert await storage.held_requests(ids.new_daemon_id()) == []
+    assert len(await factories.all_requests(storage, batch.id)) == 6

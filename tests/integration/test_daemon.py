@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import orjson
 
+from fusillade import errors
 from fusillade.domain import models, states
 from fusillade.mock_upstream import (
     Behaviour,
@@ -29,9 +30,19 @@ from tests.support import factories, polling
 LIMITS = {"model-a": 4, "model-b": 8, "model-c": 16}
 
 
-async def finished(storage: base.Storage, batch: models.Batch, *, within: float = 60.0) -> models.Batch:
+async def finished(
+    storage: base.Storage, batch: models.Batch, *, within: float = 60.0, tolerate_outages: bool = False
+) -> models.Batch:
+    """Poll until the batch finished; with `tolerate_outages`, a poll that finds the database unavailable
+    (the test is killing connections) just polls again."""
+
     async def check() -> models.Batch | None:
-        current = await batch_status(storage, batch)
+        try:
+            current = await batch_status(storage, batch)
+        except errors.StorageUnavailable:
+            if not tolerate_outages:
+                raise
+            return None
         return current if current.completed_at or current.cancelled_at or current.expired_at else None
 
     return await polling.until(check, within=within, interval=0.05, message="the batch to finish")

@@ -144,7 +144,13 @@ def test_arbitrary_bytes_give_events_or_the_documented_error(data: bytes, cuts: 
     assert result == "error" or all(isinstance(event, Event) and isinstance(event.data, str) for event in result)
 
 
-@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=20), min_size=1, max_size=5))
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20),
+        min_size=1,
+        max_size=5,
+    )
+)
 def test_data_round_trips(lines: list[str]) -> None:
     stream = "".join(f"data: {line}\n" for line in lines).encode() + b"\n"
     assert parse(stream) == [Event("\n".join(lines))]

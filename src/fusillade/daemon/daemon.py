@@ -163,8 +163,18 @@ class Daemon:
 
     async def _claim_loop(self, daemon_id: ids.DaemonId, executor: RequestExecutor) -> None:
         backoff = self._backoff()
+        uncertain = False
         while not self._stop.is_set():
             self._wake.clear()
+            if uncertain:
+                # A claim failed without a clear answer: it may have committed after all, leaving requests
+                # claimed in our name that no task runs. Give those back before claiming again.
+                try:
+                    await self._release_orphans(daemon_id, executor)
+                except errors.StorageError as exc:
+                    await self._database_failed("claim", exc, backoff)
+                    continue
+                uncertain = False
             capacities = self._lanes.capacities(time.monotonic())
             if not capacities:
                 await self._sleep_until_woken(None)
@@ -176,6 +186,7 @@ class Daemon:
                     daemon_id, capacities, limit=limit, owner_in_flight=self._lanes.owners_in_flight() or None
                 )
             except errors.StorageError as exc:
+                uncertain = True
                 await self._database_failed("claim", exc, backoff)
                 continue
             backoff.succeeded()
@@ -185,6 +196,16 @@ class Daemon:
                 await self._start(request, executor)
             if len(claimed) < limit:
                 await self._sleep_until_woken(self._settings.idle_poll_interval.total_seconds())
+
+    async def _release_orphans(self, daemon_id: ids.DaemonId, executor: RequestExecutor) -> None:
+        orphans = [
+            request_id
+            for request_id in await self._storage.held_requests(daemon_id)
+            if request_id not in self._tasks
+        ]
+        if orphans:
+            logger.warning("Releasing %d requests claimed by a claim whose answer was lost.", len(orphans))
+            await asyncio.gather(*(executor.release(request_id) for request_id in orphans))
 
     async def _start(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
         headers = await self._headers_for(request) if self._settings.batch_metadata_headers else None
@@ -312,6 +333,7 @@ class Daemon:
             try:
                 purged = await self._storage.purge_deleted(limit=self._settings.purge_batch_size)
                 while purged:
+                    self.metrics.rows_purged.inc(purged)
                     await asyncio.sleep(throttle)
                     purged = await self._storage.purge_deleted(limit=self._settings.purge_batch_size)
             except errors.StorageError as exc:

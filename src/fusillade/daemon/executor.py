@@ -25,7 +25,7 @@ from fusillade.clock import Clock
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.daemon.writer import GroupCommitWriter
-from fusillade.domain import models
+from fusillade.domain import ids, models
 from fusillade.domain.retry import RetryPolicy, decide
 from fusillade.metrics import DaemonMetrics
 from fusillade.upstream import outcome as outcomes
@@ -192,6 +192,10 @@ class RequestExecutor:
                 return await self._client.send(request, route, headers=headers)
         except TimeoutError:
             return None
+
+    async def release(self, request_id: ids.RequestId) -> None:
+        """Give back a request this daemon holds but does not run."""
+        await self._writer.submit(models.Release(request_id))
 
     async def _after_abort(self, request: models.ClaimedRequest, reason: AbortReason) -> None:
         if reason is AbortReason.CANCELLED:

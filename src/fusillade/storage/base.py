@@ -186,6 +186,23 @@ class RequestQueue(Protocol):
         """Requests this daemon has claimed or is processing whose batch is being cancelled."""
         ...
 
+    async def held_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
+        """Every request this daemon has claimed or is processing. A daemon compares it with the calls it
+        runs to find claims whose acknowledgement it never received (the connection broke after the
+        commit), and releases those."""
+        ...
+
+    async def maintain_queue(self) -> None:
+        """Housekeeping that keeps claims fast while requests flow; daemons call it every second or so (and
+        it is cheap when little changed). PostgreSQL: `VACUUM` of the requests table, skipped while another
+        vacuum of it runs. A claim reads the head of the index of pending requests, where the entries of the
+        requests claimed since the last vacuum stay until a vacuum removes them: without one, every claim
+        walks all of them (claims slow down in proportion to the requests claimed since), and autovacuum,
+        when the server has it on, visits a table at most once per `autovacuum_naptime` (a minute by
+        default). A vacuum costs a pass over the changed pages and, when rows died, over the table's
+        indexes. SQLite: nothing to do (its indexes drop entries at once)."""
+        ...
+
 
 class DaemonRegistry(Protocol):
     async def register_daemon(self, info: models.DaemonInfo) -> models.Daemon:

@@ -81,6 +81,20 @@ async def _roll_back(connection: Connection, transaction: asyncpg.transaction.Tr
         connection.terminate()
 
 
+def _drop_if_broken(connection: Connection, exc: BaseException) -> bool:
+    """A connection whose statement was interrupted (cancelled, timed out, cut off by the server) may still be
+    in the middle of a protocol exchange: never give it back to the pool, where the next user would fail with
+    "another operation is in progress". SQL errors leave it usable. True if the connection was dropped (it is
+    then detached from the pool: nothing more may be called on it)."""
+    if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, _UNAVAILABLE):
+        return False
+    if isinstance(exc, errors.FusilladeError):
+        return False
+    with contextlib.suppress(asyncpg.InterfaceError):  # already detached: the pool saw the connection close
+        connection.terminate()
+    return True
+
+
 class Database:
     """An asyncpg pool with a bounded wait for a connection and a default timeout on every statement."""
 
@@ -113,7 +127,11 @@ class Database:
         raised in the block are translated."""
         with translated_errors():
             async with self._pool.acquire(timeout=self._acquire_timeout_s) as connection:
-                yield connection
+                try:
+                    yield connection
+                except BaseException as exc:
+                    _drop_if_broken(connection, exc)
+                    raise
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
@@ -125,10 +143,15 @@ class Database:
                 await transaction.start()
                 try:
                     yield connection
-                except BaseException:
-                    await _roll_back(connection, transaction)
+                except BaseException as exc:
+                    if not _drop_if_broken(connection, exc):
+                        await _roll_back(connection, transaction)
                     raise
-                await transaction.commit()
+                try:
+                    await transaction.commit()
+                except BaseException as exc:
+                    _drop_if_broken(connection, exc)
+                    raise
 
     async def close(self) -> None:
         """Close the pool, waiting a bounded time for borrowed connections; terminate them after that."""

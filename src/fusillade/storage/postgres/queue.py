@@ -116,6 +116,10 @@ JOIN request_templates t ON t.id = c.template_id
 _CLAIM = f"WITH {_WANTED}, {_PICK_BY_DEADLINE}, {_MARK_CLAIMED}"
 _CLAIM_BY_OWNER = f"WITH RECURSIVE {_WANTED}, {_PICK_BY_OWNER_LOAD}, {_MARK_CLAIMED}"
 
+_HELD_REQUESTS = """
+SELECT id FROM requests WHERE state = 'in_flight' AND daemon_id = $1 ORDER BY id
+"""
+
 _CANCELLING_REQUESTS = """
 SELECT r.id
 FROM requests r
@@ -124,6 +128,11 @@ WHERE r.daemon_id = $1 AND r.state = 'in_flight'
   AND (b.cancelling_at IS NOT NULL OR b.deleted_at IS NOT NULL)
 ORDER BY r.id
 """
+
+_VACUUM = "VACUUM (SKIP_LOCKED) requests"
+
+VACUUM_TIMEOUT_S = 600.0
+"""Longest vacuum of the requests table (a pass over a large table's indexes outlasts the statement timeout)."""
 
 
 def model_lock_key(model: str) -> int:
@@ -186,6 +195,18 @@ async def claim(
     return rows.claimed_from_rows(found, daemon_id=daemon_id, claimed_at=now)
 
 
+async def vacuum(connection: Connection) -> None:
+    """Vacuum the requests table (outside a transaction), unless another vacuum of it runs (`SKIP_LOCKED`).
+    It removes the dead index entries that claims would otherwise walk (`base.RequestQueue.maintain_queue`).
+    A role that does not own the table gets a warning from the server, not an error."""
+    await connection.execute(_VACUUM, timeout=VACUUM_TIMEOUT_S)
+
+
 async def cancelling_requests(connection: Connection, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
     found = await connection.fetch(_CANCELLING_REQUESTS, daemon_id)
+    return [ids.RequestId(rows.plain_uuid(row["id"])) for row in found]
+
+
+async def held_requests(connection: Connection, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
+    found = await connection.fetch(_HELD_REQUESTS, daemon_id)
     return [ids.RequestId(rows.plain_uuid(row["id"])) for row in found]

@@ -263,6 +263,14 @@ class PostgresStorage:
         async with self._db.connection() as connection:
             return await queue.cancelling_requests(connection, daemon_id)
 
+    async def held_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
+        async with self._db.connection() as connection:
+            return await queue.held_requests(connection, daemon_id)
+
+    async def maintain_queue(self) -> None:
+        async with self._db.connection() as connection:
+            await queue.vacuum(connection)
+
     # ---------------------------------------------------------------------------------------- daemons
 
     async def register_daemon(self, info: models.DaemonInfo) -> models.Daemon:

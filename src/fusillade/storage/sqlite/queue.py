@@ -101,6 +101,11 @@ WHERE id = ? AND state = 'pending' AND EXISTS (
 
 # Only a cancelling batch (cancelling_at set, cancelled_at not yet) can have requests in flight: a deleted batch
 # was cancelled first or had finished, and a cancelled one has none left.
+SELECT_HELD = """
+SELECT id FROM requests INDEXED BY requests_in_flight_model
+WHERE claimed_at IS NOT NULL AND finished_at IS NULL AND daemon_id = ? AND state IN ('claimed', 'processing')
+"""
+
 SELECT_CANCELLING = """
 SELECT r.id FROM batches AS b CROSS JOIN requests AS r INDEXED BY requests_in_flight_batch ON r.batch_id = b.id
 WHERE b.cancelling_at IS NOT NULL AND b.cancelled_at IS NULL
@@ -291,4 +296,10 @@ def cancelling_requests(connection: sqlite3.Connection, daemon_id: ids.DaemonId)
     return [
         ids.RequestId(connections.to_uuid(row[0]))
         for row in connection.execute(SELECT_CANCELLING, (daemon_id.bytes,))
+    ]
+
+
+def held_requests(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
+    return [
+        ids.RequestId(connections.to_uuid(row[0])) for row in connection.execute(SELECT_HELD, (daemon_id.bytes,))
     ]

@@ -220,6 +220,12 @@ class SqliteStorage:
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         return await self._database.read(lambda connection: queue.cancelling_requests(connection, daemon_id))
 
+    async def held_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
+        return await self._database.read(lambda connection: queue.held_requests(connection, daemon_id))
+
+    async def maintain_queue(self) -> None:
+        """Nothing to do: SQLite removes index entries when rows change, so claims never walk dead ones."""
+
     # -------------------------------------------------------------------------------- daemon registry
 
     async def register_daemon(self, info: models.DaemonInfo) -> models.Daemon:

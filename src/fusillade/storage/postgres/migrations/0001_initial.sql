@@ -11,8 +11,9 @@
 --   fillfactor keeps room on every page for it.
 -- - The claim walks the head of `requests_claim`, where the entries of claimed rows stay until VACUUM removes
 --   them (nothing is inserted there that would clean them up), so each claim pays for the rows claimed since
---   the last vacuum: vacuum this table often (the storage parameters below; on the server, autovacuum on with
---   a short `autovacuum_naptime`, e.g. 10s).
+--   the last vacuum: daemons vacuum this table every second or so (`maintain_queue`), and the storage
+--   parameters below make autovacuum, where it is on, visit it often. No truncation at the end of a vacuum:
+--   it would need a lock that stops claims, for space that the next batch reuses anyway.
 
 CREATE TABLE files (
     id              uuid        PRIMARY KEY,
@@ -106,6 +107,7 @@ CREATE TABLE requests (
 ) WITH (
     fillfactor = 70,
     vacuum_index_cleanup = on,
+    vacuum_truncate = off,
     autovacuum_vacuum_threshold = 5000,
     autovacuum_vacuum_scale_factor = 0.01,
     autovacuum_analyze_scale_factor = 0.02
