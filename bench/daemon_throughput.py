@@ -36,6 +36,7 @@ from pathlib import Path
 import asyncpg
 
 import machine
+from fusillade.daemon import Daemon, DaemonSettings
 from fusillade.domain import models
 
 MODEL = "bench-model"
@@ -90,7 +91,6 @@ def templates(requests: int) -> Iterator[models.TemplateInput]:
 
 
 async def daemon_run(url: str, database_url: str, requests: int, concurrency: int) -> float:
-    from fusillade.daemon import Daemon, DaemonSettings
     from fusillade.storage import factory
     from fusillade.upstream.client import UpstreamClient
     from fusillade.upstream.routes import Route
@@ -112,15 +112,15 @@ async def daemon_run(url: str, database_url: str, requests: int, concurrency: in
             )
             started = time.perf_counter()
             task = asyncio.create_task(daemon.run())
-            while True:
-                await asyncio.sleep(0.05)
+            # Watch the daemon's own counters (reading the batch's counts from the database every few
+            # milliseconds would load the database the daemon writes to); check the database at the end.
+            while finished_requests(daemon) < requests:
+                await asyncio.sleep(0.005)
                 if task.done():
                     task.result()
                     raise RuntimeError("The daemon stopped before the batch finished.")
-                current = await storage.get_batch(batch.id, owner=models.ALL_OWNERS)
-                if current.counts.active == 0:
-                    break
             elapsed = time.perf_counter() - started
+            current = await storage.get_batch(batch.id, owner=models.ALL_OWNERS)
             if current.counts.completed != requests:
                 raise RuntimeError(f"Only {current.counts.completed} of {requests} requests completed.")
             daemon.stop()
@@ -130,13 +130,31 @@ async def daemon_run(url: str, database_url: str, requests: int, concurrency: in
         await storage.close()
 
 
+def finished_requests(daemon: Daemon) -> float:
+    return sum(
+        sample.value
+        for metric in daemon.metrics.requests_finished.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
 # ------------------------------------------------------------------------------------------ harness
 
 
 @contextlib.contextmanager
 def mock_upstream() -> Iterator[str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "fusillade.mock_upstream", "--host", "127.0.0.1", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "fusillade.mock_upstream",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-track-custom-ids",
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -13,6 +13,25 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "fusillade"
 ALLOWED = {
     "domain": ("fusillade.domain", "fusillade.errors"),
     "storage": ("fusillade.domain", "fusillade.errors", "fusillade.clock", "fusillade.storage"),
+    "upstream": ("fusillade.upstream", "fusillade.domain", "fusillade.errors", "fusillade.clock"),
+    "daemon": (
+        "fusillade.daemon",
+        "fusillade.domain",
+        "fusillade.errors",
+        "fusillade.clock",
+        "fusillade.metrics",
+        "fusillade.storage.base",
+        "fusillade.upstream",
+    ),
+    "mock_upstream": ("fusillade.mock_upstream",),
+    "config": (
+        "fusillade.config",
+        "fusillade.domain",
+        "fusillade.errors",
+        "fusillade.daemon.settings",
+        "fusillade.upstream.routes",
+        "fusillade.storage.factory",
+    ),
 }
 
 

@@ -14,6 +14,7 @@ from fusillade import errors
 from fusillade.domain import models, states
 from fusillade.mock_upstream import (
     Behaviour,
+    ConnectionReset,
     EmbeddedError,
     HttpError,
     MockUpstream,
@@ -84,13 +85,19 @@ async def test_a_mixed_batch_completes_within_every_model_limit(
 async def test_retriable_errors_are_retried_no_earlier_than_retry_after(
     storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
 ) -> None:
-    scripts: dict[str, list[HttpError | None]] = {}
+    # 32% of the requests fail at first with a retriable error (429 with Retry-After, 5xx, 408, a reset
+    # connection), 4% with a permanent 400.
+    scripts: dict[str, list[HttpError | ConnectionReset | None]] = {}
     for line in range(1, 201):
         custom_id = f"req-{line}"
         if line % 50 == 0:
             scripts[custom_id] = [HttpError(429, retry_after_s=1)]
         elif line % 10 == 5:
             scripts[custom_id] = [HttpError(503), HttpError(500)]
+        elif line % 10 == 7:
+            scripts[custom_id] = [ConnectionReset()]
+        elif line % 10 == 9:
+            scripts[custom_id] = [HttpError(408)]
         elif line % 25 == 3:
             scripts[custom_id] = [HttpError(400, message="bad request")]
     upstream.behaviour = Behaviour(faults_by_custom_id=scripts)

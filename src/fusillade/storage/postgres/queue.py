@@ -1,9 +1,11 @@
-"""The request queue, the daemons' hot path: claim and cancellation lookups (fenced writes: `fenced_writes`).
+"""The request queue, the daemons' hot path: claim and cancellation lookups (fenced writes: `fenced_writes`),
+and the vacuum that keeps claims fast.
 
-Claim: models with a shared limit are serialised by a per-model transaction advisory lock (taken in key order,
-so two claimers cannot deadlock), then ONE statement counts what is in flight per model, walks each model's
-pending rows in deadline order (`FOR UPDATE SKIP LOCKED`, so concurrent claimers get disjoint rows) and marks
-them claimed. Without shared limits the claim is that single statement alone.
+Claim: one call of the `claim_requests` database function (schema, 0001_initial.sql), its own transaction and
+one round trip: per-model advisory locks for models with a shared limit, then ONE statement that walks each
+model's pending rows in order (`FOR UPDATE SKIP LOCKED`, so concurrent claimers get disjoint rows) and marks
+them claimed. A function, so that the walk can be kept on the claim indexes whatever the planner's statistics
+say (see the schema).
 """
 
 from __future__ import annotations
@@ -18,103 +20,8 @@ from fusillade.domain import ids, models
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
-_LOCK_MODELS = "SELECT count(pg_advisory_xact_lock(key)) FROM unnest($1::bigint[]) AS key"
-
-_WANTED = """
-wanted AS (
-    SELECT w.model, w.position,
-           CASE WHEN w.model_limit IS NULL THEN w.free
-                ELSE GREATEST(0, LEAST(w.free, w.model_limit - (
-                    SELECT count(*) FROM requests f WHERE f.model = w.model AND f.state = 'in_flight'
-                )))
-           END AS take
-    FROM unnest($1::text[], $2::integer[], $3::integer[]) WITH ORDINALITY AS w(model, free, model_limit, position)
-)"""
-"""How many requests to take per model: the daemon's free slots, capped by the model's shared limit minus what
-is in flight across all daemons (counted after the advisory locks, so the count is current)."""
-
-# No join with batches: a batch that is cancelled, expired, finished or deleted has no pending requests (those
-# operations end them), so the claim is one scan of the claim index whatever the planner's statistics say. The
-# only exception is a request that a daemon rescheduled while its batch was being cancelled; finalize_batches
-# cancels such leftovers.
-_ELIGIBLE = """
-    r.state = 'pending' AND (r.not_before IS NULL OR r.not_before <= $4)
-"""
-
-_PICK_BY_DEADLINE = f"""
-picked AS (
-    SELECT p.ctid
-    FROM wanted w
-    CROSS JOIN LATERAL (
-        SELECT r.ctid
-        FROM requests r
-        WHERE r.model = w.model AND {_ELIGIBLE}
-        ORDER BY r.deadline, r.batch_id, r.line_number
-        LIMIT w.take
-        FOR UPDATE OF r SKIP LOCKED
-    ) p
-    LIMIT $5
-)"""
-
-# Fair order, (owner's requests in flight, deadline, batch, line), without sorting every pending row: find the
-# owners with pending requests of each model (a skip scan of requests_claim_by_owner), lock each owner's first
-# `take` eligible rows in deadline order, then keep the first `take` of those per model in the fair order.
-# Rows locked but not kept are released at commit; meanwhile other claimers skip them.
-_PICK_BY_OWNER_LOAD = f"""
-owners AS (
-    SELECT w.model, w.take,
-           (SELECT min(r.owner) FROM requests r WHERE r.state = 'pending' AND r.model = w.model) AS owner
-    FROM wanted w
-    WHERE w.take > 0
-    UNION ALL
-    SELECT o.model, o.take,
-           (SELECT min(r.owner) FROM requests r
-            WHERE r.state = 'pending' AND r.model = o.model AND r.owner > o.owner)
-    FROM owners o
-    WHERE o.owner IS NOT NULL
-),
-candidates AS (
-    SELECT o.model, c.ctid, COALESCE(f.in_flight, 0) AS load, c.deadline, c.batch_id, c.line_number
-    FROM owners o
-    LEFT JOIN unnest($7::text[], $8::integer[]) AS f(owner, in_flight) ON f.owner = o.owner
-    CROSS JOIN LATERAL (
-        SELECT r.ctid, r.deadline, r.batch_id, r.line_number
-        FROM requests r
-        WHERE r.model = o.model AND r.owner = o.owner AND {_ELIGIBLE}
-        ORDER BY r.deadline, r.batch_id, r.line_number
-        LIMIT o.take
-        FOR UPDATE OF r SKIP LOCKED
-    ) c
-    WHERE o.owner IS NOT NULL
-),
-ranked AS (
-    SELECT c.ctid, w.position, w.take,
-           row_number() OVER (
-               PARTITION BY c.model ORDER BY c.load, c.deadline, c.batch_id, c.line_number
-           ) AS rank
-    FROM candidates c
-    JOIN wanted w ON w.model = c.model
-),
-picked AS (
-    SELECT ctid FROM ranked WHERE rank <= take ORDER BY position, rank LIMIT $5
-)"""
-
-_MARK_CLAIMED = """
-claimed AS (
-    -- By the locked rows' ctids: a TID scan whatever the planner guesses of how many rows were picked.
-    UPDATE requests r
-    SET state = 'in_flight', daemon_id = $6, claimed_at = $4
-    WHERE r.ctid = ANY(ARRAY(SELECT ctid FROM picked))
-    RETURNING r.id, r.batch_id, r.owner, r.custom_id, r.model, r.template_id, r.attempt, r.deadline
-)
--- Columns in the order `rows.claimed_from_rows` unpacks them.
-SELECT c.id, c.batch_id, c.owner, c.custom_id, c.model, t.method, t.url, t.body, c.attempt, c.deadline
-FROM claimed c
-JOIN request_templates t ON t.id = c.template_id
-"""
-
-_CLAIM = f"WITH {_WANTED}, {_PICK_BY_DEADLINE}, {_MARK_CLAIMED}"
-_CLAIM_BY_OWNER = f"WITH RECURSIVE {_WANTED}, {_PICK_BY_OWNER_LOAD}, {_MARK_CLAIMED}"
+# Columns in the order `rows.claimed_from_rows` unpacks them.
+_CLAIM = "SELECT * FROM claim_requests($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 
 _HELD_REQUESTS = """
 SELECT id FROM requests WHERE state = 'in_flight' AND daemon_id = $1 ORDER BY id
@@ -172,11 +79,6 @@ def plan_claim(capacities: Sequence[models.ModelCapacity], limit: int) -> ClaimP
     )
 
 
-async def lock_models(connection: Connection, plan: ClaimPlan) -> None:
-    """Take the per-model advisory locks (inside a transaction, before `claim`'s statement)."""
-    await connection.execute(_LOCK_MODELS, plan.lock_keys)
-
-
 async def claim(
     connection: Connection,
     plan: ClaimPlan,
@@ -185,13 +87,20 @@ async def claim(
     owner_in_flight: Mapping[str, int] | None,
     now: datetime,
 ) -> list[models.ClaimedRequest]:
-    arguments: list[object] = [plan.models, plan.free, plan.limits, now, plan.total, daemon_id]
     busy_owners = {owner: count for owner, count in (owner_in_flight or {}).items() if count > 0}
-    if busy_owners:
-        found = await connection.fetch(_CLAIM_BY_OWNER, *arguments, list(busy_owners), list(busy_owners.values()))
-    else:
+    found = await connection.fetch(
+        _CLAIM,
+        plan.models,
+        plan.free,
+        plan.limits,
+        now,
+        plan.total,
+        daemon_id,
+        plan.lock_keys,
         # With no owner in flight, fairness orders exactly like the deadline order.
-        found = await connection.fetch(_CLAIM, *arguments)
+        list(busy_owners) if busy_owners else None,
+        list(busy_owners.values()),
+    )
     return rows.claimed_from_rows(found, daemon_id=daemon_id, claimed_at=now)
 
 

@@ -238,12 +238,7 @@ class PostgresStorage:
         if plan is None:
             return []
         now = self._clock.now()
-        if not plan.lock_keys:
-            # No shared limit: the claim is one statement, its own transaction.
-            async with self._db.connection() as connection:
-                return await queue.claim(connection, plan, daemon_id, owner_in_flight=owner_in_flight, now=now)
-        async with self._db.transaction() as connection:
-            await queue.lock_models(connection, plan)
+        async with self._db.connection() as connection:
             return await queue.claim(connection, plan, daemon_id, owner_in_flight=owner_in_flight, now=now)
 
     async def apply_writes(

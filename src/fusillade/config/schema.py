@@ -1,0 +1,507 @@
+"""The shape of fusillade's configuration, with its defaults and rules, and its mapping onto the types the rest
+of fusillade takes (`DaemonSettings`, `RetryPolicy`, `Route`, `PhaseTimeouts`, `jsonl.Limits`).
+
+Every section forbids unknown keys, so a misspelt key is an error rather than a silently ignored setting. The
+defaults are read from those types' own defaults, so the file and the library cannot drift apart. Secrets are
+never part of the configuration: it names the environment variables that hold them (`api_key_env`,
+`admin_key_env`), and `Config.resolve_routes` / `Config.admin_key` read those variables when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fusillade.config import units
+from fusillade.config.problems import InvalidConfiguration, Problem, dotted_key
+from fusillade.daemon.settings import DaemonSettings
+from fusillade.domain import jsonl
+from fusillade.domain.retry import RetryPolicy
+from fusillade.storage.factory import POSTGRES_PREFIXES, SQLITE_PREFIX
+from fusillade.upstream.routes import PhaseTimeouts, Route
+
+ENV_PREFIX = "FUSILLADE_"
+"""Environment variables starting with this override the file (`FUSILLADE_SERVER__PORT=8081`)."""
+ENV_NESTED_DELIMITER = "__"
+DEFAULT_DATABASE_URL = "sqlite:///./fusillade.db"
+RESTART_KEYS = ("database_url", "server", "auth")
+"""Top-level keys a running process does not apply live: changing them needs a restart."""
+
+_DAEMON = DaemonSettings()
+_RETRY = RetryPolicy()
+_TIMEOUTS = PhaseTimeouts()
+_ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HIDDEN = "***"
+
+
+# ----------------------------------------------------------------------------------------------- value types
+
+
+def _positive(duration: timedelta) -> timedelta:
+    if duration <= timedelta(0):
+        raise ValueError("must be longer than 0s")
+    return duration
+
+
+def _positive_or_none(duration: timedelta | None) -> timedelta | None:
+    if duration is not None and duration <= timedelta(0):
+        raise ValueError('must be longer than 0s; write "none" for no limit')
+    return duration
+
+
+def _none_word(value: object) -> object:
+    return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
+
+def _env_var_name(name: str) -> str:
+    # Never quote the value back: it may be a key pasted in the wrong place.
+    if name.startswith("sk-"):
+        raise ValueError(
+            "holds what looks like an API key itself, and keys never go in the configuration: put the key "
+            "in an environment variable (export OPENAI_API_KEY=...) and write the variable's name here "
+            '("OPENAI_API_KEY")'
+        )
+    if not _ENV_VAR_NAME.fullmatch(name):
+        raise ValueError(
+            "must be the name of an environment variable (letters, digits and underscores, not starting with a "
+            'digit), such as "OPENAI_API_KEY"; the key itself goes in that variable'
+        )
+    return name
+
+
+def _base_url(url: str) -> str:
+    if "@" in url:
+        raise ValueError(
+            "must not hold a user name or password; put the upstream's key in an environment variable and name "
+            "that variable in api_key_env"
+        )
+    hint = "write it as http://HOST:PORT or https://HOST/PATH, such as https://api.openai.com/v1"
+    if url != url.strip() or any(character.isspace() for character in url):
+        raise ValueError(f"{url!r} must not contain spaces; {hint}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading it validates it)
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a valid URL ({exc}); {hint}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL; {hint}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r} must not have a query (?...) or a fragment (#...); {hint}")
+    return url
+
+
+def _database_url(url: str) -> str:
+    # Never quote the URL back: it may carry a password.
+    if url.startswith(SQLITE_PREFIX):
+        if url == SQLITE_PREFIX:
+            raise ValueError(
+                "names no database file; write sqlite:///./fusillade.db (relative to the working directory) or "
+                "sqlite:////absolute/path.db"
+            )
+        return url
+    if url.startswith(POSTGRES_PREFIXES):
+        return url
+    scheme = url.partition("://")[0] if "://" in url else "(none)"
+    raise ValueError(
+        f"has an unsupported scheme {scheme!r}; use sqlite:///PATH (the default is {DEFAULT_DATABASE_URL}) or "
+        "postgresql://USER@HOST:PORT/DATABASE"
+    )
+
+
+def _header_key(key: str) -> str:
+    if not _HEADER_TOKEN.fullmatch(key):
+        raise ValueError(
+            f"{key!r} cannot be part of an HTTP header name (x-fusillade-batch-<key>); use letters, digits and -_."
+        )
+    return key
+
+
+def _existing_directory(path: Path) -> Path:
+    if not path.is_dir():
+        raise ValueError(
+            f"{str(path)!r} is not an existing directory; create it, or leave spool_directory out to use the "
+            f"system's temporary directory ({tempfile.gettempdir()})"
+        )
+    return path
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(units.parse_duration),
+    PlainSerializer(units.format_duration, return_type=str, when_used="json"),
+]
+"""A non-negative duration: `"250ms"`, `"5s"`, `"10m"`, `"1h30m"`, or a bare number of seconds."""
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
+OptionalPositiveDuration = Annotated[
+    timedelta | None,
+    BeforeValidator(units.parse_optional_duration),
+    AfterValidator(_positive_or_none),
+    PlainSerializer(units.format_optional_duration, return_type=str, when_used="json"),
+]
+"""A positive duration, or `"none"` for no limit."""
+Count = Annotated[int, Field(ge=1)]
+ByteSize = Annotated[
+    int,
+    BeforeValidator(units.parse_byte_size),
+    Field(ge=1),
+    PlainSerializer(units.format_byte_size, return_type=str, when_used="json"),
+]
+"""A number of bytes, or a size such as `"200MiB"`."""
+EnvVarName = Annotated[str, AfterValidator(_env_var_name)]
+"""The NAME of an environment variable that holds a secret (never the secret)."""
+BaseUrl = Annotated[str, AfterValidator(_base_url)]
+ModelName = Annotated[str, Field(min_length=1)]
+
+
+# -------------------------------------------------------------------------------------------------- sections
+
+
+class Section(BaseModel):
+    """A table of the configuration file: immutable, unknown keys refused, attribute docstrings as help."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ServerSection(Section):
+    """`[server]`: where the HTTP API listens (needs a restart to change)."""
+
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    """Address to listen on; `0.0.0.0` for every interface."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    """TCP port; 0 picks a free one."""
+
+
+class AuthSection(Section):
+    """`[auth]`: API keys. Owners' keys live in the database (`fusillade keys create`), hashed; only the admin
+    key may come from the environment."""
+
+    admin_key_env: EnvVarName | None = None
+    """Name of an environment variable holding an admin API key (sees every owner's objects); none: no admin
+    key from the environment."""
+
+
+class UploadsSection(Section):
+    """`[uploads]`: what an uploaded batch input file may hold."""
+
+    max_lines: Count = jsonl.DEFAULT_LIMITS.max_lines
+    """Most request lines in one file."""
+    max_bytes: ByteSize = jsonl.DEFAULT_LIMITS.max_bytes
+    """Largest file, in bytes or as a size such as "200MiB"."""
+    spool_directory: Annotated[Path, AfterValidator(_existing_directory)] | None = None
+    """Existing directory where uploads are buffered while they are validated; none: the system's temporary
+    directory."""
+
+    def limits(self) -> jsonl.Limits:
+        return jsonl.Limits(max_lines=self.max_lines, max_bytes=self.max_bytes)
+
+
+class RetrySection(Section):
+    """`[daemon.retry]`: backoff of retriable upstream failures (see `domain.retry.RetryPolicy`)."""
+
+    base_delay: Duration = _RETRY.base_delay
+    """Delay after the first failed attempt, before jitter."""
+    factor: Annotated[float, Field(ge=1, allow_inf_nan=False)] = _RETRY.factor
+    """Each further failure multiplies the delay by this."""
+    max_delay: Duration = _RETRY.max_delay
+    """No backoff delay is longer (a Retry-After from the upstream may be)."""
+    jitter: Annotated[float, Field(ge=0, le=1)] = _RETRY.jitter
+    """The delay is multiplied by a random factor in [1 - jitter, 1 + jitter]."""
+    max_attempts: Annotated[Count | None, BeforeValidator(_none_word)] = _RETRY.max_attempts
+    """Attempts in all, the first included; "none": no limit but the batch deadline."""
+    stop_before_deadline: Duration = _RETRY.stop_before_deadline
+    """Give up when the next attempt would start later than this before the batch deadline."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.max_delay < self.base_delay:
+            raise ValueError(
+                f"max_delay ({units.format_duration(self.max_delay)}) must not be shorter than base_delay "
+                f"({units.format_duration(self.base_delay)})"
+            )
+        self.policy()  # any further rule of RetryPolicy itself
+        return self
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(**dict(self))
+
+
+class DaemonSection(Section):
+    """`[daemon]`: the knobs of the daemon (see `daemon.settings.DaemonSettings`); all change live on reload."""
+
+    claim_batch_size: Count = _DAEMON.claim_batch_size
+    """Most requests taken per claim transaction."""
+    idle_poll_interval: PositiveDuration = _DAEMON.idle_poll_interval
+    """With free capacity and nothing claimed, claim again after this (work created by another process)."""
+    commit_max_delay: Duration = _DAEMON.commit_max_delay
+    """Group commit tick: a state write waits at most this long for others to join its transaction."""
+    commit_max_size: Count = _DAEMON.commit_max_size
+    """Group commit: most state writes per transaction."""
+    heartbeat_interval: PositiveDuration = _DAEMON.heartbeat_interval
+    """How often a daemon tells the database it is alive."""
+    stale_after: PositiveDuration = _DAEMON.stale_after
+    """A daemon silent for this long is dead and its requests are reclaimed; longer than heartbeat_interval."""
+    maintenance_interval: PositiveDuration = _DAEMON.maintenance_interval
+    """How often reclaim, expiry and finalization sweeps run."""
+    cancellation_poll_interval: PositiveDuration = _DAEMON.cancellation_poll_interval
+    """How often the daemon looks for cancelled batches among its in-flight requests."""
+    expiry_grace: Duration = _DAEMON.expiry_grace
+    """Unfinished requests of a batch end `batch_expired` this long after its expires_at."""
+    purge_interval: OptionalPositiveDuration = _DAEMON.purge_interval
+    """How often deleted data is purged; "none": never, from this daemon."""
+    purge_batch_size: Count = _DAEMON.purge_batch_size
+    """Most rows deleted per purge transaction."""
+    purge_throttle: Duration = _DAEMON.purge_throttle
+    """Pause between purge transactions."""
+    shutdown_grace: Duration = _DAEMON.shutdown_grace
+    """On stop, in-flight calls get this long to finish; the rest are released for another daemon."""
+    rate_limit_pause: Duration = _DAEMON.rate_limit_pause
+    """A 429 without Retry-After pauses its model's lane this long."""
+    database_backoff_max: PositiveDuration = _DAEMON.database_backoff_max
+    """Longest pause between retries of a failing database call."""
+    batch_metadata_headers: tuple[Annotated[str, AfterValidator(_header_key)], ...] = tuple(
+        _DAEMON.batch_metadata_headers
+    )
+    """Keys of a batch's metadata sent upstream as x-fusillade-batch-<key> headers."""
+    retry: RetrySection = Field(default_factory=RetrySection)
+    """Retry policy of retriable upstream failures."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.stale_after <= self.heartbeat_interval:
+            raise ValueError(
+                f"stale_after ({units.format_duration(self.stale_after)}) must be longer than heartbeat_interval "
+                f"({units.format_duration(self.heartbeat_interval)}), or live daemons would be taken for dead"
+            )
+        self.settings()  # any further rule of DaemonSettings itself
+        return self
+
+    def settings(self) -> DaemonSettings:
+        values: dict[str, Any] = dict(self)
+        values["retry"] = self.retry.policy()
+        return DaemonSettings(**values)
+
+
+class TimeoutsSection(Section):
+    """`[models."<name>".timeouts]`: limits of each phase of an upstream call; "none": no limit."""
+
+    connect: OptionalPositiveDuration = _TIMEOUTS.connect
+    """Establishing the connection (TCP and TLS)."""
+    first_byte: OptionalPositiveDuration = _TIMEOUTS.first_byte
+    """From sending the request to the response headers (for streams, to the first event)."""
+    idle: OptionalPositiveDuration = _TIMEOUTS.idle
+    """Longest gap between two stream events or body chunks."""
+    total: OptionalPositiveDuration = _TIMEOUTS.total
+    """The whole call, from connecting to the last byte."""
+
+    def phase_timeouts(self) -> PhaseTimeouts:
+        return PhaseTimeouts(**dict(self))
+
+
+class RouteSection(Section):
+    """`[models."<name>"]` and `[default_route]`: where a model's requests go and how many run at once."""
+
+    base_url: BaseUrl
+    """The upstream, http(s), such as "https://api.openai.com/v1"; the request's path is appended."""
+    api_key_env: EnvVarName | None = None
+    """Name of the environment variable holding the upstream's API key (sent as a Bearer token); none: no key."""
+    concurrency: Count = 16
+    """Requests of this model in flight at once, across every daemon sharing the database."""
+    stream: bool = False
+    """Ask the upstream for server-sent events and reassemble them (reads with first-byte and idle timeouts)."""
+    retry_404: bool = False
+    """Treat 404 as retriable (an upstream still loading a model may answer 404 for a while)."""
+    timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
+    """Limits of each phase of a call."""
+
+    def route(self, api_key: str | None) -> Route:
+        """This route with the key already read from the environment."""
+        return Route(
+            base_url=self.base_url,
+            api_key=api_key,
+            concurrency=self.concurrency,
+            stream=self.stream,
+            timeouts=self.timeouts.phase_timeouts(),
+            retry_404=self.retry_404,
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ root
+
+
+class Config(BaseSettings):
+    """The whole configuration. `load_config` builds one from the file and the `FUSILLADE_*` environment;
+    `Config()` is the defaults alone (it reads no environment)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    database_url: Annotated[str, AfterValidator(_database_url)] = DEFAULT_DATABASE_URL
+    """sqlite:///PATH (one process) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (several replicas);
+    needs a restart to change."""
+    server: ServerSection = Field(default_factory=ServerSection)
+    """Where the HTTP API listens."""
+    auth: AuthSection = Field(default_factory=AuthSection)
+    """API keys."""
+    uploads: UploadsSection = Field(default_factory=UploadsSection)
+    """Limits of uploaded input files."""
+    daemon: DaemonSection = Field(default_factory=DaemonSection)
+    """Knobs of the daemon."""
+    models: dict[ModelName, RouteSection] = Field(default_factory=dict)
+    """The routing table: one route per model name (the `model` of a request body)."""
+    default_route: RouteSection | None = None
+    """Route for models not in `models`; none: requests for an unlisted model are refused at upload."""
+
+    _source: Path | None = PrivateAttr(default=None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only the values passed in: `load_config` reads the file and the (given) environment itself, so that
+        # a test or an embedding service can pass its own environment and every error can name its source.
+        return (init_settings,)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this configuration was read from, if any."""
+        return self._source
+
+    # ------------------------------------------------------------------------------------- mapping
+
+    def daemon_settings(self) -> DaemonSettings:
+        return self.daemon.settings()
+
+    def upload_limits(self) -> jsonl.Limits:
+        return self.uploads.limits()
+
+    def has_route(self, model: str) -> bool:
+        """Whether requests for `model` can be sent anywhere (its own route or the default route); what an
+        upload checks for each line (`jsonl.validate(..., model_allowed=config.has_route)`). Reads no secret."""
+        return model in self.models or self.default_route is not None
+
+    def route_for(self, model: str, environ: Mapping[str, str] | None = None) -> Route | None:
+        """The route of `model`: its own, else the default route, else None; its key is read from `environ`
+        (default: the process environment). Raises `InvalidConfiguration` if that key's variable is unset."""
+        section = self.models.get(model)
+        if section is not None:
+            return section.route(_read_key(section, ("models", model), environ))
+        if self.default_route is not None:
+            return self.default_route.route(_read_key(self.default_route, ("default_route",), environ))
+        return None
+
+    def resolve_routes(self, environ: Mapping[str, str] | None = None) -> dict[str, Route]:
+        """Every listed model's route, keys read from `environ` (default: the process environment). Checks the
+        default route's key too, so that one call at start-up reports every missing variable at once
+        (`InvalidConfiguration`, naming each variable and its model); the default route itself comes from
+        `route_for`."""
+        environ = os.environ if environ is None else environ
+        problems: list[Problem] = []
+        routes: dict[str, Route] = {}
+        sections: list[tuple[tuple[str, ...], RouteSection]] = [
+            (("models", name), section) for name, section in self.models.items()
+        ]
+        if self.default_route is not None:
+            sections.append((("default_route",), self.default_route))
+        for location, section in sections:
+            try:
+                key = _read_key(section, location, environ)
+            except InvalidConfiguration as exc:
+                problems.extend(exc.problems)
+                continue
+            if location[0] == "models":
+                routes[location[1]] = section.route(key)
+        if problems:
+            raise InvalidConfiguration(problems)
+        return routes
+
+    def admin_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The admin API key from the variable `auth.admin_key_env` names; None when none is named. Raises
+        `InvalidConfiguration` when the named variable is unset or empty."""
+        name = self.auth.admin_key_env
+        if name is None:
+            return None
+        return _read_variable(name, ("auth", "admin_key_env"), "the admin API key", environ)
+
+    # ------------------------------------------------------------------------------------- display
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as JSON-ready data for `fusillade status` and logs: durations and sizes
+        written as in the file, the database password replaced by `***`. It holds no secret: keys are only
+        ever named by their environment variables."""
+        data: dict[str, Any] = {"config_file": str(self._source) if self._source else None}
+        data.update(self.model_dump(mode="json"))
+        data["database_url"] = _hide_password(self.database_url)
+        return data
+
+    def restart_required(self, newer: Config) -> list[str]:
+        """The keys of `RESTART_KEYS` that differ in `newer`: a running process keeps their old values."""
+        return [key for key in RESTART_KEYS if getattr(self, key) != getattr(newer, key)]
+
+
+def _read_key(section: RouteSection, location: tuple[str, ...], environ: Mapping[str, str] | None) -> str | None:
+    if section.api_key_env is None:
+        return None
+    owner = f"model {location[1]!r}" if location[0] == "models" else "the default route"
+    return _read_variable(section.api_key_env, (*location, "api_key_env"), f"the API key of {owner}", environ)
+
+
+def _read_variable(name: str, location: tuple[str, ...], purpose: str, environ: Mapping[str, str] | None) -> str:
+    value = (os.environ if environ is None else environ).get(name)
+    if value:
+        return value
+    state = "is not set" if value is None else "is empty"
+    raise InvalidConfiguration(
+        [
+            Problem(
+                name,
+                dotted_key(location),
+                f"{state}, but it should hold {purpose}; export it before starting fusillade, or remove "
+                f"{location[-1]} if no key is needed",
+            )
+        ]
+    )
+
+
+def _hide_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None and "password" not in parts.query:
+        return url  # also keeps sqlite:///./x.db as written (urlunsplit would drop a slash)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:{_HIDDEN}@{host}"
+    query = parts.query
+    if "password" in query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, _HIDDEN if k == "password" else v) for k, v in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
