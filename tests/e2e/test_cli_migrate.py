@@ -22,7 +22,7 @@ def test_migrate_creates_the_schema_once(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fusillade.db'}"
     first = run_cli("migrate", "--database-url", url, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "applied 1 migration(s): 0001_initial" in first.stdout
+    assert "applied 2 migration(s): 0001_initial, 0002_api_keys" in first.stdout
     assert (tmp_path / "fusillade.db").exists()
 
     second = run_cli("migrate", "--database-url", url, cwd=tmp_path)

@@ -20,6 +20,7 @@ BatchId = NewType("BatchId", uuid.UUID)
 RequestId = NewType("RequestId", uuid.UUID)
 TemplateId = NewType("TemplateId", uuid.UUID)
 DaemonId = NewType("DaemonId", uuid.UUID)
+ApiKeyId = NewType("ApiKeyId", uuid.UUID)
 
 FILE_PREFIX = "file-"
 BATCH_PREFIX = "batch_"
@@ -47,6 +48,10 @@ def new_template_id() -> TemplateId:
 
 def new_daemon_id() -> DaemonId:
     return DaemonId(uuid.uuid4())
+
+
+def new_api_key_id() -> ApiKeyId:
+    return ApiKeyId(uuid.uuid4())
 
 
 def file_wire(file_id: FileId) -> str:

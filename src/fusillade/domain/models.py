@@ -353,6 +353,30 @@ class Daemon:
     """Requests in flight at the last heartbeat, as the daemon reported them."""
 
 
+# ------------------------------------------------------------------------------------------- api keys
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiKey:
+    """A bearer key of the HTTP API. Only the SHA-256 of the key is stored; the key itself is shown once, when
+    it is created."""
+
+    id: ids.ApiKeyId
+    owner: str
+    """Every object created with this key belongs to this owner; the key sees only this owner's objects."""
+    name: str
+    """A label for people (e.g. "ci" or "alice laptop")."""
+    prefix: str
+    """The first characters of the key, to recognise it in listings (e.g. `fus_3kX9`)."""
+    admin: bool
+    """An admin key sees and acts on every owner's objects."""
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        _check_aware(self.created_at, self.revoked_at)
+
+
 # ------------------------------------------------------------------------------------------- listings
 
 

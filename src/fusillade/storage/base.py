@@ -229,6 +229,26 @@ class DaemonRegistry(Protocol):
         ...
 
 
+class KeyStore(Protocol):
+    async def create_api_key(
+        self, *, owner: str, name: str, key_hash: str, prefix: str, admin: bool = False
+    ) -> models.ApiKey:
+        """Store a new key by its hash (hex SHA-256 of the key). `ValidationError` if the hash exists."""
+        ...
+
+    async def find_api_key(self, key_hash: str) -> models.ApiKey | None:
+        """The key with this hash if it exists and is not revoked (one indexed lookup: called per request)."""
+        ...
+
+    async def list_api_keys(self, *, owner: models.OwnerScope = models.ALL_OWNERS) -> list[models.ApiKey]:
+        """Keys, revoked ones included, oldest first."""
+        ...
+
+    async def revoke_api_key(self, key_id: ids.ApiKeyId) -> models.ApiKey:
+        """Revoke at once (idempotent); `NotFound` if unknown."""
+        ...
+
+
 class RetentionStore(Protocol):
     async def purge_deleted(self, *, limit: int = 1000) -> int:
         """Hard-delete at most `limit` rows belonging to soft-deleted batches and files (requests first,
@@ -237,7 +257,7 @@ class RetentionStore(Protocol):
         ...
 
 
-class Storage(FileStore, BatchStore, RequestQueue, DaemonRegistry, RetentionStore, Protocol):
+class Storage(FileStore, BatchStore, RequestQueue, DaemonRegistry, KeyStore, RetentionStore, Protocol):
     """Everything a backend provides, plus its lifecycle."""
 
     async def migrate(self) -> list[str]:

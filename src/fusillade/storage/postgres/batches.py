@@ -42,8 +42,10 @@ VALUES ($1, $3, $4, 'batch_output', $6, $7), ($2, $3, $5, 'batch_error', $6, $7)
 
 _INSERT_REQUESTS = """
 INSERT INTO requests (id, batch_id, template_id, line_number, custom_id_bytes, deadline, owner, model, custom_id)
-SELECT gen_random_uuid(), $1, t.id, t.line_number, t.custom_id_bytes, $2, $3, t.model, t.custom_id
+SELECT ordered_uuid(s.head, s.start + t.line_number), $1, t.id, t.line_number, t.custom_id_bytes, $2, $3, t.model,
+       t.custom_id
 FROM request_templates t
+CROSS JOIN ordered_uuid_seed() AS s
 WHERE t.file_id = $4
 """
 

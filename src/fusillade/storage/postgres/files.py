@@ -22,9 +22,11 @@ CONTENT_PAGE_ROWS = 1000
 
 _INSERT_TEMPLATES = """
 INSERT INTO request_templates (id, file_id, line_number, custom_id, custom_id_bytes, method, url, model, body)
-SELECT gen_random_uuid(), $1, t.line_number, t.custom_id, t.custom_id_bytes, t.method, t.url, t.model, t.body
+SELECT ordered_uuid(s.head, s.start + t.line_number), $1, t.line_number, t.custom_id, t.custom_id_bytes, t.method,
+       t.url, t.model, t.body
 FROM unnest($2::integer[], $3::text[], $4::integer[], $5::text[], $6::text[], $7::text[], $8::text[])
     AS t(line_number, custom_id, custom_id_bytes, method, url, model, body)
+CROSS JOIN ordered_uuid_seed() AS s
 """
 
 _INSERT_FILE = """

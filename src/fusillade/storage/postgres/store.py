@@ -1,6 +1,6 @@
 """`PostgresStorage`: the storage contract (`storage.base.Storage`) on PostgreSQL through an asyncpg pool.
 
-The role modules (`files`, `batches`, `lifecycle`, `queue`, `daemons`, `retention`) hold the SQL and take a
+The role modules (`files`, `batches`, `lifecycle`, `queue`, `daemons`, `keys`, `retention`) hold the SQL and take a
 connection; this class owns the pool and the clock, opens the transactions, and reads the time once per
 transaction.
 """
@@ -20,6 +20,7 @@ from fusillade.storage.postgres import (
     daemons,
     fenced_writes,
     files,
+    keys,
     lifecycle,
     queue,
     retention,
@@ -297,3 +298,27 @@ class PostgresStorage:
     async def purge_deleted(self, *, limit: int = 1000) -> int:
         async with self._db.connection() as connection:
             return await retention.purge_deleted(connection, limit=limit)
+
+    # --------------------------------------------------------------------------------------- api keys
+
+    async def create_api_key(
+        self, *, owner: str, name: str, key_hash: str, prefix: str, admin: bool = False
+    ) -> models.ApiKey:
+        now = self._clock.now()
+        async with self._db.connection() as connection:
+            return await keys.create_api_key(
+                connection, owner=owner, name=name, key_hash=key_hash, prefix=prefix, admin=admin, now=now
+            )
+
+    async def find_api_key(self, key_hash: str) -> models.ApiKey | None:
+        async with self._db.connection() as connection:
+            return await keys.find_api_key(connection, key_hash)
+
+    async def list_api_keys(self, *, owner: models.OwnerScope = models.ALL_OWNERS) -> list[models.ApiKey]:
+        async with self._db.connection() as connection:
+            return await keys.list_api_keys(connection, owner=owner)
+
+    async def revoke_api_key(self, key_id: ids.ApiKeyId) -> models.ApiKey:
+        now = self._clock.now()
+        async with self._db.connection() as connection:
+            return await keys.revoke_api_key(connection, key_id, now)

@@ -1,7 +1,7 @@
 """`SqliteStorage`: the embedded backend, every role of `storage.base.Storage` on one SQLite file.
 
 Each method is one transaction run as one function in a database thread (`connection.Database`); the SQL and
-the row mapping live in the role modules (`files`, `batches`, `queue`, `daemons`, `retention`).
+the row mapping live in the role modules (`files`, `batches`, `queue`, `daemons`, `keys`, `retention`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from fusillade import clock as clocks
 from fusillade import errors
 from fusillade.domain import ids, models, states
 from fusillade.storage import base
-from fusillade.storage.sqlite import batches, daemons, files, migration, queue, retention
+from fusillade.storage.sqlite import batches, daemons, files, keys, migration, queue, retention
 from fusillade.storage.sqlite import connection as connections
 
 TEMPLATE_CHUNK_ROWS: Final = 2000
@@ -251,6 +251,26 @@ class SqliteStorage:
 
     async def purge_deleted(self, *, limit: int = 1000) -> int:
         return await self._database.write(functools.partial(retention.purge_deleted, limit=limit))
+
+    # --------------------------------------------------------------------------------------- api keys
+
+    async def create_api_key(
+        self, *, owner: str, name: str, key_hash: str, prefix: str, admin: bool = False
+    ) -> models.ApiKey:
+        return await self._database.write(
+            functools.partial(
+                keys.create_api_key, owner=owner, name=name, key_hash=key_hash, prefix=prefix, admin=admin
+            )
+        )
+
+    async def find_api_key(self, key_hash: str) -> models.ApiKey | None:
+        return await self._database.read(lambda connection: keys.find_api_key(connection, key_hash))
+
+    async def list_api_keys(self, *, owner: models.OwnerScope = models.ALL_OWNERS) -> list[models.ApiKey]:
+        return await self._database.read(functools.partial(keys.list_api_keys, owner=owner))
+
+    async def revoke_api_key(self, key_id: ids.ApiKeyId) -> models.ApiKey:
+        return await self._database.write(lambda connection, now: keys.revoke_api_key(connection, now, key_id))
 
 
 def _insert_chunk(

@@ -15,6 +15,25 @@
 --   parameters below make autovacuum, where it is on, visit it often. No truncation at the end of a vacuum:
 --   it would need a lock that stops claims, for space that the next batch reuses anyway.
 
+-- Time-ordered ids for rows inserted together (templates of an upload, requests of a batch), in the layout of
+-- UUID version 7 (RFC 9562): the statement's milliseconds and 12 random bits (`head`), then a 62-bit counter from
+-- a random `start`, advanced by the row's line number. A batch's requests are claimed and written in input
+-- order, so their writes by id, and the claim's lookups of templates by id, touch neighbouring primary-key pages
+-- instead of one random page per row (which, once the tables outgrow the buffer cache, is a read per row).
+CREATE FUNCTION ordered_uuid_seed(OUT head bigint, OUT start bigint)
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT (floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint << 16) | 28672  -- version 7
+               | floor(random() * 4096)::bigint,
+           floor(random() * 2 ^ 60)::bigint
+$$;
+
+CREATE FUNCTION ordered_uuid(head bigint, counter bigint) RETURNS uuid
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT (lpad(to_hex(head), 16, '0') || to_hex(counter | (-9223372036854775808)::bigint))::uuid  -- variant 10
+$$;
+
 CREATE TABLE files (
     id              uuid        PRIMARY KEY,
     owner           text        NOT NULL,
@@ -96,10 +115,10 @@ CREATE TABLE requests (
     finished_at     timestamptz,
     daemon_id       uuid,
     -- `in_flight` is the domain's claimed (started_at NULL) or processing (started_at set); see below.
-    state           text        NOT NULL DEFAULT 'pending'
+    state           text        COLLATE "C" NOT NULL DEFAULT 'pending'
         CHECK (state IN ('pending', 'in_flight', 'completed', 'failed', 'canceled')),
-    owner           text        NOT NULL,
-    model           text        NOT NULL,
+    owner           text        COLLATE "C" NOT NULL,
+    model           text        COLLATE "C" NOT NULL,
     custom_id       text        NOT NULL,
     error_code      text,
     error_message   text,
