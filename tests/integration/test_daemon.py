@@ -4,6 +4,7 @@ records."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from datetime import timedelta
@@ -11,7 +12,7 @@ from datetime import timedelta
 import orjson
 
 from fusillade import errors
-from fusillade.domain import models, states
+from fusillade.domain import ids, models, states
 from fusillade.mock_upstream import (
     Behaviour,
     ConnectionReset,
@@ -252,3 +253,26 @@ async def test_new_work_wakes_the_claim_loop_before_its_timer(
         daemon.notify_work()
         done = await finished(storage, batch, within=5)
     assert done.counts.completed == 3
+
+
+async def test_calls_carry_identity_metadata_and_trace_headers(
+    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
+) -> None:
+    batch = await factories.create_batch(storage, count=5, metadata={"project": "eval-7", "other": "x"})
+    settings = fast_settings(batch_metadata_headers=("project",), traceparent=True)
+    routes = routes_for(upstream, {"model-a": 2}, api_key="sk-upstream-secret")
+
+    async with running(storage, client, routes, settings):
+        await finished(storage, batch)
+
+    requests = {request.custom_id: request for request in await factories.all_requests(storage, batch.id)}
+    seen = list(upstream.stats.recent_headers)
+    assert len(seen) == 5
+    for headers in seen:
+        request = requests[headers["x-fusillade-custom-id"]]
+        assert headers["x-fusillade-request-id"] == ids.request_wire(request.id)
+        assert headers["x-fusillade-batch-id"] == ids.batch_wire(batch.id)
+        assert headers["x-fusillade-batch-project"] == "eval-7"
+        assert "x-fusillade-batch-other" not in headers
+        assert headers["authorization"] == "Bearer sk-upstream-secret"
+        assert re.fullmatch(f"00-{request.id.hex}-[0-9a-f]{{16}}-01", headers["traceparent"])

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
@@ -209,6 +210,8 @@ class Daemon:
 
     async def _start(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
         headers = await self._headers_for(request) if self._settings.batch_metadata_headers else None
+        if self._settings.traceparent:
+            headers = {**(headers or {}), "traceparent": traceparent(request)}
         self._lanes.started(request)
         self.metrics.in_flight.labels(request.model).inc()
         self._claims[request.id] = request
@@ -460,3 +463,8 @@ async def run_until_signalled(daemon: Daemon) -> None:
     finally:
         for signal_number in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signal_number)
+
+
+def traceparent(request: models.ClaimedRequest) -> str:
+    """A W3C trace context header: version 00, the request id as trace id, a random span id, sampled."""
+    return f"00-{request.id.hex}-{secrets.token_hex(8)}-01"

@@ -42,6 +42,9 @@ class DaemonSettings:
     """Longest pause between retries of a failing database call."""
     batch_metadata_headers: Sequence[str] = ()
     """Keys of a batch's metadata sent upstream as `x-fusillade-batch-<key>` headers."""
+    traceparent: bool = False
+    """Send a W3C `traceparent` header with each call: the trace id is the request's id (so every attempt of a
+    request shares one trace in the upstream's logs), the span id is new per attempt."""
 
     def __post_init__(self) -> None:
         if self.claim_batch_size < 1:
