@@ -1,0 +1,32 @@
+"""What the HTTP API needs from the process that serves it, built by the composition root (`fusillade.app`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from fastapi import Request
+from prometheus_client import CollectorRegistry
+
+from fusillade.service import Service
+from fusillade.storage.base import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class ApiContext:
+    storage: Storage
+    """Used directly only for key lookups and the readiness probe; every use case goes through `service`."""
+    service: Service
+    registry: CollectorRegistry
+    """Served at `/metrics` (the daemon's metrics when API and daemon share a process)."""
+    admin_key: str | None = None
+    """An admin key from the configuration (compared in constant time): sees every owner's objects and creates
+    its own as owner `admin`. None: only keys stored in the database."""
+    open_owner: str | None = None
+    """Open mode: every request acts as this owner, whatever key it sends (the server runs without keys, on
+    loopback only). None: a valid bearer key is required."""
+
+
+def context_of(request: Request) -> ApiContext:
+    """The context `create_app` attached to the application."""
+    return cast(ApiContext, request.app.state.context)

@@ -1,0 +1,3 @@
+"""The endpoints, one module per resource: `files`, `batches`, and `health` (probes and metrics)."""
+
+from __future__ import annotations

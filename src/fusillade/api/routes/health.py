@@ -1,0 +1,43 @@
+"""Probes and metrics, outside `/v1` and without authentication: `GET /healthz` (the process answers),
+`GET /readyz` (the database answers too), `GET /metrics` (Prometheus text format)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fusillade import errors
+from fusillade.api.context import context_of
+from fusillade.api.errors import RETRY_AFTER_SECONDS
+
+router = APIRouter(tags=["health"])
+
+PING_TIMEOUT_SECONDS: Final = 5.0
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: the database answers")
+async def readyz(request: Request) -> JSONResponse:
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+            await context_of(request).storage.ping()
+    except (errors.StorageError, TimeoutError):
+        return JSONResponse(
+            {"status": "unavailable", "reason": "The database does not answer."},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(context_of(request).registry), media_type=CONTENT_TYPE_LATEST)

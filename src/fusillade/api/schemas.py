@@ -1,0 +1,296 @@
+"""The objects on the wire: the OpenAI `FileObject`, `Batch` and list envelopes with every field the SDK models
+(client code reads `status`, `output_file_id` and `request_counts`; the SDK does not validate, so a missing
+field would only surface as `None` in user code), plus fusillade's request object and the error envelope.
+
+Times are Unix seconds (ints), or null when the moment has not come. Ids are the wire forms of
+`domain.ids` (`file-…`, `batch_…`, `batch_req_…`).
+
+`output_file_id` and `error_file_id` are set as soon as the file has a line, and grow while the batch runs
+(fusillade's output and error files are live views of the finished requests); they are null while the file is
+empty, so a batch that ends with every request successful has `error_file_id: null` and one whose requests all
+failed has `output_file_id: null`, as on OpenAI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+from fusillade.domain import ids, models, states
+
+
+def unix(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp())
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+class FileObject(WireModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    """Input: the uploaded size. Output and error files: the size of the lines so far."""
+    created_at: int
+    filename: str
+    purpose: Literal["batch", "batch_output", "batch_error"]
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    """Always `processed`: an upload is validated before it is answered."""
+    expires_at: int | None = None
+    status_details: str | None = None
+
+    @classmethod
+    def of(cls, file: models.File) -> FileObject:
+        return cls(
+            id=ids.file_wire(file.id),
+            bytes=file.bytes,
+            created_at=int(file.created_at.timestamp()),
+            filename=file.filename,
+            purpose=file.purpose.value,
+            expires_at=unix(file.expires_at),
+        )
+
+
+class FileDeleted(WireModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+# -------------------------------------------------------------------------------------------- batches
+
+
+class BatchErrorItem(WireModel):
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(WireModel):
+    object: Literal["list"] = "list"
+    data: list[BatchErrorItem]
+
+
+class RequestCounts(WireModel):
+    total: int
+    completed: int
+    failed: int
+    """Requests that ended failed (upstream error, timeout, expiry); cancelled requests are not counted (they
+    appear in the error file with code `batch_cancelled`)."""
+
+
+class BatchObject(WireModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: states.BatchStatus
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+    model: str | None = None
+    """Not tracked (a file may mix models): always null."""
+    usage: dict[str, Any] | None = None
+    """Token usage is not aggregated: always null."""
+
+    @classmethod
+    def of(cls, batch: models.Batch) -> BatchObject:
+        counts = batch.counts
+        return cls(
+            id=ids.batch_wire(batch.id),
+            endpoint=batch.endpoint,
+            errors=(
+                BatchErrors(
+                    data=[
+                        BatchErrorItem(code=error.code, message=error.message, param=error.param, line=error.line)
+                        for error in batch.errors
+                    ]
+                )
+                if batch.errors
+                else None
+            ),
+            input_file_id=ids.file_wire(batch.input_file_id),
+            completion_window=batch.completion_window,
+            status=batch.status,
+            output_file_id=ids.file_wire(batch.output_file_id) if counts.completed else None,
+            error_file_id=ids.file_wire(batch.error_file_id) if counts.failed + counts.canceled else None,
+            created_at=int(batch.created_at.timestamp()),
+            in_progress_at=unix(batch.in_progress_at),
+            expires_at=unix(batch.expires_at),
+            finalizing_at=unix(batch.finalizing_at),
+            completed_at=unix(batch.completed_at),
+            failed_at=unix(batch.failed_at),
+            expired_at=unix(batch.expired_at),
+            cancelling_at=unix(batch.cancelling_at),
+            cancelled_at=unix(batch.cancelled_at),
+            request_counts=RequestCounts(total=counts.total, completed=counts.completed, failed=counts.failed),
+            metadata=None if batch.metadata is None else dict(batch.metadata),
+        )
+
+
+class CreateBatchBody(BaseModel):
+    """`POST /v1/batches`. Unknown fields are ignored, so newer SDKs keep working."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    """OpenAI accepts only "24h"; fusillade accepts any duration such as "30m", "2h" or "7d" (up to 365 days)."""
+    metadata: dict[str, str] | None = None
+    output_expires_after: dict[str, Any] | None = None
+    """Accepted for compatibility and ignored: output files live as long as their batch."""
+
+
+# ------------------------------------------------------------------------------------------- requests
+
+
+class RequestResponse(WireModel):
+    status_code: int
+    body: Any
+
+
+class RequestError(WireModel):
+    code: str
+    message: str | None
+
+
+class RequestObject(WireModel):
+    """One request of a batch (`GET /v1/batches/{id}/requests`, a fusillade extra)."""
+
+    id: str
+    object: Literal["batch.request"] = "batch.request"
+    batch_id: str
+    custom_id: str
+    model: str
+    line: int
+    """1-based line of the input file."""
+    state: states.RequestState
+    attempt: int
+    """Earlier attempts that failed with a retriable error."""
+    not_before: int | None
+    claimed_at: int | None
+    started_at: int | None
+    finished_at: int | None
+    response: RequestResponse | None
+    """The upstream's answer (final, or of the last failed attempt)."""
+    error: RequestError | None
+    """Why the request failed, or why its last attempt failed while it waits to be retried."""
+
+    @classmethod
+    def of(cls, request: models.Request) -> RequestObject:
+        response = None
+        if request.response_status is not None:
+            response = RequestResponse(status_code=request.response_status, body=_json(request.response_body))
+        error = None
+        if request.error_code is not None:
+            error = RequestError(code=request.error_code, message=request.error_message)
+        return cls(
+            id=ids.request_wire(request.id),
+            batch_id=ids.batch_wire(request.batch_id),
+            custom_id=request.custom_id,
+            model=request.model,
+            line=request.line_number,
+            state=request.state,
+            attempt=request.attempt,
+            not_before=unix(request.not_before),
+            claimed_at=unix(request.claimed_at),
+            started_at=unix(request.started_at),
+            finished_at=unix(request.finished_at),
+            response=response,
+            error=error,
+        )
+
+
+def _json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+# -------------------------------------------------------------------------------------------- listings
+
+
+class ListEnvelope(WireModel):
+    """The OpenAI cursor page: the next page is asked with `after=<last_id>`; `has_more` says if there is one."""
+
+    object: Literal["list"] = "list"
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+    @staticmethod
+    def cursors(data: Sequence[FileObject | BatchObject | RequestObject], *, has_more: bool) -> dict[str, Any]:
+        """The envelope's fields for a page of `data`."""
+        return {
+            "first_id": data[0].id if data else None,
+            "last_id": data[-1].id if data else None,
+            "has_more": has_more,
+        }
+
+
+class FileList(ListEnvelope):
+    data: list[FileObject]
+
+
+class BatchList(ListEnvelope):
+    data: list[BatchObject]
+
+
+class RequestList(ListEnvelope):
+    data: list[RequestObject]
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class ErrorLine(WireModel):
+    line: int
+    """1-based line of the uploaded file; 0 for the file as a whole."""
+    message: str
+
+
+class ErrorBody(WireModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+    lines: list[ErrorLine] | None = None
+    """A rejected upload's bad lines (fusillade extra)."""
+
+
+class ErrorEnvelope(WireModel):
+    error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorEnvelope, "description": "Invalid request (bad lines are listed in `error.lines`)."},
+    401: {"model": ErrorEnvelope, "description": "Missing, unknown or revoked API key."},
+    404: {"model": ErrorEnvelope, "description": "No such object for this caller."},
+    503: {"model": ErrorEnvelope, "description": "The database is unavailable; retry after `Retry-After`."},
+}
+"""For the OpenAPI schema of every authenticated route."""
