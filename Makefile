@@ -1,11 +1,11 @@
-# One entry point per chore. `make test` is what CI runs (.ci/run): it creates the virtualenv, installs
-# everything, checks lint and types, and runs the whole suite (PostgreSQL is found or started by
-# tests/conftest.py).
+# One entry point per chore. `make serve` starts a demo server. `make test` is what CI runs (.ci/run): it creates
+# the virtualenv, installs everything, checks lint and types, and runs the whole suite (PostgreSQL is found or
+# started by tests/conftest.py).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test check lint format typecheck pytest bench clean
+.PHONY: install serve test check lint format typecheck pytest bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fusillade needs Python 3.11 or newer: set PYTHON=python3.11")'
@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 install: $(VENV)/.installed
+
+# `fusillade serve` on ./fusillade.db, http://127.0.0.1:8080, with the fake upstream in the same process: every
+# model goes to it. A demo: for real upstreams, route models in a configuration file (docs/configuration.md).
+serve: install
+	$(PY) -m fusillade serve --mock-upstream
 
 lint: install
 	$(PY) -m ruff check .

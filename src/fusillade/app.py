@@ -1,0 +1,408 @@
+"""The composition root: the one place that builds fusillade's concrete parts from a `Config` and runs them.
+
+```
+ fusillade serve   ->  serve(config)                      HTTP API + daemon, one process, one event loop
+ fusillade api     ->  serve(config, with_daemon=False)   HTTP API only (replicas share PostgreSQL)
+ fusillade daemon  ->  run_daemon(config)                 daemon only
+```
+
+Start-up order: open (and migrate) the storage, resolve the routes (upstream keys read from the environment),
+decide who may call the API, bind the socket, then start the daemon and the HTTP server. SIGTERM or SIGINT
+stop in the reverse order: stop accepting HTTP connections (requests in flight get `HTTP_SHUTDOWN_GRACE`),
+stop the daemon in order (its own grace, then unfinished claims are released), close the storage.
+
+Without any API key (none in the database, no admin key configured) the API serves one owner, `local`, to
+whoever connects, so it only listens on a loopback address; asked to listen elsewhere it refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+
+import uvicorn
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+from fusillade import __version__, errors
+from fusillade.api.app import create_app
+from fusillade.api.context import ApiContext
+from fusillade.config import Config, ConfigWatcher, RouteSection
+from fusillade.daemon import Daemon, run_until_signalled
+from fusillade.metrics import DaemonMetrics
+from fusillade.mock_upstream import Behaviour, MockUpstream
+from fusillade.service import Service
+from fusillade.storage import factory
+from fusillade.storage.base import Storage
+from fusillade.upstream.client import UpstreamClient
+from fusillade.upstream.routes import Route
+
+logger = logging.getLogger(__name__)
+
+LOCAL_OWNER = "local"
+"""The owner of everything created through an API that has no keys, and by `fusillade run`."""
+HTTP_SHUTDOWN_GRACE = 10
+"""Seconds HTTP requests in flight (an upload, a download) get to finish when the server stops."""
+MOCK_UPSTREAM_CONCURRENCY = 64
+"""Limit of the route to the fake upstream of `fusillade serve --mock-upstream`."""
+
+_NO_KEYS_ADVICE = "create a key with `fusillade keys create --owner NAME`"
+
+
+# -------------------------------------------------------------------------------------------- routing
+
+
+class Routing:
+    """The routing table in force in a process: the configuration's routes with their keys read.
+
+    The daemon claims work model by model, so a model that only the configuration's `[default_route]`
+    serves needs an entry of its own: `accepts` (what uploads check, line by line) adds one the first time a
+    model is named, and calls `on_change` so that the daemon picks it up. Models named before this process
+    started are not known here; give them a `[models."NAME"]` table to have them served after a restart.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.on_change: Callable[[Mapping[str, Route]], None] | None = None
+        """Called with the new table whenever it changes (the daemon's `replace_routes`)."""
+        self._learnt: set[str] = set()
+        self._routes, self._default = _resolve(config)
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        """Every model with a route: those of the configuration, and those learnt for the default route."""
+        learnt = dict.fromkeys(self._learnt, self._default) if self._default is not None else {}
+        return {**learnt, **self._routes}
+
+    def accepts(self, model: str) -> bool:
+        """Whether requests for `model` can be sent somewhere (an upload checks this for every line)."""
+        if model in self._routes:
+            return True
+        if self._default is None:
+            return False
+        if model not in self._learnt:
+            self._learnt.add(model)
+            self._changed()
+        return True
+
+    def replace(self, config: Config) -> None:
+        """Use a new configuration (a reload); raises `InvalidConfiguration` (and keeps the old one) when a
+        route's key variable is not set."""
+        self._routes, self._default = _resolve(config)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.routes)
+
+
+def _resolve(config: Config) -> tuple[dict[str, Route], Route | None]:
+    """The listed models' routes and the default route (or None), keys read from the environment."""
+    # No model is called "" (model names are not empty), so route_for("") is the default route, or None.
+    return config.resolve_routes(), config.route_for("")
+
+
+def with_mock_upstream(config: Config, *, url: str) -> Config:
+    """`config` with every model that has no route of its own sent to the fake upstream at `url`."""
+    route = RouteSection(base_url=url, concurrency=MOCK_UPSTREAM_CONCURRENCY)
+    return config.model_copy(update={"default_route": route})
+
+
+# ------------------------------------------------------------------------------------------------- auth
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) only reaches this machine: every address it resolves to is a
+    loopback address (127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(str(entry[4][0])).is_loopback for entry in found)
+
+
+async def open_owner_for(storage: Storage, *, admin_key: str | None, host: str) -> str | None:
+    """Who the API serves without a bearer key: `LOCAL_OWNER` when no key exists (none active in the
+    database, no admin key configured), else None (every request needs a key). Without keys the API may only
+    listen on loopback: raises `ConfigurationError` for any other `host`."""
+    if admin_key is not None:
+        return None
+    if any(key.revoked_at is None for key in await storage.list_api_keys()):
+        return None
+    if not is_loopback(host):
+        raise errors.ConfigurationError(
+            f"Refusing to listen on {host}: no API key exists, and without keys anyone who can connect could "
+            f"use the API. Either {_NO_KEYS_ADVICE} (the key then goes in your clients' Authorization header) "
+            "and start again, or listen on this machine only with --host 127.0.0.1 ([server] host)."
+        )
+    logger.warning("No API keys: serving one local owner (%r) on %s only; %s.", LOCAL_OWNER, host, _NO_KEYS_ADVICE)
+    return LOCAL_OWNER
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handling (`serve` stops the server itself, in order), and with an
+    event set once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.ready.set()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on `host:port` (port 0: a free one); `ConfigurationError` saying what to change
+    when the address cannot be used."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise errors.ConfigurationError(
+            f"Cannot listen on {host}:{port} ({exc.strerror or exc}); choose another address or port with "
+            "--host/--port ([server] host and port in the configuration)."
+        ) from None
+
+
+def url_of(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def new_registry() -> CollectorRegistry:
+    """A metrics registry with the process' own metrics (memory, CPU, open files)."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    return registry
+
+
+async def serve(
+    config: Config,
+    *,
+    with_daemon: bool = True,
+    mock_upstream: bool = False,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Run the HTTP API (and, `with_daemon`, a daemon in the same event loop) until SIGTERM or SIGINT.
+
+    `mock_upstream`: also run the fake upstream here and send every model without a route of its own to it
+    (demos). `on_listening` gets the API's base URL once it accepts connections. Raises
+    `ConfigurationError` when the configuration cannot work (a key variable unset, an address in use, a
+    public address without API keys); raises a crashed daemon's error after stopping the rest.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        overlay = _no_overlay
+        if mock_upstream:
+            fake = await stack.enter_async_context(MockUpstream(Behaviour()))
+            overlay = functools.partial(with_mock_upstream, url=fake.url)
+            config = overlay(config)
+            logger.warning("Demo mode: models without a route of their own go to the fake upstream %s.", fake.url)
+        live = _LiveConfig(config)
+        routing = Routing(config) if with_daemon else None
+        storage = await factory.open_storage(config.database_url)
+        stack.push_async_callback(storage.close)
+        registry = new_registry()
+        daemon = None
+        if routing is not None:
+            client = await stack.enter_async_context(UpstreamClient())
+            daemon = _new_daemon(storage, client, config, routing, registry)
+        service = Service(
+            storage,
+            limits=config.upload_limits(),
+            model_allowed=routing.accepts if routing is not None else live.has_route,
+            spool_directory=config.uploads.spool_directory,
+            notify_work=daemon.notify_work if daemon is not None else _nothing,
+        )
+        admin_key = config.admin_key()
+        context = ApiContext(
+            storage=storage,
+            service=service,
+            registry=registry,
+            admin_key=admin_key,
+            open_owner=await open_owner_for(storage, admin_key=admin_key, host=config.server.host),
+        )
+        listener = bind(config.server.host, config.server.port)
+        server = _Server(
+            uvicorn.Config(
+                create_app(context),
+                host=config.server.host,
+                port=config.server.port,
+                log_config=None,
+                timeout_graceful_shutdown=HTTP_SHUTDOWN_GRACE,
+                server_header=False,
+            )
+        )
+
+        def apply(newer: Config) -> None:
+            newer = overlay(newer)
+            if routing is not None:
+                routing.replace(newer)
+            live.config = newer
+            service.replace_limits(newer.upload_limits())
+
+        await stack.enter_async_context(_watching(config, apply))
+        await _run_until_stopped(server, listener, daemon, on_listening)
+
+
+def _new_daemon(
+    storage: Storage, client: UpstreamClient, config: Config, routing: Routing, registry: CollectorRegistry
+) -> Daemon:
+    daemon = Daemon(
+        storage,
+        client,
+        routing.routes,
+        settings=config.daemon_settings(),
+        metrics=DaemonMetrics(registry),
+        version=__version__,
+    )
+    routing.on_change = daemon.replace_routes
+    return daemon
+
+
+def _no_overlay(config: Config) -> Config:
+    return config
+
+
+class _LiveConfig:
+    """The configuration in force in an API-only process (a reload replaces it)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def has_route(self, model: str) -> bool:
+        return self.config.has_route(model)
+
+
+def _nothing() -> None:
+    """Nothing to wake: no daemon runs in this process."""
+
+
+async def _run_until_stopped(
+    server: _Server, listener: socket.socket, daemon: Daemon | None, on_listening: Callable[[str], None] | None
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    with _signals_set(loop, stop.set):
+        server_task = asyncio.create_task(server.serve(sockets=[listener]), name="fusillade-http")
+        daemon_task = asyncio.create_task(daemon.run(), name="fusillade-daemon") if daemon else None
+        stop_task = asyncio.create_task(stop.wait(), name="fusillade-stop")
+        watched = {server_task, stop_task} | ({daemon_task} if daemon_task else set())
+        try:
+            await _announce(server, server_task, url_of(listener), daemon is not None, on_listening)
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_task.cancel()
+            logger.info("Stopping: no new HTTP connections.")
+            server.should_exit = True
+            server_failure = await _outcome(server_task)
+            daemon_failure = None
+            if daemon is not None and daemon_task is not None:
+                daemon.stop()
+                daemon_failure = await _outcome(daemon_task)
+    for failure in (daemon_failure, server_failure):
+        if failure is not None:
+            raise failure
+    if server_task in done and stop_task not in done:
+        raise RuntimeError("The HTTP server stopped on its own.")
+
+
+async def _announce(
+    server: _Server,
+    server_task: asyncio.Task[None],
+    url: str,
+    with_daemon: bool,
+    on_listening: Callable[[str], None] | None,
+) -> None:
+    """Wait until the HTTP server has started (or failed to), then say where it listens."""
+    ready = asyncio.create_task(server.ready.wait())
+    await asyncio.wait({ready, server_task}, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    if server.ready.is_set():
+        logger.info("Listening on %s (%s).", url, "API and daemon" if with_daemon else "API only")
+        if on_listening is not None:
+            on_listening(url)
+
+
+async def _outcome(task: asyncio.Task[None]) -> BaseException | None:
+    """Wait for `task`; its exception, if it raised one (a cancelled task is not a failure)."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait({task})
+    if task.cancelled():
+        return None
+    return task.exception()
+
+
+@contextlib.contextmanager
+def _signals_set(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> Iterator[None]:
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, handler)
+    try:
+        yield
+    finally:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(number)
+
+
+@contextlib.asynccontextmanager
+async def _watching(config: Config, apply: Callable[[Config], None]) -> AsyncIterator[None]:
+    """Reload the configuration file on change and on SIGHUP (when there is a file)."""
+    if config.source is None:
+        yield
+        return
+    async with ConfigWatcher(config.source, config, apply) as watcher:
+        with contextlib.suppress(RuntimeError):  # no SIGHUP on this platform: the file is still watched
+            watcher.handle_sighup()
+        yield
+
+
+# ----------------------------------------------------------------------------------------------- daemon
+
+
+async def run_daemon(config: Config, *, metrics_address: tuple[str, int] | None = None) -> None:
+    """Run a daemon alone until SIGTERM or SIGINT (`fusillade daemon`). `metrics_address`: serve its
+    Prometheus metrics over HTTP there (the HTTP API of another process cannot show them)."""
+    if config.default_route is not None:
+        logger.warning(
+            "This daemon sends requests only for the models listed in [models] (%s); requests for other models, "
+            "which [default_route] accepts at upload, wait for a `fusillade serve` process.",
+            ", ".join(config.models) or "none",
+        )
+    routing = Routing(config)
+    registry = new_registry()
+    storage = await factory.open_storage(config.database_url)
+    try:
+        if metrics_address is not None:
+            _serve_metrics(registry, metrics_address)
+        async with UpstreamClient() as client:
+            daemon = _new_daemon(storage, client, config, routing, registry)
+            async with _watching(config, routing.replace):
+                await run_until_signalled(daemon)
+    finally:
+        await storage.close()
+
+
+def _serve_metrics(registry: CollectorRegistry, address: tuple[str, int]) -> None:
+    host, port = address
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise errors.ConfigurationError(
+            f"Cannot serve metrics on {host}:{port} ({exc.strerror or exc}); choose another --metrics-port."
+        ) from None
+    logger.info("Metrics on http://%s:%d/metrics.", host, port)

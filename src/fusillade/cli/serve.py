@@ -1,0 +1,101 @@
+"""`fusillade serve`, `fusillade api` and `fusillade daemon`: the long-running processes.
+
+`fusillade.app` (and with it the HTTP stack) is imported inside the commands, so that the short commands
+(`keys`, `status`, `migrate`) start quickly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fusillade.cli import common
+from fusillade.config import Config
+
+HostOption = Annotated[
+    str | None,
+    typer.Option(
+        "--host",
+        help="Address to listen on (default: server.host, 127.0.0.1). Any other than loopback needs an API key.",
+        show_default=False,
+    ),
+]
+PortOption = Annotated[
+    int | None,
+    typer.Option(
+        "--port", "-p", help="TCP port (default: server.port, 8080); 0 picks a free one.", show_default=False
+    ),
+]
+
+
+def serve(
+    config: common.ConfigOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    database_url: common.DatabaseUrlOption = None,
+    mock_upstream: Annotated[
+        bool,
+        typer.Option(
+            "--mock-upstream",
+            help="Also run the fake upstream in this process and send every model without a route of its own "
+            "to it. For demos and first steps, not for production.",
+        ),
+    ] = False,
+    log_level: common.LogLevelOption = "info",
+) -> None:
+    """Run the HTTP API and a daemon in one process: the main command (SQLite by default)."""
+    common.setup_logging(log_level)
+    settings = _load(config, host, port, database_url)
+    from fusillade import app
+
+    common.execute(app.serve(settings, mock_upstream=mock_upstream))
+
+
+def api(
+    config: common.ConfigOption = None,
+    host: HostOption = None,
+    port: PortOption = None,
+    database_url: common.DatabaseUrlOption = None,
+    log_level: common.LogLevelOption = "info",
+) -> None:
+    """Run the HTTP API alone (next to `fusillade daemon` processes on a shared PostgreSQL database)."""
+    common.setup_logging(log_level)
+    settings = _load(config, host, port, database_url)
+    from fusillade import app
+
+    common.execute(app.serve(settings, with_daemon=False))
+
+
+def daemon(
+    config: common.ConfigOption = None,
+    database_url: common.DatabaseUrlOption = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            help="Serve the daemon's Prometheus metrics on this port at /metrics (default: not served).",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option("--metrics-host", help="Address of the metrics endpoint.")
+    ] = "127.0.0.1",
+    log_level: common.LogLevelOption = "info",
+) -> None:
+    """Run a daemon alone: it sends the stored requests upstream (several may share a PostgreSQL database)."""
+    common.setup_logging(log_level)
+    settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
+    address = (metrics_host, metrics_port) if metrics_port is not None else None
+    from fusillade import app
+
+    common.execute(app.run_daemon(settings, metrics_address=address))
+
+
+def _load(config: Path | None, host: str | None, port: int | None, database_url: str | None) -> Config:
+    return common.load(
+        config,
+        FUSILLADE_DATABASE_URL=("--database-url", database_url),
+        FUSILLADE_SERVER__HOST=("--host", host),
+        FUSILLADE_SERVER__PORT=("--port", port),
+    )

@@ -1,0 +1,232 @@
+"""`fusillade run` as a user runs it: a subprocess on a JSONL file, against the fake upstream (in this process,
+so that the test can read what it saw), then the files it wrote. Also `fusillade status` on the state it left."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusillade.mock_upstream import Behaviour, FixedLatency, HttpError, MockUpstream
+from tests.support import polling
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def fusillade(*arguments: str, cwd: Path) -> Finished:
+    """Run the CLI to its end without blocking this event loop (the fake upstream lives in it)."""
+    process = await start(*arguments, cwd=cwd)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=50)
+    assert process.returncode is not None
+    return Finished(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def start(*arguments: str, cwd: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fusillade",
+        *arguments,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+def write_requests(path: Path, count: int, *, model: str = "demo") -> list[str]:
+    """An OpenAI batch input of `count` chat completions; returns the custom ids."""
+    custom_ids = [f"request-{index}" for index in range(count)]
+    with path.open("w") as file:
+        for custom_id in custom_ids:
+            body = {"model": model, "messages": [{"role": "user", "content": f"Say {custom_id}"}]}
+            line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+            file.write(json.dumps(line) + "\n")
+    return custom_ids
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[MockUpstream]:
+    async with MockUpstream(Behaviour()) as server:
+        yield server
+
+
+async def test_run_writes_the_output_file_and_exits_0(tmp_path: Path, upstream: MockUpstream) -> None:
+    custom_ids = write_requests(tmp_path / "requests.jsonl", 25)
+
+    result = await fusillade(
+        "run", "requests.jsonl", "--model-route", f"demo={upstream.url},concurrency=4", cwd=tmp_path
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "25 requests: 25 completed, 0 failed" in result.stdout
+    output = read_lines(tmp_path / "requests.output.jsonl")
+    assert sorted(line["custom_id"] for line in output) == sorted(custom_ids)
+    assert all(line["response"]["status_code"] == 200 for line in output)
+    assert (tmp_path / "requests.errors.jsonl").read_text() == ""
+    assert upstream.stats.requests_total == 25
+    assert upstream.stats.max_in_flight <= 4
+
+    status = await fusillade("status", "--json", "--database-url", "sqlite:///requests.fusillade.db", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    snapshot = json.loads(status.stdout)
+    [batch] = snapshot["batches"]
+    assert batch["status"] == "completed"
+    assert batch["request_counts"]["completed"] == 25
+    assert [daemon["status"] for daemon in snapshot["daemons"]] == ["dead"]  # stopped in order
+
+    table = await fusillade("status", "--database-url", "sqlite:///requests.fusillade.db", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert batch["id"] in table.stdout
+    assert "25/25 (100%)" in table.stdout
+
+
+async def test_run_with_failed_requests_writes_both_files_and_exits_1(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    custom_ids = write_requests(tmp_path / "in.jsonl", 12)
+    upstream.behaviour = Behaviour(
+        faults_by_custom_id={"request-3": [HttpError(400)], "request-7": [HttpError(422)]}
+    )
+
+    result = await fusillade(
+        "run",
+        "in.jsonl",
+        "-m",
+        f"demo={upstream.url}",
+        "--output",
+        "out.jsonl",
+        "--errors",
+        "err.jsonl",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "12 requests: 10 completed, 2 failed" in result.stdout
+    assert "--retry-failed" in result.stderr
+    output, failed = read_lines(tmp_path / "out.jsonl"), read_lines(tmp_path / "err.jsonl")
+    assert sorted(line["custom_id"] for line in failed) == ["request-3", "request-7"]
+    assert sorted(line["custom_id"] for line in output + failed) == sorted(custom_ids)
+    assert {line["response"]["status_code"] for line in failed} == {400, 422}
+
+    upstream.behaviour = Behaviour()  # the cause is fixed: the failed requests go again, and only they
+    again = await fusillade(
+        "run", "in.jsonl", "-m", f"demo={upstream.url}", "-o", "out.jsonl", "-e", "err.jsonl", "--retry-failed",
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert again.returncode == 0, again.stderr
+    assert sorted(line["custom_id"] for line in read_lines(tmp_path / "out.jsonl")) == sorted(custom_ids)
+    assert read_lines(tmp_path / "err.jsonl") == []
+    assert upstream.stats.requests_total == 14
+
+
+async def test_run_rejects_a_bad_file_with_line_numbers_and_exits_2(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    lines = [
+        '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "demo"}}',
+        '{"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "demo"}',
+        '{"custom_id": "c", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "other"}}',
+        '{"custom_id": "d", "method": "POST", "url": "/v1/embeddings", "body": {"model": "demo"}}',
+    ]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+
+    result = await fusillade("run", "bad.jsonl", "-m", f"demo={upstream.url}", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert "bad.jsonl:2: The line is not valid JSON" in result.stderr
+    assert "bad.jsonl:4: url '/v1/embeddings' differs from the first line's" in result.stderr
+    assert "model 'other' (1 lines: 3) has no route: add --model-route other=http://HOST:PORT" in result.stderr
+    assert not (tmp_path / "bad.output.jsonl").exists()
+    assert upstream.stats.requests_total == 0
+
+
+async def test_run_explains_a_bad_model_route_and_exits_2(tmp_path: Path) -> None:
+    write_requests(tmp_path / "requests.jsonl", 1)
+
+    result = await fusillade("run", "requests.jsonl", "-m", "demo=localhost:8000,concurrency=0", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert "--model-route demo=localhost:8000,concurrency=0" in result.stderr
+    assert "is not an http(s) URL" in result.stderr
+
+
+async def test_run_killed_midway_resumes_without_starting_over(tmp_path: Path, upstream: MockUpstream) -> None:
+    concurrency = 6
+    custom_ids = write_requests(tmp_path / "requests.jsonl", 90)
+    upstream.behaviour = Behaviour(latency=FixedLatency(0.05))
+    route = f"demo={upstream.url},concurrency={concurrency}"
+
+    first = await start("run", "requests.jsonl", "-m", route, cwd=tmp_path)
+    await polling.until(lambda: upstream.stats.requests_total >= 30, message="a third of the requests sent")
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    sent_before = upstream.stats.requests_total
+    assert sent_before < len(custom_ids)
+
+    second = await fusillade("run", "requests.jsonl", "-m", route, cwd=tmp_path)
+
+    assert second.returncode == 0, second.stderr
+    assert "Resuming:" in second.stderr
+    output = read_lines(tmp_path / "requests.output.jsonl")
+    assert sorted(line["custom_id"] for line in output) == sorted(custom_ids)  # each custom_id once
+    sent_twice = [
+        custom_id for custom_id, attempts in upstream.stats.attempts_by_custom_id.items() if len(attempts) > 1
+    ]
+    assert len(sent_twice) <= concurrency  # at most those in flight at the kill
+    assert upstream.stats.requests_total <= len(custom_ids) + concurrency
+
+
+async def test_run_interrupted_exits_130_and_the_next_run_sends_nothing_twice(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    custom_ids = write_requests(tmp_path / "requests.jsonl", 60)
+    upstream.behaviour = Behaviour(latency=FixedLatency(0.05))
+    route = f"demo={upstream.url},concurrency=4"
+
+    first = await start("run", "requests.jsonl", "-m", route, cwd=tmp_path)
+    await polling.until(lambda: upstream.stats.requests_total >= 12, message="some requests sent")
+    first.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.wait_for(first.communicate(), timeout=30)
+
+    assert first.returncode == 130, stderr.decode()
+    assert "Run the same command again to continue" in stderr.decode()
+    assert not (tmp_path / "requests.output.jsonl").exists()
+
+    second = await fusillade("run", "requests.jsonl", "-m", route, cwd=tmp_path)
+
+    assert second.returncode == 0, second.stderr
+    assert sorted(line["custom_id"] for line in read_lines(tmp_path / "requests.output.jsonl")) == sorted(
+        custom_ids
+    )
+    assert upstream.stats.requests_total == len(custom_ids)  # calls in flight finished before the stop
+
+
+async def test_a_finished_run_run_again_only_rewrites_the_files(tmp_path: Path, upstream: MockUpstream) -> None:
+    write_requests(tmp_path / "requests.jsonl", 5)
+    route = f"demo={upstream.url}"
+    assert (await fusillade("run", "requests.jsonl", "-m", route, cwd=tmp_path)).returncode == 0
+    (tmp_path / "requests.output.jsonl").unlink()
+
+    again = await fusillade("run", "requests.jsonl", "-m", route, cwd=tmp_path)
+
+    assert again.returncode == 0, again.stderr
+    assert "Already run" in again.stderr
+    assert len(read_lines(tmp_path / "requests.output.jsonl")) == 5
+    assert upstream.stats.requests_total == 5
