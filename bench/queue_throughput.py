@@ -10,10 +10,11 @@ the way a daemon with group commit does, 100 requests per transaction, in one of
 
 With `--workers W`, W such loops run at once, each as its own daemon. Meanwhile the store's queue is
 maintained (`maintain_queue`) every `--maintain-interval` seconds, as a daemon does on its maintenance interval
-(0: never). Reported: requests per second (N / drain time), median of `--runs` runs.
+(0: never). The event loop is uvloop's when it is installed, as for the daemon (`fusillade.cli.common.run`);
+`--asyncio-loop` runs on asyncio's own. Reported: requests per second (N / drain time), median of `--runs` runs.
 
     .venv/bin/python bench/queue_throughput.py [--rows 200000] [--runs 3] [--workers 1 4]
-        [--backend sqlite] [--mode claim+complete] [--maintain-interval 1.0]
+        [--backend sqlite] [--mode claim+complete] [--maintain-interval 1.0] [--asyncio-loop]
 
 PostgreSQL: `$FUSILLADE_BENCH_POSTGRES_URL` (a server URL; a scratch database is created and dropped), default
 postgresql://postgres@127.0.0.1:5432/postgres.
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -77,6 +78,19 @@ async def database(backend: str) -> AsyncIterator[str]:
 
 
 MODES = ("claim+complete", "claim+start+complete")
+
+
+def loop_factory(use_asyncio: bool) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """The event loop the runs use (its name, and the factory for `asyncio.Runner`): uvloop's when it is
+    installed, as the daemon's, unless asyncio's is asked for."""
+    if not use_asyncio:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return "uvloop", uvloop.new_event_loop
+    return "asyncio", None
 
 
 async def drain(store: base.Storage, daemon_id: ids.DaemonId, mode: str) -> int:
@@ -149,6 +163,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgres"], action="append")
     parser.add_argument("--mode", choices=MODES, action="append")
     parser.add_argument("--maintain-interval", type=float, default=1.0, help="seconds; 0: never")
+    parser.add_argument("--asyncio-loop", action="store_true", help="asyncio's event loop, not uvloop's")
     arguments = parser.parse_args()
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"machine: {machine.describe()}")
@@ -157,17 +172,19 @@ def main() -> None:
         if arguments.maintain_interval
         else "no maintenance"
     )
+    loop_name, new_loop = loop_factory(arguments.asyncio_loop)
     print(
         f"rows per run: {arguments.rows}, {CLAIM_SIZE} requests per transaction, runs: {arguments.runs}, "
-        f"{maintained}"
+        f"{maintained}, {loop_name} event loop"
     )
     for backend in arguments.backend or ["sqlite", "postgres"]:
         for mode in arguments.mode or MODES:
             for workers in arguments.workers:
-                rates = [
-                    asyncio.run(one_run(backend, arguments.rows, workers, mode, arguments.maintain_interval))
-                    for _ in range(arguments.runs)
-                ]
+                rates = []
+                for _ in range(arguments.runs):
+                    run = one_run(backend, arguments.rows, workers, mode, arguments.maintain_interval)
+                    with asyncio.Runner(loop_factory=new_loop) as runner:
+                        rates.append(runner.run(run))
                 shown = ", ".join(f"{rate:,.0f}" for rate in rates)
                 print(
                     f"{backend:>8} {mode:<21} workers {workers}: median {statistics.median(rates):,.0f} "

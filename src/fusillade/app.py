@@ -58,46 +58,33 @@ _NO_KEYS_ADVICE = "create a key with `fusillade keys create --owner NAME`"
 
 
 class Routing:
-    """The routing table in force in a process: the configuration's routes with their keys read.
-
-    The daemon claims work model by model, so a model that only the configuration's `[default_route]`
-    serves needs an entry of its own: `accepts` (what uploads check, line by line) adds one the first time a
-    model is named, and calls `on_change` so that the daemon picks it up. Models named before this process
-    started are not known here; give them a `[models."NAME"]` table to have them served after a restart.
-    """
+    """The routing table in force in a process: the configuration's routes with their keys read, and the
+    default route for models without one of their own (the daemon learns those models from the queue)."""
 
     def __init__(self, config: Config) -> None:
-        self.on_change: Callable[[Mapping[str, Route]], None] | None = None
-        """Called with the new table whenever it changes (the daemon's `replace_routes`)."""
-        self._learnt: set[str] = set()
+        self.on_change: Callable[[Mapping[str, Route], Route | None], None] | None = None
+        """Called with the new table and default route whenever they change (the daemon's `replace_routes`)."""
         self._routes, self._default = _resolve(config)
 
     @property
     def routes(self) -> dict[str, Route]:
-        """Every model with a route: those of the configuration, and those learnt for the default route."""
-        learnt = dict.fromkeys(self._learnt, self._default) if self._default is not None else {}
-        return {**learnt, **self._routes}
+        """The models with a route of their own."""
+        return dict(self._routes)
+
+    @property
+    def default(self) -> Route | None:
+        return self._default
 
     def accepts(self, model: str) -> bool:
         """Whether requests for `model` can be sent somewhere (an upload checks this for every line)."""
-        if model in self._routes:
-            return True
-        if self._default is None:
-            return False
-        if model not in self._learnt:
-            self._learnt.add(model)
-            self._changed()
-        return True
+        return model in self._routes or self._default is not None
 
     def replace(self, config: Config) -> None:
         """Use a new configuration (a reload); raises `InvalidConfiguration` (and keeps the old one) when a
         route's key variable is not set."""
         self._routes, self._default = _resolve(config)
-        self._changed()
-
-    def _changed(self) -> None:
         if self.on_change is not None:
-            self.on_change(self.routes)
+            self.on_change(self.routes, self._default)
 
 
 def _resolve(config: Config) -> tuple[dict[str, Route], Route | None]:
@@ -253,6 +240,8 @@ async def serve(
             newer = overlay(newer)
             if routing is not None:
                 routing.replace(newer)
+            if daemon is not None:
+                daemon.replace_settings(newer.daemon_settings())
             live.config = newer
             service.replace_limits(newer.upload_limits())
 
@@ -267,6 +256,7 @@ def _new_daemon(
         storage,
         client,
         routing.routes,
+        default_route=routing.default,
         settings=config.daemon_settings(),
         metrics=DaemonMetrics(registry),
         version=__version__,
@@ -377,12 +367,6 @@ async def _watching(config: Config, apply: Callable[[Config], None]) -> AsyncIte
 async def run_daemon(config: Config, *, metrics_address: tuple[str, int] | None = None) -> None:
     """Run a daemon alone until SIGTERM or SIGINT (`fusillade daemon`). `metrics_address`: serve its
     Prometheus metrics over HTTP there (the HTTP API of another process cannot show them)."""
-    if config.default_route is not None:
-        logger.warning(
-            "This daemon sends requests only for the models listed in [models] (%s); requests for other models, "
-            "which [default_route] accepts at upload, wait for a `fusillade serve` process.",
-            ", ".join(config.models) or "none",
-        )
     routing = Routing(config)
     registry = new_registry()
     storage = await factory.open_storage(config.database_url)
@@ -391,7 +375,12 @@ async def run_daemon(config: Config, *, metrics_address: tuple[str, int] | None 
             _serve_metrics(registry, metrics_address)
         async with UpstreamClient() as client:
             daemon = _new_daemon(storage, client, config, routing, registry)
-            async with _watching(config, routing.replace):
+
+            def apply(newer: Config) -> None:
+                routing.replace(newer)
+                daemon.replace_settings(newer.daemon_settings())
+
+            async with _watching(config, apply):
                 await run_until_signalled(daemon)
     finally:
         await storage.close()

@@ -1,4 +1,4 @@
-"""RequestQueue.claim_requests: capacities and limits, ordering, eligibility, concurrent claimers."""
+"""RequestQueue.claim_requests: capacities and limits, ordering, eligibility, concurrent claimers; maintain_queue."""
 
 from __future__ import annotations
 
@@ -204,6 +204,26 @@ async def test_concurrent_claimers_get_disjoint_requests(
         assert all(by_id[item.id].daemon_id == daemon for item in claimed)
 
 
+async def test_maintain_queue_runs_alongside_claims_and_itself(
+    backend: backends.Backend, storage: base.Storage, clock: clocks.ManualClock
+) -> None:
+    """`maintain_queue` (a vacuum on PostgreSQL) may run at any time: while claims run, twice at once (from
+    two stores on one database), and after it claims go on in order with nothing lost or repeated."""
+    batch = await factories.create_batch(storage, count=30)
+    _, other = await _stores(backend, storage, clock, 2)
+    daemon = await factories.register(storage)
+    first = await factories.claim(storage, daemon, 10)
+    await factories.complete(storage, daemon, [item.id for item in first])
+    second, _, _ = await asyncio.gather(
+        factories.claim(storage, daemon, 10), storage.maintain_queue(), other.maintain_queue()
+    )
+    await storage.maintain_queue()
+    rest = await factories.claim(storage, daemon)
+    assert [item.custom_id for item in [*first, *second, *rest]] == [f"req-{line}" for line in range(1, 31)]
+    counts = (await storage.get_batch(batch.id, owner="alice")).counts
+    assert (counts.completed, counts.in_progress, counts.pending) == (10, 20, 0)
+
+
 @pytest.mark.timeout(60)
 async def test_global_model_limit_holds_under_concurrent_claimers(
     backend: backends.Backend, storage: base.Storage, clock: clocks.ManualClock
@@ -239,3 +259,12 @@ async def test_global_model_limit_holds_under_concurrent_claimers(
             break
     assert finished == 60
     assert (await storage.get_batch(batch.id, owner="alice")).counts.completed == 60
+
+
+async def test_pending_models_lists_each_model_with_pending_requests_once(storage: base.Storage) -> None:
+    assert await storage.pending_models() == []
+    await factories.create_batch(storage, models_by_line=["m-b", "m-a", "m-b", "m-c", "m-a"])
+    daemon_id = await factories.register(storage)
+    await factories.claim(storage, daemon_id, model="m-c")
+
+    assert await storage.pending_models() == ["m-a", "m-b"]

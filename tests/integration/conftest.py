@@ -77,9 +77,11 @@ async def running(
     client: UpstreamClient,
     routes: Mapping[str, Route],
     settings: DaemonSettings | None = None,
+    *,
+    default_route: Route | None = None,
 ) -> AsyncIterator[Daemon]:
     """A daemon running in the background; stopped in order (and its failure raised) on exit."""
-    daemon = Daemon(storage, client, routes, settings=settings or fast_settings())
+    daemon = Daemon(storage, client, routes, default_route=default_route, settings=settings or fast_settings())
     task = asyncio.create_task(daemon.run())
     try:
         yield daemon

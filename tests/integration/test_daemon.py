@@ -25,7 +25,7 @@ from fusillade.mock_upstream import (
 )
 from fusillade.storage import base
 from fusillade.upstream.client import UpstreamClient
-from fusillade.upstream.routes import PhaseTimeouts
+from fusillade.upstream.routes import PhaseTimeouts, Route
 from tests.integration.conftest import batch_status, fast_settings, routes_for, running
 from tests.support import factories, polling
 
@@ -276,3 +276,17 @@ async def test_calls_carry_identity_metadata_and_trace_headers(
         assert "x-fusillade-batch-other" not in headers
         assert headers["authorization"] == "Bearer sk-upstream-secret"
         assert re.fullmatch(f"00-{request.id.hex}-[0-9a-f]{{16}}-01", headers["traceparent"])
+
+
+async def test_models_without_a_route_of_their_own_use_the_default_route(
+    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
+) -> None:
+    batch = await factories.create_batch(storage, models_by_line=["listed", "other-1", "other-2", "other-1"])
+    default = Route(base_url=upstream.url, concurrency=1)
+
+    async with running(storage, client, routes_for(upstream, {"listed": 2}), default_route=default):
+        done = await finished(storage, batch, within=15)
+
+    assert done.counts.completed == 4
+    assert upstream.stats.requests_by_model == {"listed": 1, "other-1": 2, "other-2": 1}
+    assert upstream.stats.max_in_flight_by_model["other-1"] == 1

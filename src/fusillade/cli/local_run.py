@@ -180,6 +180,7 @@ async def run_batch(
                 storage,
                 client,
                 routing.routes,
+                default_route=routing.default,
                 settings=settings,
                 metrics=DaemonMetrics(CollectorRegistry()),
                 version=__version__,

@@ -60,6 +60,7 @@ class Daemon:
         client: Upstream,
         routes: Mapping[str, Route],
         *,
+        default_route: Route | None = None,
         settings: DaemonSettings | None = None,
         clock: Clock | None = None,
         metrics: DaemonMetrics | None = None,
@@ -71,7 +72,9 @@ class Daemon:
         self._clock = clock or SystemClock()
         self.metrics = metrics or DaemonMetrics()
         self._version = version
-        self._lanes = Lanes(routes)
+        self._lanes = Lanes(routes, default_route)
+        self._discover = default_route is not None
+        self._discovered_at = 0.0
         self._daemon_id: ids.DaemonId | None = None
         self._tasks: dict[ids.RequestId, asyncio.Task[None]] = {}
         self._claims: dict[ids.RequestId, models.ClaimedRequest] = {}
@@ -81,7 +84,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._retry_due: float | None = None
         self._batch_headers: dict[ids.BatchId, dict[str, str]] = {}
-        self._claiming = True
+        self._settings_listeners: list[Callable[[DaemonSettings], None]] = []
 
     # ------------------------------------------------------------------------------------- public surface
 
@@ -96,11 +99,21 @@ class Daemon:
 
     def notify_work(self) -> None:
         """New work may be claimable (a batch was created or retried in this process): claim now."""
+        self._discover = self._lanes.has_default
         self._wake.set()
 
-    def replace_routes(self, routes: Mapping[str, Route]) -> None:
-        """New routing table (limits, upstreams); applies to the next claim and the next calls."""
-        self._lanes.replace_routes(routes)
+    def replace_routes(self, routes: Mapping[str, Route], default_route: Route | None = None) -> None:
+        """New routing table (limits, upstreams, the route of models without their own); applies to the next
+        claim and the next calls."""
+        self._lanes.replace_routes(routes, default_route)
+        self._discover = default_route is not None
+        self._wake.set()
+
+    def replace_settings(self, settings: DaemonSettings) -> None:
+        """New knobs (a configuration reload): each loop uses them from its next round."""
+        self._settings = settings
+        for listener in self._settings_listeners:
+            listener(settings)
         self._wake.set()
 
     def stop(self) -> None:
@@ -133,6 +146,7 @@ class Daemon:
             on_retry_scheduled=self._retry_scheduled,
             on_lane_paused=self._wake.set,
         )
+        self._settings_listeners[:] = [writer.replace_settings, executor.replace_settings]
         writer_task = asyncio.create_task(writer.run(), name="fusillade-writer")
         loops = {
             asyncio.create_task(self._claim_loop(daemon.id, executor), name="fusillade-claim"),
@@ -140,8 +154,7 @@ class Daemon:
             asyncio.create_task(self._maintenance_loop(), name="fusillade-maintenance"),
             asyncio.create_task(self._cancellation_loop(daemon.id), name="fusillade-cancellation"),
         }
-        if self._settings.purge_interval is not None:
-            loops.add(asyncio.create_task(self._purge_loop(), name="fusillade-purge"))
+        loops.add(asyncio.create_task(self._purge_loop(), name="fusillade-purge"))
         stop_task = asyncio.create_task(self._stop.wait(), name="fusillade-stop")
         failure: BaseException | None = None
         try:
@@ -176,6 +189,17 @@ class Daemon:
                     await self._database_failed("claim", exc, backoff)
                     continue
                 uncertain = False
+            if self._lanes.has_default and (
+                self._discover
+                or time.monotonic() - self._discovered_at >= self._settings.idle_poll_interval.total_seconds()
+            ):
+                try:
+                    self._lanes.learn(await self._storage.pending_models())
+                except errors.StorageError as exc:
+                    await self._database_failed("claim", exc, backoff)
+                    continue
+                self._discover = False
+                self._discovered_at = time.monotonic()
             capacities = self._lanes.capacities(time.monotonic())
             if not capacities:
                 await self._sleep_until_woken(None)
@@ -272,8 +296,8 @@ class Daemon:
     # ------------------------------------------------------------------------------------------ side loops
 
     async def _heartbeat_loop(self, daemon_id: ids.DaemonId) -> None:
-        interval = self._settings.heartbeat_interval.total_seconds()
         while True:
+            interval = self._settings.heartbeat_interval.total_seconds()
             await asyncio.sleep(interval)
             try:
                 await self._storage.heartbeat(daemon_id, in_flight=len(self._tasks))
@@ -287,11 +311,10 @@ class Daemon:
                 logger.warning("Heartbeat failed (%s); trying again in %.1f s.", exc, interval)
 
     async def _maintenance_loop(self) -> None:
-        interval = self._settings.maintenance_interval.total_seconds()
         backoff = self._backoff()
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(self._settings.maintenance_interval.total_seconds()):
                     await self._maintenance_wake.wait()
             self._maintenance_wake.clear()
             try:
@@ -309,10 +332,9 @@ class Daemon:
             backoff.succeeded()
 
     async def _cancellation_loop(self, daemon_id: ids.DaemonId) -> None:
-        interval = self._settings.cancellation_poll_interval.total_seconds()
         backoff = self._backoff()
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self._settings.cancellation_poll_interval.total_seconds())
             if not self._tasks:
                 continue
             try:
@@ -327,12 +349,13 @@ class Daemon:
                 self._maintenance_wake.set()  # finalize the cancelled batches soon
 
     async def _purge_loop(self) -> None:
-        assert self._settings.purge_interval is not None
-        interval = self._settings.purge_interval.total_seconds()
-        throttle = self._settings.purge_throttle.total_seconds()
         backoff = self._backoff()
         while True:
-            await asyncio.sleep(interval)
+            interval = self._settings.purge_interval
+            await asyncio.sleep(interval.total_seconds() if interval is not None else 60.0)
+            if self._settings.purge_interval is None:  # switched off by a reload
+                continue
+            throttle = self._settings.purge_throttle.total_seconds()
             try:
                 purged = await self._storage.purge_deleted(limit=self._settings.purge_batch_size)
                 while purged:

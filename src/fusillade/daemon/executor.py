@@ -193,6 +193,9 @@ class RequestExecutor:
         except TimeoutError:
             return None
 
+    def replace_settings(self, settings: DaemonSettings) -> None:
+        self._settings = settings
+
     async def release(self, request_id: ids.RequestId) -> None:
         """Give back a request this daemon holds but does not run."""
         await self._writer.submit(models.Release(request_id))

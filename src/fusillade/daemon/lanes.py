@@ -5,37 +5,62 @@ while the daemon runs (a lowered limit lets calls in flight finish and starts no
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from fusillade.domain import models
 from fusillade.upstream.routes import Route
 
 
 class Lanes:
-    def __init__(self, routes: Mapping[str, Route]) -> None:
+    def __init__(self, routes: Mapping[str, Route], default: Route | None = None) -> None:
         self._routes = dict(routes)
+        self._default = default
+        self._learnt: set[str] = set()
         self._in_flight: Counter[str] = Counter()
         self._owners: Counter[str] = Counter()
         self._paused_until: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------- routes
 
-    def replace_routes(self, routes: Mapping[str, Route]) -> None:
+    def replace_routes(self, routes: Mapping[str, Route], default: Route | None = None) -> None:
         self._routes = dict(routes)
+        self._default = default
+        if default is None:
+            self._learnt.clear()
+
+    @property
+    def has_default(self) -> bool:
+        return self._default is not None
+
+    def learn(self, pending_models: Iterable[str]) -> bool:
+        """With a default route, give a lane to every model that has pending requests and no route of its own
+        (and drop learnt lanes with nothing pending or in flight). True if a lane was added."""
+        if self._default is None:
+            return False
+        current = {model for model in pending_models if model not in self._routes}
+        current.update(model for model in self._learnt if self._in_flight[model])
+        added = bool(current - self._learnt)
+        self._learnt = current
+        return added
 
     def route(self, model: str) -> Route | None:
-        return self._routes.get(model)
+        route = self._routes.get(model)
+        if route is None and model in self._learnt:
+            return self._default
+        return route
 
     @property
     def model_names(self) -> list[str]:
-        return list(self._routes)
+        return [*self._routes, *sorted(self._learnt - self._routes.keys())]
 
     # ------------------------------------------------------------------------------------------ capacity
 
     def capacities(self, now: float) -> list[models.ModelCapacity]:
         """What may start now (monotonic `now`), per model with free slots and no pause."""
         result = []
-        for model, route in self._routes.items():
+        for model in self.model_names:
+            route = self.route(model)
+            assert route is not None
             paused_until = self._paused_until.get(model)
             if paused_until is not None:
                 if paused_until > now:

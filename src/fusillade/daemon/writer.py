@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from fusillade import errors
 from fusillade.daemon.backoff import Backoff
+from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import ids, models, states
 from fusillade.metrics import DaemonMetrics
 from fusillade.storage.base import RequestQueue
@@ -75,6 +76,10 @@ class GroupCommitWriter:
         self._arrived = asyncio.Event()
         self._closing = False
         self._abandoned = False
+
+    def replace_settings(self, settings: DaemonSettings) -> None:
+        self._max_delay = settings.commit_max_delay.total_seconds()
+        self._max_size = settings.commit_max_size
 
     @property
     def backlog(self) -> int:

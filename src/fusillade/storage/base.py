@@ -186,6 +186,11 @@ class RequestQueue(Protocol):
         """Requests this daemon has claimed or is processing whose batch is being cancelled."""
         ...
 
+    async def pending_models(self) -> list[str]:
+        """The models that have pending requests, sorted (one index probe per model, however many requests):
+        a daemon with a default route learns from it which models to claim for."""
+        ...
+
     async def held_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         """Every request this daemon has claimed or is processing. A daemon compares it with the calls it
         runs to find claims whose acknowledgement it never received (the connection broke after the

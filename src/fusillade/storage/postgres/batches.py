@@ -82,15 +82,26 @@ LIMIT $4
 
 _SELECT_REQUEST_CURSOR = "SELECT line_number FROM requests WHERE id = $1 AND batch_id = $2"
 
+# `state <> 'in_flight'` lets requests_batch_state serve whatever `$2` is.
 _REQUESTS_IN_STATE = f"""
 SELECT {rows.REQUEST_COLUMNS}
 FROM requests r
-WHERE r.batch_id = $1 AND r.state = $2 AND {rows.STATE_EXPRESSION} = $3 AND r.line_number > $4
+WHERE r.batch_id = $1 AND r.state = $2 AND r.state <> 'in_flight' AND r.line_number > $3
 ORDER BY r.line_number
-LIMIT $5
+LIMIT $4
 """
 
-# One ordered range of the (batch_id, state, line_number) index per stored state, merged in line order.
+# Claimed ($2 false) or processing ($2 true): few rows, found through requests_in_flight.
+_REQUESTS_IN_FLIGHT = f"""
+SELECT {rows.REQUEST_COLUMNS}
+FROM requests r
+WHERE r.batch_id = $1 AND r.state = 'in_flight' AND (r.started_at IS NOT NULL) = $2 AND r.line_number > $3
+ORDER BY r.line_number
+LIMIT $4
+"""
+
+# One ordered range per stored state, merged in line order: of requests_batch_state, and for in-flight
+# requests of requests_in_flight.
 _ALL_REQUESTS = " UNION ALL ".join(
     f"""(SELECT {rows.REQUEST_COLUMNS} FROM requests r
         WHERE r.batch_id = $1 AND r.state = '{stored}' AND r.line_number > $2
@@ -241,8 +252,9 @@ async def list_requests(
     limit = max(limit, 0)
     if state is None:
         found = await connection.fetch(_LIST_REQUESTS, batch_id, after_line, limit + 1)
+    elif state.is_in_flight:
+        processing = state is states.RequestState.PROCESSING
+        found = await connection.fetch(_REQUESTS_IN_FLIGHT, batch_id, processing, after_line, limit + 1)
     else:
-        found = await connection.fetch(
-            _REQUESTS_IN_STATE, batch_id, rows.stored_state(state), state.value, after_line, limit + 1
-        )
+        found = await connection.fetch(_REQUESTS_IN_STATE, batch_id, state.value, after_line, limit + 1)
     return models.Page(items=[rows.request_from_row(row) for row in found[:limit]], has_more=len(found) > limit)

@@ -169,20 +169,29 @@ def _response_bytes(status: int, body: str | None) -> int:
     return lines.response_line_bytes(0, status, 4 if body is None else len(body.encode()))
 
 
-def check_unique(writes: Sequence[models.RequestWrite]) -> None:
-    """`ValueError` if two writes name the same request."""
-    seen: set[ids.RequestId] = set()
-    for write in writes:
-        if write.request_id in seen:
-            raise ValueError(f"Two writes for request {ids.request_wire(write.request_id)} in one call.")
-        seen.add(write.request_id)
+def named_requests(writes: Sequence[models.RequestWrite]) -> frozenset[ids.RequestId]:
+    """The requests the writes name; `ValueError` if two writes name the same request."""
+    named = frozenset(write.request_id for write in writes)
+    if len(named) < len(writes):
+        seen: set[ids.RequestId] = set()
+        for write in writes:
+            if write.request_id in seen:
+                raise ValueError(f"Two writes for request {ids.request_wire(write.request_id)} in one call.")
+            seen.add(write.request_id)
+    return named
 
 
 async def apply_writes(
-    connection: Connection, daemon_id: ids.DaemonId, writes: Sequence[models.RequestWrite], *, now: datetime
+    connection: Connection,
+    daemon_id: ids.DaemonId,
+    writes: Sequence[models.RequestWrite],
+    named: frozenset[ids.RequestId],
+    *,
+    now: datetime,
 ) -> models.WriteReport:
-    """Apply the writes in one statement, then read the state of the refused ones. The caller runs this in a
-    transaction when it holds a `Reschedule` or `Release` (those take a second statement)."""
+    """Apply the writes (naming the requests `named`, see `named_requests`) in one statement, then read the
+    state of the refused ones. The caller runs this in a transaction when it holds a `Reschedule` or `Release`
+    (those take a second statement)."""
     by_kind: dict[str, list[tuple[Any, ...]]] = {}
     for write in writes:
         name, values = _row(write)
@@ -191,14 +200,24 @@ async def apply_writes(
     arguments: list[Any] = []
     for name in kinds:
         arguments.extend(list(column) for column in zip(*by_kind[name], strict=True))
-    # The driver's UUIDs hash and compare like the caller's, so the report can hold the caller's own ids.
-    returned = {row["id"] for row in await connection.fetch(_statement(kinds), daemon_id, now, *arguments)}
-    applied = frozenset(write.request_id for write in writes if write.request_id in returned)
-    returned_to_queue = [
-        write.request_id
-        for write in writes
-        if isinstance(write, models.Reschedule | models.Release) and write.request_id in applied
-    ]
+    found = await connection.fetch(_statement(kinds), daemon_id, now, *arguments)
+    # Each updated row is returned once: as many rows as writes means that every write applied.
+    if len(found) == len(writes):
+        applied, refused = named, []
+    else:
+        # The driver's UUIDs hash and compare like the caller's, so the report can hold the caller's own ids.
+        returned = {row[0] for row in found}
+        applied = frozenset(write.request_id for write in writes if write.request_id in returned)
+        refused = [write.request_id for write in writes if write.request_id not in returned]
+    returned_to_queue = (
+        [
+            write.request_id
+            for write in writes
+            if isinstance(write, models.Reschedule | models.Release) and write.request_id in applied
+        ]
+        if "rescheduled" in by_kind or "released" in by_kind
+        else []
+    )
     if returned_to_queue:
         await connection.execute(
             _CANCEL_RETURNED,
@@ -208,7 +227,6 @@ async def apply_writes(
             lines.CANCELLED_MESSAGE,
             lines.CANCELLED_LINE_BYTES,
         )
-    refused = [write.request_id for write in writes if write.request_id not in returned]
     if not refused:
         return models.WriteReport(applied=applied)
     current = {

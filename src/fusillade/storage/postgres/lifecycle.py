@@ -72,7 +72,7 @@ _EXPIRE_REQUESTS = """
 UPDATE requests
 SET state = 'failed', finished_at = $2, error_code = $3, error_message = $4, response_status = NULL,
     response_body = NULL, result_bytes = custom_id_bytes + $5
-WHERE batch_id = ANY($1::uuid[]) AND state IN ('pending', 'in_flight')
+WHERE batch_id = ANY($1::uuid[]) AND (state = 'pending' OR state = 'in_flight')
 """
 
 _MARK_EXPIRED = "UPDATE batches SET expired_at = $2 WHERE id = ANY($1::uuid[])"
@@ -83,10 +83,10 @@ WHERE {_UNFINISHED} AND b.cancelling_at IS NOT NULL AND b.deleted_at IS NULL
   AND EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending')
 """
 
+# Two lookups: pending requests are in requests_batch_state, in-flight ones in requests_in_flight.
 _NOTHING_ACTIVE = """
-NOT EXISTS (
-    SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state IN ('pending', 'in_flight')
-)
+NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'pending')
+AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'in_flight')
 """
 
 _DUE_FOR_FINALIZE = f"""

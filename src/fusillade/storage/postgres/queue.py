@@ -23,6 +23,18 @@ from fusillade.storage.postgres.connection import Connection
 # Columns in the order `rows.claimed_from_rows` unpacks them.
 _CLAIM = "SELECT * FROM claim_requests($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 
+# A loose index scan over the pending index: one probe per distinct model instead of a walk of every row.
+_PENDING_MODELS = """
+WITH RECURSIVE found(model) AS (
+    (SELECT model FROM requests WHERE state = 'pending' ORDER BY model LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.model FROM requests r WHERE r.state = 'pending' AND r.model > found.model
+            ORDER BY r.model LIMIT 1)
+    FROM found WHERE found.model IS NOT NULL
+)
+SELECT model FROM found WHERE model IS NOT NULL
+"""
+
 _HELD_REQUESTS = """
 SELECT id FROM requests WHERE state = 'in_flight' AND daemon_id = $1 ORDER BY id
 """
@@ -119,3 +131,7 @@ async def cancelling_requests(connection: Connection, daemon_id: ids.DaemonId) -
 async def held_requests(connection: Connection, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
     found = await connection.fetch(_HELD_REQUESTS, daemon_id)
     return [ids.RequestId(rows.plain_uuid(row["id"])) for row in found]
+
+
+async def pending_models(connection: Connection) -> list[str]:
+    return [row["model"] for row in await connection.fetch(_PENDING_MODELS)]

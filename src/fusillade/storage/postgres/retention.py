@@ -11,6 +11,12 @@ from __future__ import annotations
 
 from fusillade.storage.postgres.connection import Connection
 
+# Two lookups: requests_batch_state leaves out in-flight requests, requests_in_flight has them.
+_NO_REQUESTS = """
+NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state <> 'in_flight')
+AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.id AND r.state = 'in_flight')
+"""
+
 _PURGE_STEPS = (
     # requests of deleted batches
     """
@@ -22,20 +28,20 @@ _PURGE_STEPS = (
     )
     """,
     # result files of deleted batches that have no request left
-    """
+    f"""
     DELETE FROM files WHERE id IN (
         SELECT f.id FROM batches b JOIN files f ON f.batch_id = b.id
-        WHERE b.deleted_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.id)
+        WHERE b.deleted_at IS NOT NULL AND {_NO_REQUESTS}
         LIMIT $1
         FOR UPDATE OF f SKIP LOCKED
     )
     """,
     # deleted batches with neither requests nor result files left
-    """
+    f"""
     DELETE FROM batches WHERE id IN (
         SELECT b.id FROM batches b
         WHERE b.deleted_at IS NOT NULL
-          AND NOT EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = b.id)
+          AND {_NO_REQUESTS}
           AND NOT EXISTS (SELECT 1 FROM files f WHERE f.batch_id = b.id)
         LIMIT $1
         FOR UPDATE SKIP LOCKED

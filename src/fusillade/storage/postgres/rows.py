@@ -24,6 +24,7 @@ FILE_SOURCE = """
         FROM requests r
         WHERE f.purpose <> 'batch'
           AND r.batch_id = f.batch_id
+          AND r.state <> 'in_flight'  -- lets requests_batch_state serve
           AND r.state = ANY(CASE WHEN f.purpose = 'batch_output' THEN '{completed}'::text[]
                                  ELSE '{failed,canceled}'::text[] END)
     ) v
@@ -34,22 +35,23 @@ BATCH_COLUMNS = """
     b.id, b.owner, b.input_file_id, b.output_file_id, b.error_file_id, b.endpoint, b.completion_window,
     b.metadata, b.created_at, b.expires_at, b.in_progress_at, b.finalizing_at, b.completed_at, b.failed_at,
     b.expired_at, b.cancelling_at, b.cancelled_at, b.errors, b.total_requests,
-    c.pending, c.in_progress, c.completed, c.failed, c.canceled
+    c.pending, b.total_requests - c.not_in_flight AS in_progress, c.completed, c.failed, c.canceled
 """
 
 BATCH_SOURCE = """
     batches b
     CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE r.state = 'pending')::integer AS pending,
-               count(*) FILTER (WHERE r.state = 'in_flight')::integer AS in_progress,
                count(*) FILTER (WHERE r.state = 'completed')::integer AS completed,
                count(*) FILTER (WHERE r.state = 'failed')::integer AS failed,
-               count(*) FILTER (WHERE r.state = 'canceled')::integer AS canceled
+               count(*) FILTER (WHERE r.state = 'canceled')::integer AS canceled,
+               count(*)::integer AS not_in_flight
         FROM requests r
-        WHERE r.batch_id = b.id
+        WHERE r.batch_id = b.id AND r.state <> 'in_flight'
     ) c
 """
-"""`batches b` with the request counts of each batch."""
+"""`batches b` with the request counts of each batch. A batch has exactly `total_requests` requests, and
+requests_batch_state leaves out the in-flight ones: their count is what the other states leave."""
 
 STATE_EXPRESSION = """
     CASE WHEN r.state <> 'in_flight' THEN r.state WHEN r.started_at IS NULL THEN 'claimed' ELSE 'processing' END
@@ -219,11 +221,6 @@ def daemon_from_row(row: asyncpg.Record) -> models.Daemon:
         stopped_at=row["stopped_at"],
         in_flight=row["in_flight"],
     )
-
-
-def stored_state(state: states.RequestState) -> str:
-    """The value of the `state` column for requests in `state` (see `STATE_EXPRESSION`)."""
-    return "in_flight" if state.is_in_flight else state.value
 
 
 def owner_parameter(owner: models.OwnerScope) -> str | None:

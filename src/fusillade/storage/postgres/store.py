@@ -245,19 +245,23 @@ class PostgresStorage:
     async def apply_writes(
         self, daemon_id: ids.DaemonId, writes: Sequence[models.RequestWrite]
     ) -> models.WriteReport:
-        fenced_writes.check_unique(writes)
+        named = fenced_writes.named_requests(writes)
         if not writes:
             return models.WriteReport()
         now = self._clock.now()
         if any(isinstance(write, models.Reschedule | models.Release) for write in writes):
             async with self._db.transaction() as connection:
-                return await fenced_writes.apply_writes(connection, daemon_id, writes, now=now)
+                return await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
         async with self._db.connection() as connection:
-            return await fenced_writes.apply_writes(connection, daemon_id, writes, now=now)
+            return await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
 
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         async with self._db.connection() as connection:
             return await queue.cancelling_requests(connection, daemon_id)
+
+    async def pending_models(self) -> list[str]:
+        async with self._db.connection() as connection:
+            return await queue.pending_models(connection)
 
     async def held_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         async with self._db.connection() as connection:

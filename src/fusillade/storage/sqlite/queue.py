@@ -101,6 +101,18 @@ WHERE id = ? AND state = 'pending' AND EXISTS (
 
 # Only a cancelling batch (cancelling_at set, cancelled_at not yet) can have requests in flight: a deleted batch
 # was cancelled first or had finished, and a cancelled one has none left.
+# A loose index scan over the pending index: one probe per distinct model.
+SELECT_PENDING_MODELS = """
+WITH RECURSIVE found(model) AS (
+    SELECT (SELECT model FROM requests INDEXED BY requests_claim WHERE state = 'pending' ORDER BY model LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.model FROM requests AS r INDEXED BY requests_claim
+            WHERE r.state = 'pending' AND r.model > found.model ORDER BY r.model LIMIT 1)
+    FROM found WHERE found.model IS NOT NULL
+)
+SELECT model FROM found WHERE model IS NOT NULL
+"""
+
 SELECT_HELD = """
 SELECT id FROM requests INDEXED BY requests_in_flight_model
 WHERE claimed_at IS NOT NULL AND finished_at IS NULL AND daemon_id = ? AND state IN ('claimed', 'processing')
@@ -303,3 +315,7 @@ def held_requests(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> li
     return [
         ids.RequestId(connections.to_uuid(row[0])) for row in connection.execute(SELECT_HELD, (daemon_id.bytes,))
     ]
+
+
+def pending_models(connection: sqlite3.Connection) -> list[str]:
+    return [str(row[0]) for row in connection.execute(SELECT_PENDING_MODELS)]

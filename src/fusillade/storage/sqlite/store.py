@@ -220,6 +220,9 @@ class SqliteStorage:
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         return await self._database.read(lambda connection: queue.cancelling_requests(connection, daemon_id))
 
+    async def pending_models(self) -> list[str]:
+        return await self._database.read(queue.pending_models)
+
     async def held_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         return await self._database.read(lambda connection: queue.held_requests(connection, daemon_id))
 

@@ -140,7 +140,9 @@ CREATE INDEX requests_claim_by_owner ON requests (model, owner, deadline, batch_
 -- In flight: per-model counts for global limits, per-daemon lookups (cancelling, reclaim). Small by nature.
 CREATE INDEX requests_in_flight ON requests (model, daemon_id) WHERE state = 'in_flight';
 -- Counts per state, listings in input order (one range per state, merged), cancel/expire/retry of a batch.
-CREATE INDEX requests_batch_state ON requests (batch_id, state, line_number);
+-- Without in-flight requests, so that a claim adds no entry here (requests_in_flight has them): queries that need
+-- them too look there, and a batch's in-flight count is its total minus the other states.
+CREATE INDEX requests_batch_state ON requests (batch_id, state, line_number) WHERE state <> 'in_flight';
 -- Output and error files in completion order.
 CREATE INDEX requests_output ON requests (batch_id, finished_at, id) WHERE state = 'completed';
 CREATE INDEX requests_errors ON requests (batch_id, finished_at, id) WHERE state IN ('failed', 'canceled');
