@@ -1,4 +1,4 @@
-"""RequestQueue.claim_requests: capacities and limits, ordering, eligibility, concurrent claimers; maintain_queue."""
+"""RequestQueue: claim_requests (capacities, limits, order, eligibility, concurrent claimers), maintain_queue."""
 
 from __future__ import annotations
 

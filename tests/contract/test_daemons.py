@@ -184,3 +184,14 @@ async def test_held_requests_are_the_daemons_claimed_and_processing_ones(storage
     assert sorted(held) == sorted(request.id for request in (claimed[0], claimed[2], claimed[3]))
     assert await storage.held_requests(ids.new_daemon_id()) == []
     assert len(await factories.all_requests(storage, batch.id)) == 6
+
+
+async def test_a_daemon_marked_dead_cannot_claim(storage: base.Storage) -> None:
+    batch = await factories.create_batch(storage, count=2)
+    zombie = await factories.register(storage, "zombie")
+    await storage.mark_daemon_dead(zombie)
+
+    with pytest.raises(errors.StateConflict):
+        await factories.claim(storage, zombie)
+
+    assert {request.state for request in await factories.all_requests(storage, batch.id)} == {State.PENDING}

@@ -210,6 +210,11 @@ class Daemon:
                 claimed = await self._storage.claim_requests(
                     daemon_id, capacities, limit=limit, owner_in_flight=self._lanes.owners_in_flight() or None
                 )
+            except errors.StateConflict as exc:
+                raise DaemonFenced(
+                    f"Daemon {daemon_id} was declared dead by the others; it stops so that requests they took "
+                    "over are not sent twice."
+                ) from exc
             except errors.StorageError as exc:
                 uncertain = True
                 await self._database_failed("claim", exc, backoff)
@@ -323,6 +328,7 @@ class Daemon:
                     self.metrics.reclaimed.inc(reclaimed)
                     logger.warning("Reclaimed %d requests of dead or silent daemons.", reclaimed)
                     self._wake.set()
+                await self._storage.maintain_queue()
                 await self._storage.expire_batches(grace=self._settings.expiry_grace)
                 while len(await self._storage.finalize_batches(limit=100)) == 100:
                     pass

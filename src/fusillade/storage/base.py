@@ -159,7 +159,8 @@ class RequestQueue(Protocol):
         finished nor deleted. Order within a model: earliest batch deadline first, then batch (FIFO within
         a deadline), then input line. With `owner_in_flight` (requests each owner has in flight), owners
         with fewer in flight go first (fairness); the deadline order holds within an owner. Concurrent
-        claimers always get disjoint requests; the global per-model limit holds across them."""
+        claimers always get disjoint requests; the global per-model limit holds across them. A daemon that was
+        marked dead may not claim (`StateConflict`): its requests may already have gone to others."""
         ...
 
     async def apply_writes(
@@ -198,14 +199,14 @@ class RequestQueue(Protocol):
         ...
 
     async def maintain_queue(self) -> None:
-        """Housekeeping that keeps claims fast while requests flow; daemons call it every second or so (and
-        it is cheap when little changed). PostgreSQL: `VACUUM` of the requests table, skipped while another
-        vacuum of it runs. A claim reads the head of the index of pending requests, where the entries of the
-        requests claimed since the last vacuum stay until a vacuum removes them: without one, every claim
-        walks all of them (claims slow down in proportion to the requests claimed since), and autovacuum,
-        when the server has it on, visits a table at most once per `autovacuum_naptime` (a minute by
-        default). A vacuum costs a pass over the changed pages and, when rows died, over the table's
-        indexes. SQLite: nothing to do (its indexes drop entries at once)."""
+        """Housekeeping that keeps claims fast while requests flow; daemons call it every second or so, and it
+        does nothing until enough changed. PostgreSQL: `VACUUM` of the requests table once 5% of it changed
+        since its last vacuum, skipped while another vacuum of it runs (any replica may call it). A claim reads
+        the head of the index of pending requests, where the entries of the requests claimed since the last
+        vacuum stay until a vacuum removes them: without one, every claim walks all of them (claims slow down
+        in proportion to the requests claimed since), and autovacuum, when the server has it on, visits a
+        table at most once per `autovacuum_naptime` (a minute by default). A vacuum costs about a pass over
+        the table's indexes, hence the threshold. SQLite: nothing to do (its indexes drop entries at once)."""
         ...
 
 

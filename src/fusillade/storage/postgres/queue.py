@@ -2,10 +2,10 @@
 and the vacuum that keeps claims fast.
 
 Claim: one call of the `claim_requests` database function (schema, 0001_initial.sql), its own transaction and
-one round trip: per-model advisory locks for models with a shared limit, then ONE statement that walks each
-model's pending rows in order (`FOR UPDATE SKIP LOCKED`, so concurrent claimers get disjoint rows) and marks
-them claimed. A function, so that the walk can be kept on the claim indexes whatever the planner's statistics
-say (see the schema).
+one round trip: a refusal if the daemon was marked dead, per-model advisory locks for models with a shared
+limit, then ONE statement that walks each model's pending rows in order (`FOR UPDATE SKIP LOCKED`, so
+concurrent claimers get disjoint rows) and marks them claimed. A function, so that the walk can be kept on the
+claim indexes whatever the planner's statistics say (see the schema).
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from fusillade.domain import ids, models
+import asyncpg
+
+from fusillade import errors
+from fusillade.domain import ids, models, states
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
@@ -48,10 +51,25 @@ WHERE r.daemon_id = $1 AND r.state = 'in_flight'
 ORDER BY r.id
 """
 
-_VACUUM = "VACUUM (SKIP_LOCKED) requests"
+VACUUM_MIN_DEAD_ROWS = 1000
+VACUUM_DEAD_FRACTION = 0.05
+"""`vacuum` runs once this fraction of the requests table (and at least `VACUUM_MIN_DEAD_ROWS` rows) died since
+the table was last vacuumed. A vacuum costs about a pass over the table's indexes, a claim about a step per
+request claimed since the last vacuum: vacuuming after a fixed fraction of the table has changed keeps the
+two in proportion, so a large table is vacuumed less often."""
 
 VACUUM_TIMEOUT_S = 600.0
 """Longest vacuum of the requests table (a pass over a large table's indexes outlasts the statement timeout)."""
+
+# Statistics that other sessions report at most once a second: good enough to decide.
+_DUE_FOR_VACUUM = """
+SELECT s.n_dead_tup >= $1 + $2 * greatest(c.reltuples, 0)
+FROM pg_stat_user_tables s
+JOIN pg_class c ON c.oid = s.relid
+WHERE s.relid = 'requests'::regclass
+"""
+
+_VACUUM = "VACUUM (SKIP_LOCKED) requests"
 
 
 def model_lock_key(model: str) -> int:
@@ -100,27 +118,36 @@ async def claim(
     now: datetime,
 ) -> list[models.ClaimedRequest]:
     busy_owners = {owner: count for owner, count in (owner_in_flight or {}).items() if count > 0}
-    found = await connection.fetch(
-        _CLAIM,
-        plan.models,
-        plan.free,
-        plan.limits,
-        now,
-        plan.total,
-        daemon_id,
-        plan.lock_keys,
-        # With no owner in flight, fairness orders exactly like the deadline order.
-        list(busy_owners) if busy_owners else None,
-        list(busy_owners.values()),
-    )
+    try:
+        found = await connection.fetch(
+            _CLAIM,
+            plan.models,
+            plan.free,
+            plan.limits,
+            now,
+            plan.total,
+            daemon_id,
+            plan.lock_keys,
+            # With no owner in flight, fairness orders exactly like the deadline order.
+            list(busy_owners) if busy_owners else None,
+            list(busy_owners.values()),
+        )
+    except asyncpg.ObjectNotInPrerequisiteStateError as exc:  # raised by claim_requests for a dead daemon
+        raise errors.StateConflict(
+            f"Daemon {daemon_id} was marked dead (its requests may have been reclaimed by others); it may not "
+            "claim any more.",
+            current_state=states.DaemonStatus.DEAD.value,
+        ) from exc
     return rows.claimed_from_rows(found, daemon_id=daemon_id, claimed_at=now)
 
 
 async def vacuum(connection: Connection) -> None:
-    """Vacuum the requests table (outside a transaction), unless another vacuum of it runs (`SKIP_LOCKED`).
-    It removes the dead index entries that claims would otherwise walk (`base.RequestQueue.maintain_queue`).
-    A role that does not own the table gets a warning from the server, not an error."""
-    await connection.execute(_VACUUM, timeout=VACUUM_TIMEOUT_S)
+    """Vacuum the requests table (outside a transaction) if enough of it died since its last vacuum (see
+    `VACUUM_DEAD_FRACTION`), unless another vacuum of it runs (`SKIP_LOCKED`). It removes the dead index
+    entries that claims would otherwise walk (`base.RequestQueue.maintain_queue`). A role that does not own
+    the table gets a warning from the server, not an error."""
+    if await connection.fetchval(_DUE_FOR_VACUUM, VACUUM_MIN_DEAD_ROWS, VACUUM_DEAD_FRACTION):
+        await connection.execute(_VACUUM, timeout=VACUUM_TIMEOUT_S)
 
 
 async def cancelling_requests(connection: Connection, daemon_id: ids.DaemonId) -> list[ids.RequestId]:

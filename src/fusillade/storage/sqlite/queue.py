@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple
 
+from fusillade import errors
 from fusillade.domain import ids, lines, models, states
 from fusillade.storage.sqlite import connection as connections
 
@@ -113,6 +114,11 @@ WITH RECURSIVE found(model) AS (
 SELECT model FROM found WHERE model IS NOT NULL
 """
 
+SELECT_DAEMON_STATUS = "SELECT status FROM daemons WHERE id = ?"
+DEAD_DAEMON_CLAIM = (
+    "Daemon {} was declared dead (its requests may have been reclaimed by others); it may not claim any more."
+)
+
 SELECT_HELD = """
 SELECT id FROM requests INDEXED BY requests_in_flight_model
 WHERE claimed_at IS NOT NULL AND finished_at IS NULL AND daemon_id = ? AND state IN ('claimed', 'processing')
@@ -150,6 +156,9 @@ def claim_requests(
     limit: int,
     owner_in_flight: Mapping[str, int] | None,
 ) -> list[models.ClaimedRequest]:
+    status = connection.execute(SELECT_DAEMON_STATUS, (daemon_id.bytes,)).fetchone()
+    if status is not None and status[0] == states.DaemonStatus.DEAD.value:
+        raise errors.StateConflict(DEAD_DAEMON_CLAIM.format(daemon_id), current_state=status[0])
     wanted = [capacity for capacity in capacities if capacity.free > 0]
     if sum(capacity.free for capacity in wanted) > limit:
         wanted = random.sample(wanted, len(wanted))

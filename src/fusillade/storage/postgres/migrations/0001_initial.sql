@@ -11,9 +11,11 @@
 --   fillfactor keeps room on every page for it.
 -- - The claim walks the head of `requests_claim`, where the entries of claimed rows stay until VACUUM removes
 --   them (nothing is inserted there that would clean them up), so each claim pays for the rows claimed since
---   the last vacuum: daemons vacuum this table every second or so (`maintain_queue`), and the storage
---   parameters below make autovacuum, where it is on, visit it often. No truncation at the end of a vacuum:
---   it would need a lock that stops claims, for space that the next batch reuses anyway.
+--   the last vacuum: daemons vacuum this table once 5% of it changed (`maintain_queue`, called every second
+--   or so), and the storage parameters below make autovacuum, where it is on, visit it often. No truncation at
+--   the end of a vacuum: it would need a lock that stops claims, for space that the next batch reuses anyway.
+-- - `state`, `owner` and `model` compare bytewise (COLLATE "C"): they are keys of the hot indexes, and no
+--   listing sorts by them, so the database's linguistic collation would only slow every index step.
 
 -- Time-ordered ids for rows inserted together (templates of an upload, requests of a batch), in the layout of
 -- UUID version 7 (RFC 9562): the statement's milliseconds and 12 random bits (`head`), then a 62-bit counter from
@@ -137,7 +139,8 @@ CREATE TABLE requests (
 CREATE INDEX requests_claim ON requests (model, deadline, batch_id, line_number) WHERE state = 'pending';
 CREATE INDEX requests_claim_by_owner ON requests (model, owner, deadline, batch_id, line_number)
     WHERE state = 'pending';
--- In flight: per-model counts for global limits, per-daemon lookups (cancelling, reclaim). Small by nature.
+-- In flight: per-model counts for global limits, per-daemon lookups (cancelling, reclaim), a batch's in-flight
+-- requests (requests_batch_state leaves them out). Small by nature.
 CREATE INDEX requests_in_flight ON requests (model, daemon_id) WHERE state = 'in_flight';
 -- Counts per state, listings in input order (one range per state, merged), cancel/expire/retry of a batch.
 -- Without in-flight requests, so that a claim adds no entry here (requests_in_flight has them): queries that need
@@ -148,6 +151,7 @@ CREATE INDEX requests_output ON requests (batch_id, finished_at, id) WHERE state
 CREATE INDEX requests_errors ON requests (batch_id, finished_at, id) WHERE state IN ('failed', 'canceled');
 
 -- The claim (`queue.claim`): one call, its own transaction.
+-- 0. A daemon marked dead may not claim (its requests may already have gone to others): SQLSTATE 55000.
 -- 1. Models with a shared limit: per-model transaction advisory locks, taken in key order (two claimers cannot
 --    deadlock), serialise their claims; then, in a new snapshot, so counting every claim committed before the
 --    locks were granted, each such model's take is capped by its limit minus what is in flight across daemons.
@@ -180,6 +184,9 @@ AS $$
 DECLARE
     takes integer[] := wanted_free;
 BEGIN
+    IF EXISTS (SELECT 1 FROM daemons d WHERE d.id = claimer AND d.status = 'dead') THEN
+        RAISE EXCEPTION 'daemon % was marked dead', claimer USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     IF cardinality(model_lock_keys) > 0 THEN
         PERFORM pg_advisory_xact_lock(key) FROM unnest(model_lock_keys) AS key;
         SELECT array_agg(
