@@ -26,6 +26,8 @@ def test_a_key_is_printed_once_listed_by_prefix_and_revoked(tmp_path: Path) -> N
     assert created.returncode == 0, created.stderr
     key = created.stdout.splitlines()[-1]
     assert key.startswith("fus_") and len(key) > 30
+    assert created.stdout.endswith(f"{key}\n") and key == key.strip()  # alone on the last line of stdout
+    assert created.stdout.count(key) == 1
     assert "cannot be shown again" in created.stderr
     assert key not in created.stderr
 

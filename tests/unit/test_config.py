@@ -18,11 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusillade import errors
+from fusillade.app import Routing
 from fusillade.config import (
     Config,
     ConfigWatcher,
     InvalidConfiguration,
     Problem,
+    RouteSection,
     format_duration,
     load_config,
     parse_duration,
@@ -430,6 +432,76 @@ def test_the_default_route_serves_unlisted_models(tmp_path: Path) -> None:
     assert set(config.resolve_routes({})) == {"m"}
 
 
+STAR_ROUTE = """
+[models.m]
+base_url = "http://127.0.0.1:9000/v1"
+[models."*"]
+base_url = "http://fallback:1"
+api_key_env = "FALLBACK_KEY"
+concurrency = 2
+"""
+
+
+def test_models_star_is_the_default_route(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, STAR_ROUTE), environ={})
+    environ = {"FALLBACK_KEY": "fallback-secret"}
+    fallback = Route(base_url="http://fallback:1", api_key="fallback-secret", concurrency=2)
+    assert config.default_route is None
+    assert config.has_route("other")
+    assert config.route_for("other", environ) == fallback
+    assert config.route_for("", environ) == fallback  # how the composition root asks for the default route
+    assert config.route_for("*", environ) == fallback
+    assert config.route_for("m", environ) == Route(base_url="http://127.0.0.1:9000/v1")
+    assert config.resolve_routes(environ) == {"m": Route(base_url="http://127.0.0.1:9000/v1")}  # "*" is no model
+
+    with pytest.raises(InvalidConfiguration) as caught:
+        config.resolve_routes({})
+    [problem] = caught.value.problems
+    assert (problem.source, problem.key) == ("FALLBACK_KEY", 'models."*".api_key_env')
+    assert "the default route" in problem.message
+
+
+def test_models_star_from_the_environment_is_the_default_route() -> None:
+    environ = {"FUSILLADE_MODELS": json.dumps({"*": {"base_url": "http://fallback:1"}})}
+    config = load_config(environ=environ)
+    assert config.route_for("any", {}) == Route(base_url="http://fallback:1")
+    assert config.resolve_routes({}) == {}
+
+
+def test_the_composition_root_routes_unlisted_models_to_models_star(tmp_path: Path) -> None:
+    # `app.Routing` reads keys from the process environment: a route without a key.
+    path = write(tmp_path, ROUTE + '[models."*"]\nbase_url = "http://fallback:1"\nconcurrency = 2\n')
+    routing = Routing(load_config(path, environ={}))
+    assert routing.default == Route(base_url="http://fallback:1", concurrency=2)
+    assert routing.routes == {"m": Route(base_url="http://127.0.0.1:9000/v1")}
+    assert routing.accepts("other")
+
+
+@pytest.mark.parametrize(
+    ("file", "environ", "source"),
+    [
+        (STAR_ROUTE + '[default_route]\nbase_url = "http://other:1"\n', {}, "fusillade.toml"),
+        (STAR_ROUTE, {"FUSILLADE_DEFAULT_ROUTE": '{"base_url": "http://other:1"}'}, "FUSILLADE_DEFAULT_ROUTE"),
+    ],
+)
+def test_default_route_and_models_star_together_are_refused(
+    tmp_path: Path, file: str, environ: dict[str, str], source: str
+) -> None:
+    problem = only_problem(write(tmp_path, file), environ)
+    assert Path(problem.source).name == source
+    assert problem.key == "default_route"
+    assert 'and so is [models."*"]' in problem.message
+    assert "keep only one" in problem.message
+
+
+def test_a_default_route_laid_over_models_star_wins(tmp_path: Path) -> None:
+    # What `fusillade run --model-route '*=URL'` and `serve --mock-upstream` do to a loaded configuration.
+    config = load_config(write(tmp_path, STAR_ROUTE), environ={})
+    overlaid = config.model_copy(update={"default_route": RouteSection(base_url="http://overlay:1")})
+    assert overlaid.route_for("other", {}) == Route(base_url="http://overlay:1")
+    assert overlaid.resolve_routes({}) == {"m": Route(base_url="http://127.0.0.1:9000/v1")}  # no key needed
+
+
 def test_the_admin_key_variable_must_be_set_when_named() -> None:
     config = load_config(environ={"FUSILLADE_AUTH__ADMIN_KEY_ENV": "ADMIN_KEY"})
     with pytest.raises(InvalidConfiguration, match=r"ADMIN_KEY: auth\.admin_key_env: is not set"):
@@ -488,10 +560,14 @@ def test_dotted_keys_quote_what_is_not_a_bare_key() -> None:
 def test_the_example_file_loads() -> None:
     config = load_config(EXAMPLE, environ={})
     assert config.has_route("meta-llama/Llama-3.1-8B-Instruct")
-    assert config.default_route is not None
     assert config.daemon_settings() == DaemonSettings()  # the example shows the defaults
-    routes = config.resolve_routes({"OPENAI_API_KEY": "k", "LOCAL_UPSTREAM_KEY": "l"})
+    environ = {"OPENAI_API_KEY": "k", "LOCAL_UPSTREAM_KEY": "l"}
+    routes = config.resolve_routes(environ)
+    assert set(routes) == {"gpt-4o-mini", "meta-llama/Llama-3.1-8B-Instruct"}
     assert routes["gpt-4o-mini"].timeouts == PhaseTimeouts()
+    assert config.route_for("unlisted", environ) == Route(
+        base_url="http://127.0.0.1:8001/v1", api_key="l", concurrency=8
+    )
 
 
 def _leaf_keys(model: type[Any], prefix: str = "") -> list[str]:

@@ -5,10 +5,11 @@ from fusillade.config import load_config
 
 config = load_config(path)                     # InvalidConfiguration lists every problem
 settings = config.daemon_settings()            # DaemonSettings (daemon knobs, retry policy)
-routes = config.resolve_routes()               # {model: Route}, keys read from the environment
+routes = config.resolve_routes()               # {model: Route}, keys read from the environment ("*" excluded)
 limits = config.upload_limits()                # jsonl.Limits
 config.has_route("gpt-4o")                     # what an upload checks per line
 config.route_for("other-model")                # its Route, or the default route, or None
+config.route_for("")                           # the default route ([default_route] or [models."*"]), or None
 config.redacted()                              # for `fusillade status` and logs: no secrets
 ```
 
@@ -24,6 +25,7 @@ from fusillade.config.problems import InvalidConfiguration, Problem
 from fusillade.config.reloading import ConfigWatcher
 from fusillade.config.schema import (
     DEFAULT_DATABASE_URL,
+    DEFAULT_ROUTE_MODEL,
     ENV_PREFIX,
     RESTART_KEYS,
     AuthSection,
@@ -40,6 +42,7 @@ from fusillade.config.units import format_duration, parse_duration
 __all__ = [
     "CONFIG_VARIABLE",
     "DEFAULT_DATABASE_URL",
+    "DEFAULT_ROUTE_MODEL",
     "ENV_PREFIX",
     "RESTART_KEYS",
     "AuthSection",

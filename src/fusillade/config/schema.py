@@ -26,6 +26,8 @@ from pydantic import (
     Field,
     PlainSerializer,
     PrivateAttr,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -42,6 +44,8 @@ ENV_PREFIX = "FUSILLADE_"
 """Environment variables starting with this override the file (`FUSILLADE_SERVER__PORT=8081`)."""
 ENV_NESTED_DELIMITER = "__"
 DEFAULT_DATABASE_URL = "sqlite:///./fusillade.db"
+DEFAULT_ROUTE_MODEL = "*"
+"""`[models."*"]` is the default route, another way to write `[default_route]` (never a model of its own)."""
 RESTART_KEYS = ("database_url", "server", "auth")
 """Top-level keys a running process does not apply live: changing them needs a restart."""
 
@@ -317,7 +321,8 @@ class TimeoutsSection(Section):
 
 
 class RouteSection(Section):
-    """`[models."<name>"]` and `[default_route]`: where a model's requests go and how many run at once."""
+    """`[models."<name>"]` and the default route (`[default_route]` or `[models."*"]`): where a model's requests
+    go and how many run at once."""
 
     base_url: BaseUrl
     """The upstream, http(s), such as "https://api.openai.com/v1"; the request's path is appended."""
@@ -372,9 +377,11 @@ class Config(BaseSettings):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     """Knobs of the daemon."""
     models: dict[ModelName, RouteSection] = Field(default_factory=dict)
-    """The routing table: one route per model name (the `model` of a request body)."""
+    """The routing table: one route per model name (the `model` of a request body); `"*"` is the default
+    route."""
     default_route: RouteSection | None = None
-    """Route for models not in `models`; none: requests for an unlisted model are refused at upload."""
+    """Route for models not in `models` (or write it `[models."*"]`, not both); none: requests for an unlisted
+    model are refused at upload."""
 
     _source: Path | None = PrivateAttr(default=None)
 
@@ -390,6 +397,17 @@ class Config(BaseSettings):
         # Only the values passed in: `load_config` reads the file and the (given) environment itself, so that
         # a test or an embedding service can pass its own environment and every error can name its source.
         return (init_settings,)
+
+    @field_validator("default_route")
+    @classmethod
+    def _one_default_route(cls, section: RouteSection | None, info: ValidationInfo) -> RouteSection | None:
+        # `models` is validated first (fields are validated in order); it is absent when it was invalid.
+        if section is not None and DEFAULT_ROUTE_MODEL in info.data.get("models", {}):
+            raise ValueError(
+                'is set, and so is [models."*"]: both are the default route (for models without a table of '
+                "their own); keep only one of them"
+            )
+        return section
 
     @property
     def source(self) -> Path | None:
@@ -407,42 +425,55 @@ class Config(BaseSettings):
     def has_route(self, model: str) -> bool:
         """Whether requests for `model` can be sent anywhere (its own route or the default route); what an
         upload checks for each line (`jsonl.validate(..., model_allowed=config.has_route)`). Reads no secret."""
-        return model in self.models or self.default_route is not None
+        return model in self.models or self._default_section() is not None
 
     def route_for(self, model: str, environ: Mapping[str, str] | None = None) -> Route | None:
         """The route of `model`: its own, else the default route, else None; its key is read from `environ`
-        (default: the process environment). Raises `InvalidConfiguration` if that key's variable is unset."""
-        section = self.models.get(model)
+        (default: the process environment). Raises `InvalidConfiguration` if that key's variable is unset.
+        `route_for("")` is the default route alone (no model is called "")."""
+        section = self.models.get(model) if model != DEFAULT_ROUTE_MODEL else None
         if section is not None:
             return section.route(_read_key(section, ("models", model), environ))
-        if self.default_route is not None:
-            return self.default_route.route(_read_key(self.default_route, ("default_route",), environ))
-        return None
+        default = self._default_section()
+        if default is None:
+            return None
+        location, section = default
+        return section.route(_read_key(section, location, environ))
 
     def resolve_routes(self, environ: Mapping[str, str] | None = None) -> dict[str, Route]:
-        """Every listed model's route, keys read from `environ` (default: the process environment). Checks the
-        default route's key too, so that one call at start-up reports every missing variable at once
-        (`InvalidConfiguration`, naming each variable and its model); the default route itself comes from
-        `route_for`."""
+        """Every listed model's route, keys read from `environ` (default: the process environment); never "*",
+        which is the default route. Checks the default route's key too, so that one call at start-up reports
+        every missing variable at once (`InvalidConfiguration`, naming each variable and its model); the default
+        route itself comes from `route_for("")`."""
         environ = os.environ if environ is None else environ
         problems: list[Problem] = []
         routes: dict[str, Route] = {}
-        sections: list[tuple[tuple[str, ...], RouteSection]] = [
-            (("models", name), section) for name, section in self.models.items()
-        ]
-        if self.default_route is not None:
-            sections.append((("default_route",), self.default_route))
-        for location, section in sections:
+        for name, section in self.models.items():
+            if name == DEFAULT_ROUTE_MODEL:
+                continue  # the default route, not a model: checked below
             try:
-                key = _read_key(section, location, environ)
+                routes[name] = section.route(_read_key(section, ("models", name), environ))
             except InvalidConfiguration as exc:
                 problems.extend(exc.problems)
-                continue
-            if location[0] == "models":
-                routes[location[1]] = section.route(key)
+        default = self._default_section()
+        if default is not None:
+            try:
+                _read_key(default[1], default[0], environ)
+            except InvalidConfiguration as exc:
+                problems.extend(exc.problems)
         if problems:
             raise InvalidConfiguration(problems)
         return routes
+
+    def _default_section(self) -> tuple[tuple[str, ...], RouteSection] | None:
+        """Where the default route is written, and its table: `[default_route]`, else `[models."*"]`, else None.
+        Loading refuses both; a copy with `default_route` set over a `[models."*"]` (`model_copy`, as
+        `fusillade run --model-route '*=URL'` and `serve --mock-upstream` do) holds both, and then the copy's
+        `default_route` wins."""
+        if self.default_route is not None:
+            return ("default_route",), self.default_route
+        section = self.models.get(DEFAULT_ROUTE_MODEL)
+        return (("models", DEFAULT_ROUTE_MODEL), section) if section is not None else None
 
     def admin_key(self, environ: Mapping[str, str] | None = None) -> str | None:
         """The admin API key from the variable `auth.admin_key_env` names; None when none is named. Raises
@@ -471,7 +502,8 @@ class Config(BaseSettings):
 def _read_key(section: RouteSection, location: tuple[str, ...], environ: Mapping[str, str] | None) -> str | None:
     if section.api_key_env is None:
         return None
-    owner = f"model {location[1]!r}" if location[0] == "models" else "the default route"
+    is_model = location[0] == "models" and location[1] != DEFAULT_ROUTE_MODEL
+    owner = f"model {location[1]!r}" if is_model else "the default route"
     return _read_variable(section.api_key_env, (*location, "api_key_env"), f"the API key of {owner}", environ)
 
 
