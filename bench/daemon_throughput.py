@@ -21,28 +21,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-
-import asyncpg
 
 import machine
 from fusillade.daemon import Daemon, DaemonSettings
 from fusillade.domain import models
+from queue_throughput import BODY, MODEL, database, templates
 
-MODEL = "bench-model"
-BODY = '{"model":"bench-model","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 HERE = Path(__file__).resolve()
-POSTGRES_SERVER = os.environ.get("FUSILLADE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def install_uvloop() -> None:
@@ -76,18 +69,6 @@ async def bare_loop(url: str, requests: int, concurrency: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------- the daemon
-
-
-def templates(requests: int) -> Iterator[models.TemplateInput]:
-    for line in range(1, requests + 1):
-        yield models.TemplateInput(
-            line_number=line,
-            custom_id=f"request-{line}",
-            method="POST",
-            url="/v1/chat/completions",
-            model=MODEL,
-            body=BODY,
-        )
 
 
 async def daemon_run(url: str, database_url: str, requests: int, concurrency: int) -> float:
@@ -167,25 +148,6 @@ def mock_upstream() -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-@contextlib.asynccontextmanager
-async def database(mode: str) -> AsyncIterator[str]:
-    if mode == "sqlite":
-        with tempfile.TemporaryDirectory() as folder:
-            yield f"sqlite:///{folder}/bench.db"
-        return
-    name = f"fusillade_bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(POSTGRES_SERVER)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        base_url = POSTGRES_SERVER.rsplit("/", 1)[0]
-        try:
-            yield f"{base_url}/{name}"
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def one_run(mode: str, url: str, requests: int, concurrency: int) -> float:

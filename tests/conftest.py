@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from fusillade import clock as clocks
+from fusillade.mock_upstream import Behaviour, MockUpstream
+from fusillade.storage import base
+from fusillade.upstream.client import UpstreamClient
 from tests.support import backends, postgres
 
 ENV_PREFIX = "FUSILLADE_"
@@ -87,3 +91,26 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield handle
     finally:
         await handle.aclose()
+
+
+@pytest.fixture
+async def storage(backend: backends.Backend) -> base.Storage:
+    """A migrated store on the test's database, on the real clock (the contract suite overrides it with a
+    store on a `ManualClock`)."""
+    store: base.Storage = await backend.open_store(clocks.SystemClock())
+    if not backend.is_postgres:
+        await store.migrate()
+    return store
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[MockUpstream]:
+    """The fake OpenAI-compatible upstream on a real socket, answering normally until a test changes it."""
+    async with MockUpstream(Behaviour()) as server:
+        yield server
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[UpstreamClient]:
+    async with UpstreamClient() as upstream_client:
+        yield upstream_client

@@ -13,10 +13,9 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from fusillade import clock as clocks
 from fusillade.domain import ids, jsonl, models
 from fusillade.storage import base
-from tests.support import backends, factories
+from tests.support import factories
 from tests.support.api_server import ADMIN_KEY, FlakyStorage, RunningApi, create_key, running_api
 
 CHAT = factories.CHAT
@@ -58,14 +57,6 @@ BATCH_FIELDS = {
     "usage",
 }
 LIST_FIELDS = {"object", "data", "first_id", "last_id", "has_more"}
-
-
-@pytest.fixture
-async def storage(backend: backends.Backend) -> base.Storage:
-    store: base.Storage = await backend.open_store(clocks.SystemClock())
-    if not backend.is_postgres:
-        await store.migrate()
-    return store
 
 
 @pytest.fixture

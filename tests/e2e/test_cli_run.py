@@ -7,12 +7,9 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from fusillade.mock_upstream import Behaviour, FixedLatency, HttpError, MockUpstream
 from tests.support import polling
@@ -58,12 +55,6 @@ def write_requests(path: Path, count: int, *, model: str = "demo") -> list[str]:
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[MockUpstream]:
-    async with MockUpstream(Behaviour()) as server:
-        yield server
 
 
 async def test_run_writes_the_output_file_and_exits_0(tmp_path: Path, upstream: MockUpstream) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import openai
@@ -14,36 +13,15 @@ import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from fusillade import clock as clocks
 from fusillade.domain import ids
 from fusillade.mock_upstream import Behaviour, HttpError, MockUpstream
 from fusillade.storage import base
 from fusillade.upstream.client import UpstreamClient
 from tests.integration.conftest import routes_for, running
-from tests.support import backends, factories, polling
+from tests.support import factories, polling
 from tests.support.api_server import FlakyStorage, create_key, running_api
 
 CHAT: Final = "/v1/chat/completions"
-
-
-@pytest.fixture
-async def storage(backend: backends.Backend) -> base.Storage:
-    store: base.Storage = await backend.open_store(clocks.SystemClock())
-    if not backend.is_postgres:
-        await store.migrate()
-    return store
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[MockUpstream]:
-    async with MockUpstream(Behaviour()) as server:
-        yield server
-
-
-@pytest.fixture
-async def upstream_client() -> AsyncIterator[UpstreamClient]:
-    async with UpstreamClient() as client:
-        yield client
 
 
 def request_lines(count: int, *, prefix: str = "req") -> bytes:
@@ -66,12 +44,12 @@ def parsed_lines(content: bytes) -> list[dict[str, Any]]:
 
 
 async def test_a_batch_runs_end_to_end_through_the_async_client_and_the_daemon(
-    storage: base.Storage, upstream: MockUpstream, upstream_client: UpstreamClient
+    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
 ) -> None:
     upstream.behaviour = Behaviour(faults_by_custom_id={"req-3": [HttpError(400)], "req-7": [HttpError(422)]})
     content = request_lines(20)
     async with (
-        running(storage, upstream_client, routes_for(upstream, {"model-a": 4})) as daemon,
+        running(storage, client, routes_for(upstream, {"model-a": 4})) as daemon,
         running_api(storage, notify_work=daemon.notify_work) as api,
     ):
         key = await create_key(storage, "alice")

@@ -8,17 +8,13 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 
-import pytest
-
-from fusillade import clock as clocks
 from fusillade.daemon import Daemon, DaemonSettings
 from fusillade.domain import models
 from fusillade.domain.retry import RetryPolicy
-from fusillade.mock_upstream import Behaviour, MockUpstream
+from fusillade.mock_upstream import MockUpstream
 from fusillade.storage import base
 from fusillade.upstream.client import UpstreamClient
 from fusillade.upstream.routes import Route
-from tests.support import backends
 
 FAST_RETRIES = RetryPolicy(
     base_delay=timedelta(milliseconds=20), max_delay=timedelta(milliseconds=200), max_attempts=6
@@ -40,26 +36,6 @@ def fast_settings(**changes: object) -> DaemonSettings:
     }
     values.update(changes)
     return DaemonSettings(**values)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def storage(backend: backends.Backend) -> base.Storage:
-    store: base.Storage = await backend.open_store(clocks.SystemClock())
-    if not backend.is_postgres:
-        await store.migrate()
-    return store
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[MockUpstream]:
-    async with MockUpstream(Behaviour()) as server:
-        yield server
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[UpstreamClient]:
-    async with UpstreamClient() as upstream_client:
-        yield upstream_client
 
 
 def routes_for(
