@@ -6,6 +6,8 @@ and custom ids never become labels."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -13,8 +15,25 @@ _DATABASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 _SIZE_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000)
 
 
+_OUTCOMES = ("completed", "failed", "canceled")
+_RESULTS = ("success", "retriable", "permanent", "expired")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """The per-request instruments of one model, labelled once (a label lookup per request would cost more
+    than the update itself)."""
+
+    in_flight: Gauge
+    finished: dict[str, Counter]
+    """By outcome: completed, failed, canceled."""
+    latency: dict[str, Histogram]
+    """By result: success, retriable, permanent, expired."""
+
+
 class DaemonMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._models: dict[str, ModelMetrics] = {}
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests_finished = Counter(
@@ -83,3 +102,14 @@ class DaemonMetrics:
             ["task"],
             registry=r,
         )
+
+    def model(self, name: str) -> ModelMetrics:
+        found = self._models.get(name)
+        if found is None:
+            found = ModelMetrics(
+                in_flight=self.in_flight.labels(name),
+                finished={outcome: self.requests_finished.labels(name, outcome) for outcome in _OUTCOMES},
+                latency={result: self.upstream_latency.labels(name, result) for result in _RESULTS},
+            )
+            self._models[name] = found
+        return found

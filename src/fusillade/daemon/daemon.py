@@ -77,7 +77,6 @@ class Daemon:
         self._discovered_at = 0.0
         self._daemon_id: ids.DaemonId | None = None
         self._tasks: dict[ids.RequestId, asyncio.Task[None]] = {}
-        self._claims: dict[ids.RequestId, models.ClaimedRequest] = {}
         self._abort_reasons: dict[ids.RequestId, AbortReason] = {}
         self._wake = asyncio.Event()
         self._maintenance_wake = asyncio.Event()
@@ -242,8 +241,7 @@ class Daemon:
         if self._settings.traceparent:
             headers = {**(headers or {}), "traceparent": traceparent(request)}
         self._lanes.started(request)
-        self.metrics.in_flight.labels(request.model).inc()
-        self._claims[request.id] = request
+        self.metrics.model(request.model).in_flight.inc()
         task = asyncio.create_task(
             executor.execute(request, headers=headers, abort_reason=lambda: self._abort_reasons.get(request.id))
         )
@@ -252,10 +250,9 @@ class Daemon:
 
     def _finished(self, request: models.ClaimedRequest, task: asyncio.Task[None]) -> None:
         self._tasks.pop(request.id, None)
-        self._claims.pop(request.id, None)
         self._abort_reasons.pop(request.id, None)
         self._lanes.finished(request)
-        self.metrics.in_flight.labels(request.model).dec()
+        self.metrics.model(request.model).in_flight.dec()
         self._wake.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("Request %s: its task failed.", ids.request_wire(request.id), exc_info=exc)

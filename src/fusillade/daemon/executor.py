@@ -162,11 +162,9 @@ class RequestExecutor:
             await self._after_abort(request, reason)
             return
         if result is None:  # the batch deadline passed during the call
-            self._metrics.upstream_latency.labels(request.model, "expired").observe(time.perf_counter() - started)
+            self._metrics.model(request.model).latency["expired"].observe(time.perf_counter() - started)
             return
-        self._metrics.upstream_latency.labels(request.model, _result_label(result)).observe(
-            time.perf_counter() - started
-        )
+        self._metrics.model(request.model).latency[_result_label(result)].observe(time.perf_counter() - started)
         if isinstance(result, outcomes.Retriable) and result.status_code == 429:
             self._pause_lane(request.model, result.retry_after)
         decision = decide_write(
@@ -204,7 +202,7 @@ class RequestExecutor:
         if reason is AbortReason.CANCELLED:
             written = await self._writer.submit(models.Cancel(request.id))
             if written.applied:
-                self._metrics.requests_finished.labels(request.model, "canceled").inc()
+                self._metrics.model(request.model).finished["canceled"].inc()
         elif reason is AbortReason.SHUTDOWN:
             await self._writer.submit(models.Release(request.id))
         # EXPIRED: the expiry sweep fails the row; FENCED: nothing may be written.
@@ -225,9 +223,9 @@ class RequestExecutor:
             assert decision.retry_at is not None
             self._on_retry_scheduled(decision.retry_at)
         elif isinstance(write, models.Complete):
-            self._metrics.requests_finished.labels(request.model, "completed").inc()
+            self._metrics.model(request.model).finished["completed"].inc()
         elif isinstance(write, models.Fail):
-            self._metrics.requests_finished.labels(request.model, "failed").inc()
+            self._metrics.model(request.model).finished["failed"].inc()
 
 
 def _result_label(result: outcomes.Outcome) -> str:
