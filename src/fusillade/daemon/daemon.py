@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -26,16 +27,16 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import datetime
-from typing import TypeVar
+from datetime import datetime, timedelta
+from typing import NamedTuple, TypeVar
 
 from fusillade import errors
 from fusillade.clock import Clock, SystemClock
 from fusillade.daemon.backoff import Backoff
-from fusillade.daemon.executor import AbortReason, RequestExecutor, Upstream
+from fusillade.daemon.executor import AbortReason, ProcessingMarks, RequestExecutor, Upstream
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.settings import DaemonSettings
-from fusillade.daemon.writer import GroupCommitWriter
+from fusillade.daemon.writer import Group, PendingWrites
 from fusillade.domain import ids, models
 from fusillade.metrics import DaemonMetrics
 from fusillade.storage.base import Storage
@@ -46,6 +47,12 @@ T = TypeVar("T")
 
 _HEADER_SAFE_METADATA = 256
 _BATCH_HEADER_CACHE = 1024
+
+
+class _ClaimOrder(NamedTuple):
+    capacities: list[models.ModelCapacity]
+    limit: int
+    owner_in_flight: dict[str, int] | None
 
 
 class DaemonFenced(errors.FusilladeError):
@@ -82,6 +89,7 @@ class Daemon:
         self._maintenance_wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._retry_due: float | None = None
+        self._claim_wanted = True
         self._batch_headers: dict[ids.BatchId, dict[str, str]] = {}
         self._settings_listeners: list[Callable[[DaemonSettings], None]] = []
 
@@ -99,21 +107,21 @@ class Daemon:
     def notify_work(self) -> None:
         """New work may be claimable (a batch was created or retried in this process): claim now."""
         self._discover = self._lanes.has_default
-        self._wake.set()
+        self._want_claim()
 
     def replace_routes(self, routes: Mapping[str, Route], default_route: Route | None = None) -> None:
         """New routing table (limits, upstreams, the route of models without their own); applies to the next
         claim and the next calls."""
         self._lanes.replace_routes(routes, default_route)
         self._discover = default_route is not None
-        self._wake.set()
+        self._want_claim()
 
     def replace_settings(self, settings: DaemonSettings) -> None:
         """New knobs (a configuration reload): each loop uses them from its next round."""
         self._settings = settings
         for listener in self._settings_listeners:
             listener(settings)
-        self._wake.set()
+        self._want_claim()
 
     def stop(self) -> None:
         """Ask for an orderly stop (safe to call from a signal handler via `loop.call_soon_threadsafe`)."""
@@ -127,37 +135,38 @@ class Daemon:
             return
         self._daemon_id = daemon.id
         logger.info("Daemon %s started (models: %s).", daemon.id, ", ".join(self._lanes.model_names) or "none")
-        writer = GroupCommitWriter(
-            self._storage,
-            daemon.id,
-            max_delay=self._settings.commit_max_delay.total_seconds(),
-            max_size=self._settings.commit_max_size,
-            metrics=self.metrics,
-            backoff=self._backoff(),
-        )
+        writes = PendingWrites(max_size=self._settings.commit_max_size, on_arrival=self._wake.set)
+        marks = ProcessingMarks(writes)
         executor = RequestExecutor(
             client=self._client,
             lanes=self._lanes,
-            writer=writer,
+            writes=writes,
+            marks=marks,
             settings=self._settings,
             clock=self._clock,
             metrics=self.metrics,
             on_retry_scheduled=self._retry_scheduled,
             on_lane_paused=self._wake.set,
         )
-        self._settings_listeners[:] = [writer.replace_settings, executor.replace_settings]
-        writer_task = asyncio.create_task(writer.run(), name="fusillade-writer")
+
+        def new_settings(settings: DaemonSettings) -> None:
+            writes.max_size = settings.commit_max_size
+            executor.replace_settings(settings)
+
+        self._settings_listeners[:] = [new_settings]
+        tick_task = asyncio.create_task(
+            self._tick_loop(daemon.id, writes, marks, executor), name="fusillade-ticks"
+        )
         loops = {
-            asyncio.create_task(self._claim_loop(daemon.id, executor), name="fusillade-claim"),
             asyncio.create_task(self._heartbeat_loop(daemon.id), name="fusillade-heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="fusillade-maintenance"),
             asyncio.create_task(self._cancellation_loop(daemon.id), name="fusillade-cancellation"),
+            asyncio.create_task(self._purge_loop(), name="fusillade-purge"),
         }
-        loops.add(asyncio.create_task(self._purge_loop(), name="fusillade-purge"))
         stop_task = asyncio.create_task(self._stop.wait(), name="fusillade-stop")
         failure: BaseException | None = None
         try:
-            done, _ = await asyncio.wait({*loops, writer_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({*loops, tick_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             for task in done - {stop_task}:
                 failure = task.exception()
                 if failure is None and not self._stop.is_set():
@@ -166,110 +175,197 @@ class Daemon:
                     break
         finally:
             stop_task.cancel()
-            await self._shut_down(daemon.id, writer, writer_task, loops, fenced=isinstance(failure, DaemonFenced))
+            await self._shut_down(daemon.id, writes, tick_task, loops, failure=failure)
         if failure is not None:
             if not isinstance(failure, DaemonFenced):
                 logger.critical("Daemon %s stopped: a loop crashed.", daemon.id, exc_info=failure)
             raise failure
 
-    # ------------------------------------------------------------------------------------------ claim loop
+    # -------------------------------------------------------------------------------------- the tick loop
 
-    async def _claim_loop(self, daemon_id: ids.DaemonId, executor: RequestExecutor) -> None:
+    async def _tick_loop(
+        self, daemon_id: ids.DaemonId, writes: PendingWrites, marks: ProcessingMarks, executor: RequestExecutor
+    ) -> None:
+        """The daemon's link to the queue: each tick is one trip to the database that commits the state writes
+        that came in (group commit) and then claims requests for the slots that are free. It runs until the
+        daemon stops and its last writes are committed."""
         backoff = self._backoff()
-        uncertain = False
-        while not self._stop.is_set():
+        uncertain = False  # a claim failed without a clear answer
+        idle = True
+        while True:
+            stopping = self._stop.is_set()
+            if stopping and not writes and not self._tasks:
+                return
             self._wake.clear()
-            if uncertain:
-                # A claim failed without a clear answer: it may have committed after all, leaving requests
-                # claimed in our name that no task runs. Give those back before claiming again.
+            if uncertain and not stopping:
+                # The failed claim may have committed after all, leaving requests claimed in our name that no
+                # task runs. Give those back before claiming again.
                 try:
-                    await self._release_orphans(daemon_id, executor)
+                    await self._release_orphans(daemon_id, writes)
                 except errors.StorageError as exc:
                     await self._database_failed("claim", exc, backoff)
                     continue
                 uncertain = False
-            if self._lanes.has_default and (
-                self._discover
-                or time.monotonic() - self._discovered_at >= self._settings.idle_poll_interval.total_seconds()
-            ):
-                try:
-                    self._lanes.learn(await self._storage.pending_models())
-                except errors.StorageError as exc:
-                    await self._database_failed("claim", exc, backoff)
-                    continue
-                self._discover = False
-                self._discovered_at = time.monotonic()
-            capacities = self._lanes.capacities(time.monotonic())
-            if not capacities:
-                await self._sleep_until_woken(None)
+            try:
+                claim = None if stopping else await self._claim_order()
+            except errors.StorageError as exc:
+                await self._database_failed("claim", exc, backoff)
                 continue
-            limit = min(self._settings.claim_batch_size, sum(capacity.free for capacity in capacities))
+            next_mark = marks.submit_due(time.monotonic(), self._settings.processing_mark_delay.total_seconds())
+            if not writes and claim is None:
+                await self._sleep_until_woken(None if stopping else self._settings.idle_poll_interval, next_mark)
+                idle = True
+                continue
+            if idle and claim is None and not stopping:
+                await self._gather_writes(writes)
+            idle = False
+            group = writes.take_group()
             started = time.perf_counter()
             try:
-                claimed = await self._storage.claim_requests(
-                    daemon_id, capacities, limit=limit, owner_in_flight=self._lanes.owners_in_flight() or None
+                report, claimed = await self._storage.apply_writes_and_claim(
+                    daemon_id,
+                    group.writes,
+                    claim.capacities if claim else (),
+                    limit=claim.limit if claim else 0,
+                    owner_in_flight=claim.owner_in_flight if claim else None,
                 )
             except errors.StateConflict as exc:
+                writes.put_back(group)
                 raise DaemonFenced(
                     f"Daemon {daemon_id} was declared dead by the others; it stops so that requests they took "
                     "over are not sent twice."
                 ) from exc
             except errors.StorageError as exc:
-                uncertain = True
-                await self._database_failed("claim", exc, backoff)
+                writes.put_back(group)
+                uncertain = uncertain or claim is not None
+                # While stopping, the stop event cannot cut the pause short: keep backing off.
+                task = "commit" if group else "claim"
+                await self._database_failed(task, exc, backoff, interruptible=not stopping)
                 continue
             backoff.succeeded()
-            self.metrics.claim_duration.observe(time.perf_counter() - started)
-            self.metrics.claim_size.observe(len(claimed))
-            for request in claimed:
-                await self._start(request, executor)
-            if len(claimed) < limit:
-                await self._sleep_until_woken(self._settings.idle_poll_interval.total_seconds())
+            elapsed = time.perf_counter() - started
+            if group:
+                self._committed(writes, group, report, elapsed)
+            if claim is not None:
+                self._claimed(claim, claimed, elapsed, executor)
 
-    async def _release_orphans(self, daemon_id: ids.DaemonId, executor: RequestExecutor) -> None:
+    def _committed(self, writes: PendingWrites, group: Group, report: models.WriteReport, elapsed: float) -> None:
+        self.metrics.commit_duration.observe(elapsed)
+        self.metrics.commit_size.observe(len(group))
+        if refused := writes.settle(group, report):
+            self.metrics.write_conflicts.inc(refused)
+
+    def _claimed(
+        self,
+        claim: _ClaimOrder,
+        claimed: list[models.ClaimedRequest],
+        elapsed: float,
+        executor: RequestExecutor,
+    ) -> None:
+        self.metrics.claim_duration.observe(elapsed)
+        self.metrics.claim_size.observe(len(claimed))
+        # Claim again at once only if this claim was cut by its limit (more may be waiting); otherwise when
+        # woken: a slot freed, new work, a due retry, a lane resuming, or the idle timer.
+        self._claim_wanted = len(claimed) >= claim.limit
+        for request in claimed:
+            self._start(request, executor)
+
+    async def _claim_order(self) -> _ClaimOrder | None:
+        """What to claim now, or None (nothing wanted, or no free slot)."""
+        if not self._claim_wanted:
+            return None
+        if self._lanes.has_default and (
+            self._discover
+            or time.monotonic() - self._discovered_at >= self._settings.idle_poll_interval.total_seconds()
+        ):
+            self._lanes.learn(await self._storage.pending_models())
+            self._discover = False
+            self._discovered_at = time.monotonic()
+        self._claim_wanted = False
+        capacities = self._lanes.capacities(time.monotonic())
+        if not capacities:
+            return None
+        return _ClaimOrder(
+            capacities,
+            min(self._settings.claim_batch_size, sum(capacity.free for capacity in capacities)),
+            self._lanes.owners_in_flight() or None,
+        )
+
+    async def _gather_writes(self, writes: PendingWrites) -> None:
+        """After an idle spell, let other writes join the first one for up to `commit_max_delay`; a slot
+        freed (a claim to make) or a stop ends the wait."""
+        deadline = time.monotonic() + self._settings.commit_max_delay.total_seconds()
+        while len(writes) < writes.max_size and not self._claim_wanted and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
+
+    async def _release_orphans(self, daemon_id: ids.DaemonId, writes: PendingWrites) -> None:
+        busy = writes.waiting_for()
         orphans = [
             request_id
             for request_id in await self._storage.held_requests(daemon_id)
-            if request_id not in self._tasks
+            if request_id not in self._tasks and request_id not in busy
         ]
         if orphans:
             logger.warning("Releasing %d requests claimed by a claim whose answer was lost.", len(orphans))
-            await asyncio.gather(*(executor.release(request_id) for request_id in orphans))
+            for request_id in orphans:
+                writes.submit(models.Release(request_id))
 
-    async def _start(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
-        headers = await self._headers_for(request) if self._settings.batch_metadata_headers else None
-        if self._settings.traceparent:
-            headers = {**(headers or {}), "traceparent": traceparent(request)}
+    def _start(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
         self._lanes.started(request)
         self.metrics.model(request.model).in_flight.inc()
-        task = asyncio.create_task(
-            executor.execute(request, headers=headers, abort_reason=lambda: self._abort_reasons.get(request.id))
-        )
-        self._tasks[request.id] = task
-        task.add_done_callback(lambda done: self._finished(request, done))
+        settings = self._settings
+        headers = {"traceparent": traceparent(request)} if settings.traceparent else None
+        self._tasks[request.id] = asyncio.create_task(self._run_request(request, executor, headers))
 
-    def _finished(self, request: models.ClaimedRequest, task: asyncio.Task[None]) -> None:
+    async def _run_request(
+        self, request: models.ClaimedRequest, executor: RequestExecutor, headers: dict[str, str] | None
+    ) -> None:
+        try:
+            if self._settings.batch_metadata_headers:
+                headers = {**(await self._headers_for(request)), **(headers or {})}
+            await executor.execute(
+                request, headers=headers, abort_reason=functools.partial(self._abort_reasons.get, request.id)
+            )
+        except Exception:
+            logger.exception("Request %s: its task failed.", ids.request_wire(request.id))
+        finally:
+            self._finished(request)
+
+    def _finished(self, request: models.ClaimedRequest) -> None:
         self._tasks.pop(request.id, None)
         self._abort_reasons.pop(request.id, None)
         self._lanes.finished(request)
         self.metrics.model(request.model).in_flight.dec()
+        self._claim_wanted = True
         self._wake.set()
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("Request %s: its task failed.", ids.request_wire(request.id), exc_info=exc)
 
-    async def _sleep_until_woken(self, idle: float | None) -> None:
+    async def _sleep_until_woken(self, idle: timedelta | None, next_mark: float | None) -> None:
         now = time.monotonic()
-        deadlines = [now + idle] if idle is not None else []
+        deadlines = [now + idle.total_seconds()] if idle is not None else []
+        if next_mark is not None:
+            deadlines.append(next_mark)
         if self._retry_due is not None:
             deadlines.append(self._retry_due)
         if (resume := self._lanes.next_resume()) is not None:
             deadlines.append(resume)
         wait_for = max(0.0, min(deadlines) - now) if deadlines else None
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(wait_for):
                 await self._wake.wait()
+        except TimeoutError:
+            self._claim_wanted = True  # a timer ran out: the idle poll, a due retry or a lane resuming
         if self._retry_due is not None and self._retry_due <= time.monotonic():
             self._retry_due = None
+
+    def _want_claim(self) -> None:
+        self._claim_wanted = True
+        self._wake.set()
 
     def _retry_scheduled(self, retry_at: datetime) -> None:
         due = time.monotonic() + max(0.0, (retry_at - self._clock.now()).total_seconds())
@@ -324,7 +420,7 @@ class Daemon:
                 if reclaimed:
                     self.metrics.reclaimed.inc(reclaimed)
                     logger.warning("Reclaimed %d requests of dead or silent daemons.", reclaimed)
-                    self._wake.set()
+                    self._want_claim()
                 await self._storage.maintain_queue()
                 await self._storage.expire_batches(grace=self._settings.expiry_grace)
                 while len(await self._storage.finalize_batches(limit=100)) == 100:
@@ -381,17 +477,19 @@ class Daemon:
     async def _shut_down(
         self,
         daemon_id: ids.DaemonId,
-        writer: GroupCommitWriter,
-        writer_task: asyncio.Task[None],
+        writes: PendingWrites,
+        tick_task: asyncio.Task[None],
         loops: set[asyncio.Task[None]],
         *,
-        fenced: bool,
+        failure: BaseException | None,
     ) -> None:
         self._stop.set()
-        claim_loops = [task for task in loops if task.get_name() == "fusillade-claim"]
-        await _cancel_all(claim_loops)
+        self._wake.set()
+        fenced = isinstance(failure, DaemonFenced)
+        if fenced or tick_task.done():
+            # Fenced: the database would refuse our writes. Tick loop dead: nobody would commit them.
+            writes.abandon()
         if fenced:
-            writer.abandon()
             for request_id in list(self._tasks):
                 self._abort(request_id, AbortReason.FENCED)
         elif self._tasks:
@@ -405,19 +503,18 @@ class Daemon:
                 self._abort(request_id, AbortReason.SHUTDOWN)
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()))
-        await _cancel_all([task for task in loops if task not in claim_loops])
-        await writer.close()
-        if not writer_task.done():
+        await _cancel_all(list(loops))
+        if not tick_task.done():  # it commits the last writes, then returns
             try:
                 async with asyncio.timeout(self._settings.shutdown_grace.total_seconds()):
-                    await writer_task
+                    await asyncio.shield(tick_task)
             except TimeoutError:
-                writer.abandon()
+                writes.abandon()
                 logger.error(
                     "Stopping: the database did not take the last state writes in time; those requests "
                     "will be reclaimed after the heartbeat threshold."
                 )
-                await _cancel_all([writer_task])
+                await _cancel_all([tick_task])
         if not fenced:
             try:
                 await self._storage.mark_daemon_dead(daemon_id)
@@ -454,11 +551,16 @@ class Daemon:
                 await self._database_failed(task, exc, backoff)
         return None
 
-    async def _database_failed(self, task: str, exc: errors.StorageError, backoff: Backoff) -> None:
+    async def _database_failed(
+        self, task: str, exc: errors.StorageError, backoff: Backoff, *, interruptible: bool = True
+    ) -> None:
         self.metrics.database_errors.labels(task).inc()
         delay = backoff.failed()
         log = logger.warning if backoff.failures <= 3 else logger.error
         log("Database call of the %s loop failed (%s); retrying in %.2f s.", task, exc, delay)
+        if not interruptible:
+            await asyncio.sleep(delay)
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._stop.wait()

@@ -12,6 +12,7 @@ How a call ends early is decided by the daemon, which cancels the task and recor
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -24,7 +25,7 @@ from typing import Protocol
 from fusillade.clock import Clock
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.settings import DaemonSettings
-from fusillade.daemon.writer import GroupCommitWriter
+from fusillade.daemon.writer import PendingWrites, WriteResult
 from fusillade.domain import ids, models
 from fusillade.domain.retry import RetryPolicy, decide
 from fusillade.metrics import DaemonMetrics
@@ -38,9 +39,15 @@ class Upstream(Protocol):
     """What the executor needs of an upstream client (`fusillade.upstream.client.UpstreamClient`)."""
 
     async def send(
-        self, request: models.ClaimedRequest, route: Route, *, headers: Mapping[str, str] | None = None
+        self,
+        request: models.ClaimedRequest,
+        route: Route,
+        *,
+        headers: Mapping[str, str] | None = None,
+        deadline: float | None = None,
     ) -> outcomes.Outcome:
-        """Call the upstream; never raises for upstream trouble; cancelling aborts the call."""
+        """Call the upstream; never raises for upstream trouble; cancelling aborts the call; `TimeoutError`
+        when the call is still running at `deadline` (event loop time)."""
         ...
 
 
@@ -114,13 +121,53 @@ def decide_write(
     )
 
 
+class ProcessingMarks:
+    """Which calls in flight are marked `processing`: a request is marked once its call has run for
+    `processing_mark_delay` (the daemon's tick loop calls `submit_due`); a faster call goes from `claimed`
+    straight to its result, one state write instead of two. One timer for all calls, not one per call."""
+
+    def __init__(self, writes: PendingWrites) -> None:
+        self._writes = writes
+        self._unmarked: dict[ids.RequestId, float] = {}
+        """Calls not marked yet, oldest first (insertion order), with their start (monotonic)."""
+        self._marked: set[ids.RequestId] = set()
+
+    def started(self, request_id: ids.RequestId, now: float) -> None:
+        self._unmarked[request_id] = now
+
+    def ended(self, request_id: ids.RequestId) -> bool:
+        """Forget a call that ended; True if it had been marked."""
+        if self._unmarked.pop(request_id, None) is not None:
+            return False
+        if request_id in self._marked:
+            self._marked.discard(request_id)
+            return True
+        return False
+
+    def submit_due(self, now: float, delay: float) -> float | None:
+        """Submit the marks of calls running for `delay` or longer; returns when the next one is due."""
+        cutoff = now - delay
+        due = []
+        for request_id, started in self._unmarked.items():
+            if started > cutoff:
+                break
+            due.append(request_id)
+        for request_id in due:
+            del self._unmarked[request_id]
+            self._marked.add(request_id)
+            self._writes.submit(models.MarkProcessing(request_id))
+        oldest = next(iter(self._unmarked.values()), None)
+        return None if oldest is None else oldest + delay
+
+
 class RequestExecutor:
     def __init__(
         self,
         *,
         client: Upstream,
         lanes: Lanes,
-        writer: GroupCommitWriter,
+        writes: PendingWrites,
+        marks: ProcessingMarks,
         settings: DaemonSettings,
         clock: Clock,
         metrics: DaemonMetrics,
@@ -129,7 +176,8 @@ class RequestExecutor:
     ) -> None:
         self._client = client
         self._lanes = lanes
-        self._writer = writer
+        self._writes = writes
+        self._marks = marks
         self._settings = settings
         self._clock = clock
         self._metrics = metrics
@@ -144,67 +192,54 @@ class RequestExecutor:
         headers: Mapping[str, str] | None,
         abort_reason: Callable[[], AbortReason | None],
     ) -> None:
-        """Run the request to a state write. Cancelling the task aborts the call; `abort_reason` then says why
-        (None: the caller itself is being cancelled, and the cancellation propagates)."""
+        """Run the request's call and submit its state write (committed with the daemon's next tick; the task
+        does not wait for it). Cancelling the task aborts the call; `abort_reason` then says why (None: the
+        caller itself is being cancelled, and the cancellation propagates)."""
         route = self._lanes.route(request.model)
         if route is None:
             # The model left the routing table after the claim: give the request back.
-            await self._writer.submit(models.Release(request.id))
+            self._writes.submit(models.Release(request.id))
             return
-        self._writer.submit(models.MarkProcessing(request.id))
+        loop = asyncio.get_running_loop()
+        settings = self._settings
+        self._marks.started(request.id, time.monotonic())
+        remaining = (request.deadline + settings.expiry_grace - self._clock.now()).total_seconds()
         started = time.perf_counter()
         try:
-            result = await self._call_until_deadline(request, route, headers)
+            result = await self._client.send(request, route, headers=headers, deadline=loop.time() + remaining)
+        except TimeoutError:  # the batch deadline passed during the call: the expiry sweep fails the row
+            self._metrics.model(request.model).latency["expired"].observe(time.perf_counter() - started)
+            return
         except asyncio.CancelledError:
             reason = abort_reason()
             if reason is None:
                 raise
             await self._after_abort(request, reason)
             return
-        if result is None:  # the batch deadline passed during the call
-            self._metrics.model(request.model).latency["expired"].observe(time.perf_counter() - started)
-            return
+        finally:
+            marked = self._marks.ended(request.id)
         self._metrics.model(request.model).latency[_result_label(result)].observe(time.perf_counter() - started)
         if isinstance(result, outcomes.Retriable) and result.status_code == 429:
             self._pause_lane(request.model, result.retry_after)
         decision = decide_write(
-            request, result, policy=self._settings.retry, now=self._clock.now(), random_value=self._random.random()
+            request, result, policy=settings.retry, now=self._clock.now(), random_value=self._random.random()
         )
-        # The write is awaited while shielded: once a result exists it must be stored, even if the batch is
-        # cancelled meanwhile (the queue keeps a result that arrived for a request cancelled in flight).
-        pending_write = self._writer.submit(decision.write)
-        try:
-            written = await asyncio.shield(pending_write)
-        except asyncio.CancelledError:
-            if abort_reason() is None:
-                raise
-            written = await pending_write
-        self._count(request, decision, applied=written.applied)
-
-    async def _call_until_deadline(
-        self, request: models.ClaimedRequest, route: Route, headers: Mapping[str, str] | None
-    ) -> outcomes.Outcome | None:
-        remaining = (request.deadline + self._settings.expiry_grace - self._clock.now()).total_seconds()
-        try:
-            async with asyncio.timeout(max(remaining, 0.0)):
-                return await self._client.send(request, route, headers=headers)
-        except TimeoutError:
-            return None
+        if not marked and isinstance(decision.write, models.Reschedule):
+            self._writes.submit(models.MarkProcessing(request.id))  # a retry starts from processing
+        # Once a result exists it is stored, even if the batch is cancelled meanwhile (the queue keeps a result
+        # that arrived for a request cancelled in flight): nothing can cancel the submitted write.
+        self._writes.submit(decision.write, functools.partial(self._count, request, decision))
 
     def replace_settings(self, settings: DaemonSettings) -> None:
         self._settings = settings
 
-    async def release(self, request_id: ids.RequestId) -> None:
-        """Give back a request this daemon holds but does not run."""
-        await self._writer.submit(models.Release(request_id))
-
     async def _after_abort(self, request: models.ClaimedRequest, reason: AbortReason) -> None:
         if reason is AbortReason.CANCELLED:
-            written = await self._writer.submit(models.Cancel(request.id))
+            written = await self._writes.write(models.Cancel(request.id))
             if written.applied:
                 self._metrics.model(request.model).finished["canceled"].inc()
         elif reason is AbortReason.SHUTDOWN:
-            await self._writer.submit(models.Release(request.id))
+            await self._writes.write(models.Release(request.id))
         # EXPIRED: the expiry sweep fails the row; FENCED: nothing may be written.
 
     def _pause_lane(self, model: str, retry_after: timedelta | None) -> None:
@@ -213,8 +248,8 @@ class RequestExecutor:
             self._metrics.lane_pauses.labels(model).inc()
             self._on_lane_paused()
 
-    def _count(self, request: models.ClaimedRequest, decision: Decision, *, applied: bool) -> None:
-        if not applied:
+    def _count(self, request: models.ClaimedRequest, decision: Decision, written: WriteResult) -> None:
+        if not written.applied:
             logger.debug("Write for request %s refused (finished, expired or reclaimed meanwhile).", request.id)
             return
         write = decision.write

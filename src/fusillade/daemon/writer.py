@@ -1,34 +1,28 @@
-"""Group commit: the state writes of many concurrent request tasks go to the database together, one transaction
-per short tick, through `RequestQueue.apply_writes`.
+"""Group commit: the state writes of many concurrent request tasks wait here and go to the database together,
+one group per tick of the daemon's queue loop (`Daemon._tick_loop`, through
+`RequestQueue.apply_writes_and_claim`).
 
-A task submits a write and may await its future, which resolves once the transaction holding it committed.
-When the writer was idle, the first write waits up to `max_delay` for others to join; writes that arrive while a
-transaction runs go together in the next one at once, so groups grow with the load and no write waits long.
+A task submits a write with a callback (or awaits `write`); it runs once the transaction holding the write
+committed, or the write was refused. A task does not wait for its write to end: its call is over, its slot
+is free, and the write is committed with the others of its tick.
 
 Two writes for one request in one group are merged when the later one accepts the earlier one's target state
 as its own start (a `MarkProcessing` followed by `Complete`, `Fail`, `Cancel` or `Release` becomes the later
 write alone: the queue accepts those from `claimed`); otherwise the later write waits for the next group.
 
-A failing transaction is retried with backoff, never dropped: a state write acknowledged to nobody must not be
-lost. If a commit went through but its acknowledgement did not reach us, the retry sees the rows already in the
-target state; such a refusal of a retried group counts as applied.
+A group whose transaction failed goes back in front of the queue, never dropped: a state write acknowledged to
+nobody must not be lost. If a commit went through but its acknowledgement did not reach us, the retry sees the
+rows already in the target state; such a refusal of a retried write counts as applied.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from fusillade import errors
-from fusillade.daemon.backoff import Backoff
-from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import ids, models, states
-from fusillade.metrics import DaemonMetrics
-from fusillade.storage.base import RequestQueue
-
-logger = logging.getLogger(__name__)
 
 _FOLDS_MARK_PROCESSING = (models.Complete, models.Fail, models.Cancel, models.Release)
 _TARGET_STATES: dict[type[object], states.RequestState] = {
@@ -42,109 +36,83 @@ _TARGET_STATES: dict[type[object], states.RequestState] = {
 class WriteResult:
     applied: bool
     state: states.RequestState | None = None
-    """For a refused write, the request's state at the time (None if it no longer exists or the writer
+    """For a refused write, the request's state at the time (None if it no longer exists or the daemon
     stopped before the write could be made)."""
 
 
-_ABANDONED = WriteResult(False)
+ABANDONED = WriteResult(False)
+_APPLIED = WriteResult(True)
+
+Done = Callable[[WriteResult], None]
 
 
 @dataclass(slots=True)
 class _Entry:
     write: models.RequestWrite
-    futures: list[asyncio.Future[WriteResult]]
+    done: list[Done]
+    retried: bool = False
+    """Its transaction failed once: the commit may have gone through without our hearing of it."""
 
 
-class GroupCommitWriter:
-    def __init__(
-        self,
-        queue: RequestQueue,
-        daemon_id: ids.DaemonId,
-        *,
-        max_delay: float,
-        max_size: int,
-        metrics: DaemonMetrics,
-        backoff: Backoff,
-    ) -> None:
-        self._queue = queue
-        self._daemon_id = daemon_id
-        self._max_delay = max_delay
-        self._max_size = max_size
-        self._metrics = metrics
-        self._backoff = backoff
-        self._waiting: list[_Entry] = []
-        self._arrived = asyncio.Event()
-        self._closing = False
-        self._abandoned = False
+@dataclass(slots=True)
+class Group:
+    """The writes of one transaction, at most one per request."""
 
-    def replace_settings(self, settings: DaemonSettings) -> None:
-        self._max_delay = settings.commit_max_delay.total_seconds()
-        self._max_size = settings.commit_max_size
+    entries: dict[ids.RequestId, _Entry]
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
     @property
-    def backlog(self) -> int:
+    def writes(self) -> list[models.RequestWrite]:
+        return [entry.write for entry in self.entries.values()]
+
+
+class PendingWrites:
+    def __init__(self, *, max_size: int, on_arrival: Callable[[], None]) -> None:
+        self.max_size = max_size
+        self._on_arrival = on_arrival
+        self._waiting: list[_Entry] = []
+        self._abandoned = False
+
+    def __len__(self) -> int:
         return len(self._waiting)
 
-    def submit(self, write: models.RequestWrite) -> asyncio.Future[WriteResult]:
-        """Queue a write; the future resolves when it committed (or was refused)."""
-        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+    def submit(self, write: models.RequestWrite, done: Done | None = None) -> None:
+        """Queue a write; `done` is called with what came of it."""
         if self._abandoned:
-            future.set_result(_ABANDONED)
-            return future
-        self._waiting.append(_Entry(write, [future]))
-        self._arrived.set()
-        return future
+            if done is not None:
+                done(ABANDONED)
+            return
+        self._waiting.append(_Entry(write, [done] if done is not None else []))
+        self._on_arrival()
 
-    async def close(self) -> None:
-        """Commit what is waiting, then let `run` return."""
-        self._closing = True
-        self._arrived.set()
+    async def write(self, write: models.RequestWrite) -> WriteResult:
+        """Queue a write and wait until it committed (or was refused)."""
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        self.submit(write, functools.partial(_resolve, future))
+        return await future
+
+    def waiting_for(self) -> set[ids.RequestId]:
+        """The requests with a write not yet committed."""
+        return {entry.write.request_id for entry in self._waiting}
 
     def abandon(self) -> None:
-        """Drop every waiting write (the daemon was fenced: the database would refuse them anyway)."""
+        """Drop every waiting write and refuse new ones (the daemon was fenced, or its queue loop died: the
+        database would refuse them, or nobody would commit them)."""
         self._abandoned = True
-        self._closing = True
-        for entry in self._waiting:
-            _resolve(entry.futures, _ABANDONED)
-        self._waiting.clear()
-        self._arrived.set()
+        waiting, self._waiting = self._waiting, []
+        for entry in waiting:
+            _call(entry.done, ABANDONED)
 
-    async def run(self) -> None:
-        while True:
-            if not self._waiting:
-                if self._closing:
-                    return
-                self._arrived.clear()
-                await self._arrived.wait()
-                if not self._closing and len(self._waiting) < self._max_size:
-                    await self._gather_more()
-                continue
-            group, deferred = self._take_group()
-            await self._commit(group)
-            self._waiting[:0] = deferred
-
-    async def _gather_more(self) -> None:
-        deadline = time.monotonic() + self._max_delay
-        while len(self._waiting) < self._max_size and not self._closing:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._arrived.wait()
-            except TimeoutError:
-                return
-
-    def _take_group(self) -> tuple[dict[ids.RequestId, _Entry], list[_Entry]]:
+    def take_group(self) -> Group:
+        """The next group: the oldest waiting writes, at most `max_size`, one per request."""
         group: dict[ids.RequestId, _Entry] = {}
         deferred: list[_Entry] = []
-        taken = 0
         for entry in self._waiting:
-            if len(group) >= self._max_size:
+            if len(group) >= self.max_size:
                 deferred.append(entry)
                 continue
-            taken += 1
             request_id = entry.write.request_id
             earlier = group.get(request_id)
             if earlier is None:
@@ -152,56 +120,48 @@ class GroupCommitWriter:
             elif isinstance(earlier.write, models.MarkProcessing) and isinstance(
                 entry.write, _FOLDS_MARK_PROCESSING
             ):
-                group[request_id] = _Entry(entry.write, earlier.futures + entry.futures)
+                retried = earlier.retried or entry.retried
+                group[request_id] = _Entry(entry.write, earlier.done + entry.done, retried)
             else:
                 deferred.append(entry)
-        self._waiting = []
-        return group, deferred
+        self._waiting = deferred
+        return Group(group)
 
-    async def _commit(self, group: dict[ids.RequestId, _Entry]) -> None:
-        writes = [entry.write for entry in group.values()]
-        retried = False
-        while True:
-            if self._abandoned:
-                for entry in group.values():
-                    _resolve(entry.futures, _ABANDONED)
-                return
-            started = time.perf_counter()
-            try:
-                report = await self._queue.apply_writes(self._daemon_id, writes)
-            except errors.StorageError as exc:
-                self._metrics.database_errors.labels("commit").inc()
-                delay = self._backoff.failed()
-                logger.warning(
-                    "Group commit of %d writes failed (%s); retrying in %.1f s.", len(writes), exc, delay
-                )
-                retried = True
-                await asyncio.sleep(delay)
-                continue
-            break
-        self._backoff.succeeded()
-        self._metrics.commit_duration.observe(time.perf_counter() - started)
-        self._metrics.commit_size.observe(len(writes))
-        conflicts = 0
-        for request_id, entry in group.items():
+    def put_back(self, group: Group) -> None:
+        """A group whose transaction failed: in front of the queue again, to be retried."""
+        if self._abandoned:
+            for entry in group.entries.values():
+                _call(entry.done, ABANDONED)
+            return
+        for entry in group.entries.values():
+            entry.retried = True
+        self._waiting[:0] = group.entries.values()
+
+    def settle(self, group: Group, report: models.WriteReport) -> int:
+        """Tell each write of a committed group what came of it; returns how many were refused."""
+        refused = 0
+        for request_id, entry in group.entries.items():
             if request_id in report.applied:
-                result = WriteResult(True)
+                result = _APPLIED
             elif request_id in report.conflicts:
                 state = report.conflicts[request_id]
-                if retried and _TARGET_STATES.get(type(entry.write)) == state:
+                if entry.retried and _TARGET_STATES.get(type(entry.write)) == state:
                     result = WriteResult(True, state)
                 else:
                     result = WriteResult(False, state)
-                    conflicts += 1
+                    refused += 1
             else:
                 result = WriteResult(False)
-                conflicts += 1
-            _resolve(entry.futures, result)
-        if conflicts:
-            self._metrics.write_conflicts.inc(conflicts)
+                refused += 1
+            _call(entry.done, result)
+        return refused
 
 
-def _resolve(futures: list[asyncio.Future[WriteResult]], result: WriteResult) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(result)
+def _resolve(future: asyncio.Future[WriteResult], result: WriteResult) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _call(done: list[Done], result: WriteResult) -> None:
+    for callback in done:
+        callback(result)

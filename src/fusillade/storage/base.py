@@ -183,6 +183,22 @@ class RequestQueue(Protocol):
         `missing`; the others still apply. Two writes for one request id in one call raise `ValueError`."""
         ...
 
+    async def apply_writes_and_claim(
+        self,
+        daemon_id: ids.DaemonId,
+        writes: Sequence[models.RequestWrite],
+        capacities: Sequence[models.ModelCapacity],
+        *,
+        limit: int,
+        owner_in_flight: Mapping[str, int] | None = None,
+    ) -> tuple[models.WriteReport, list[models.ClaimedRequest]]:
+        """`apply_writes(writes)`, then `claim_requests(capacities, ...)`, in one trip to the database: the
+        daemon's tick (it hands in its results and takes new work in one go). The claim comes second, so it
+        sees the slots the writes freed under a global limit. Each part behaves as its own operation (either
+        may be empty); if the claim is refused (`StateConflict` for a daemon marked dead), the writes stay
+        applied and the error is raised."""
+        ...
+
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         """Requests this daemon has claimed or is processing whose batch is being cancelled."""
         ...

@@ -102,10 +102,17 @@ class UpstreamClient:
             await session.close()
 
     async def send(
-        self, request: models.ClaimedRequest, route: Route, *, headers: Mapping[str, str] | None = None
+        self,
+        request: models.ClaimedRequest,
+        route: Route,
+        *,
+        headers: Mapping[str, str] | None = None,
+        deadline: float | None = None,
     ) -> Outcome:
         """Send one request to its route's upstream; what came of it, never an exception for upstream trouble.
-        `headers` are added to the request (they cannot replace the headers this client sets itself)."""
+        `headers` are added to the request (they cannot replace the headers this client sets itself).
+        `deadline` (event loop time): the caller's own limit, e.g. the batch's expiry; a call still running
+        then is aborted with `TimeoutError` (one timer serves it and the phase timeouts)."""
         session = self._session
         if session is None:
             raise RuntimeError("UpstreamClient is not open: use `async with UpstreamClient(...) as client`.")
@@ -127,7 +134,7 @@ class UpstreamClient:
         else:
             body = request.body.encode()
         outcome = await self._call(
-            session, request.method, url, body, _headers(request, route, headers), route, new_reassembler
+            session, request.method, url, body, _headers(request, route, headers), route, new_reassembler, deadline
         )
         return self._logged(request, outcome)
 
@@ -140,9 +147,10 @@ class UpstreamClient:
         headers: Mapping[str, str],
         route: Route,
         new_reassembler: Callable[[], reassemble.Reassembler] | None,
+        deadline: float | None,
     ) -> Outcome:
         loop = asyncio.get_running_loop()
-        timers = _Timers(loop, route.timeouts)
+        timers = _Timers(loop, route.timeouts, deadline)
         scope = asyncio.timeout_at(timers.first_byte_deadline)
         response: aiohttp.ClientResponse | None = None
         reading_stream = clean = False
@@ -168,7 +176,8 @@ class UpstreamClient:
                     timers.waiting_for = "first SSE event"
                     outcome = await self._read_stream(response, reassembler, scope, timers, route)
                 else:
-                    timers.enter_idle(scope, "next body chunk")
+                    if not response.content.is_eof():  # a small body often came with the headers
+                        timers.enter_idle(scope, "next body chunk")
                     data = await self._read_body(response, scope, timers)
                     if data is None:
                         return classify.response_too_large(self._max_bytes)
@@ -260,14 +269,26 @@ class _Timers:
     """The deadlines of one call, on the event loop's clock. One `asyncio.Timeout` scope covers the call and
     is moved on as the phases go (first byte, then idle gaps), never past the total deadline."""
 
-    __slots__ = ("_idle", "_loop", "_timeouts", "_total_at", "first_byte_deadline", "phase", "waiting_for")
+    __slots__ = (
+        "_deadline",
+        "_idle",
+        "_loop",
+        "_timeouts",
+        "_total_at",
+        "first_byte_deadline",
+        "phase",
+        "waiting_for",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: PhaseTimeouts) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: PhaseTimeouts, deadline: float | None) -> None:
         start = loop.time()
         self._loop = loop
         self._timeouts = timeouts
+        self._deadline = deadline
         self._idle = None if timeouts.idle is None else timeouts.idle.total_seconds()
-        self._total_at = None if timeouts.total is None else start + timeouts.total.total_seconds()
+        # The caller's deadline caps the call like its total timeout (and wins a tie: see `_call`).
+        total_at = None if timeouts.total is None else start + timeouts.total.total_seconds()
+        self._total_at = _earliest(deadline, total_at)
         first_byte_at = None if timeouts.first_byte is None else start + timeouts.first_byte.total_seconds()
         self.first_byte_deadline = _earliest(first_byte_at, self._total_at)
         self.phase = "first_byte"
@@ -280,6 +301,9 @@ class _Timers:
         scope.reschedule(_earliest(idle_at, self._total_at))
 
     def timed_out(self, scope: asyncio.Timeout) -> Retriable:
+        """The outcome of a phase timeout; `TimeoutError` if it was the caller's deadline."""
+        if self._deadline is not None and scope.when() == self._deadline:
+            raise TimeoutError(f"the caller's deadline passed ({self.waiting_for})")
         timeouts = self._timeouts
         if self._total_at is not None and scope.when() == self._total_at and timeouts.total is not None:
             return classify.timeout("total", f"the call took more than {_seconds(timeouts.total)}")

@@ -255,6 +255,32 @@ class PostgresStorage:
         async with self._db.connection() as connection:
             return await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
 
+    async def apply_writes_and_claim(
+        self,
+        daemon_id: ids.DaemonId,
+        writes: Sequence[models.RequestWrite],
+        capacities: Sequence[models.ModelCapacity],
+        *,
+        limit: int,
+        owner_in_flight: Mapping[str, int] | None = None,
+    ) -> tuple[models.WriteReport, list[models.ClaimedRequest]]:
+        named = fenced_writes.named_requests(writes)
+        plan = queue.plan_claim(capacities, limit)
+        now = self._clock.now()
+        report = models.WriteReport()
+        # One pooled connection for both parts; each is its own transaction, as when called apart.
+        async with self._db.connection() as connection:
+            if writes:
+                if any(isinstance(write, models.Reschedule | models.Release) for write in writes):
+                    async with connection.transaction():
+                        report = await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
+                else:
+                    report = await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
+            if plan is None:
+                return report, []
+            claimed = await queue.claim(connection, plan, daemon_id, owner_in_flight=owner_in_flight, now=now)
+        return report, claimed
+
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         async with self._db.connection() as connection:
             return await queue.cancelling_requests(connection, daemon_id)

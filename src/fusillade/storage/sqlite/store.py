@@ -217,6 +217,39 @@ class SqliteStorage:
             lambda connection, now: queue.apply_writes(connection, now, daemon_id, writes)
         )
 
+    async def apply_writes_and_claim(
+        self,
+        daemon_id: ids.DaemonId,
+        writes: Sequence[models.RequestWrite],
+        capacities: Sequence[models.ModelCapacity],
+        *,
+        limit: int,
+        owner_in_flight: Mapping[str, int] | None = None,
+    ) -> tuple[models.WriteReport, list[models.ClaimedRequest]]:
+        if len({write.request_id for write in writes}) != len(writes):
+            raise ValueError("Two writes for one request id in one call; send one write per request.")
+        claiming = limit > 0 and any(capacity.free > 0 for capacity in capacities)
+        if not claiming:
+            return await self.apply_writes(daemon_id, writes), []
+
+        def tick(
+            connection: sqlite3.Connection, now: datetime
+        ) -> tuple[models.WriteReport, list[models.ClaimedRequest] | errors.StateConflict]:
+            report = queue.apply_writes(connection, now, daemon_id, writes) if writes else models.WriteReport()
+            # A refused claim (dead daemon) must not undo the writes: it checks before changing anything, and
+            # its error is handed back instead of raised, so that the transaction commits.
+            try:
+                return report, queue.claim_requests(
+                    connection, now, daemon_id, capacities, limit=limit, owner_in_flight=owner_in_flight
+                )
+            except errors.StateConflict as exc:
+                return report, exc
+
+        report, claimed = await self._database.write(tick)
+        if isinstance(claimed, errors.StateConflict):
+            raise claimed
+        return report, claimed
+
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         return await self._database.read(lambda connection: queue.cancelling_requests(connection, daemon_id))
 
