@@ -129,6 +129,48 @@ async def test_claim_prefers_owners_with_fewer_in_flight(storage: base.Storage, 
     assert [item.custom_id for item in both] == ["bob-1", "bob-2"]
 
 
+async def test_fair_claim_goes_by_in_flight_level_then_deadline_across_owners(storage: base.Storage) -> None:
+    """Owners on one level of requests in flight share it in deadline order (interleaving their batches); a
+    claim takes a busier level only once the ones before it run out, whatever that level's deadlines."""
+    for owner, window, count, prefix in [
+        ("carol", "3h", 2, "carol-late"),
+        ("carol", "1h", 2, "carol-early"),
+        ("erin", "2h", 1, "erin"),
+        ("alice", "4h", 1, "alice-late"),
+        ("alice", "2h", 2, "alice-mid"),
+        ("bob", "5h", 1, "bob-late"),
+        ("bob", "1h", 2, "bob-early"),
+        ("dave", "1h", 2, "dave"),
+    ]:
+        await factories.create_batch(storage, owner=owner, window=window, count=count, prefix=prefix)
+    daemon = await factories.register(storage)
+    # carol is not in the map and erin has none in flight: both are on the first level.
+    in_flight = {"alice": 2, "bob": 2, "dave": 7, "erin": 0}
+
+    async def claim(count: int) -> set[str]:
+        claimed = await factories.claim(storage, daemon, count, owner_in_flight=in_flight)
+        return {item.custom_id for item in claimed}
+
+    assert await claim(3) == {"carol-early-1", "carol-early-2", "erin-1"}
+    assert await claim(4) == {"carol-late-1", "carol-late-2", "bob-early-1", "bob-early-2"}
+    assert await claim(3) == {"alice-mid-1", "alice-mid-2", "alice-late-1"}
+    assert await claim(5) == {"bob-late-1", "dave-1", "dave-2"}
+    assert await claim(5) == set()
+
+
+async def test_fair_claim_serves_a_busy_owner_holding_every_pending_request(storage: base.Storage) -> None:
+    await factories.create_batch(storage, owner="alice", window="2h", count=3, prefix="late")
+    await factories.create_batch(storage, owner="alice", window="1h", count=2, prefix="early")
+    # bob has nothing in flight, but his requests are for another model.
+    await factories.create_batch(storage, owner="bob", count=2, prefix="bob", model="model-b")
+    daemon = await factories.register(storage)
+    in_flight = {"alice": 50, "carol": 1}
+    first = await factories.claim(storage, daemon, 3, owner_in_flight=in_flight)
+    assert {item.custom_id for item in first} == {"early-1", "early-2", "late-1"}
+    rest = await factories.claim(storage, daemon, 10, owner_in_flight=in_flight)
+    assert {item.custom_id for item in rest} == {"late-2", "late-3"}
+
+
 async def test_claim_waits_for_not_before(storage: base.Storage, clock: clocks.ManualClock) -> None:
     await factories.create_batch(storage, count=1)
     daemon = await factories.register(storage)

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
-from fusillade import errors
+from fusillade import errors, runtime
 from fusillade.config import CONFIG_VARIABLE, Config, InvalidConfiguration, Problem, load_config
 from fusillade.storage import factory
 from fusillade.storage.base import Storage
@@ -96,7 +96,9 @@ def fail(message: str, code: ExitCode = ExitCode.FAILED) -> NoReturn:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` in a new event loop: uvloop's when it is installed (the upstream client is faster on it)."""
+    """Run `main` in a new event loop: uvloop's when it is installed (the upstream client is faster on it),
+    with the interpreter tuned for a long-running process (`fusillade.runtime`)."""
+    runtime.tune_interpreter()
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop

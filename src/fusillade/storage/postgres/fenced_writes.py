@@ -38,7 +38,7 @@ _KINDS = {
         (("id", "uuid"), ("status", "integer"), ("body", "text"), ("line_bytes", "bigint")),
         """
         UPDATE requests r
-        SET state = 'completed', started_at = COALESCE(r.started_at, $2), finished_at = $2,
+        SET state = 'completed', started_at = COALESCE(r.started_at, r.claimed_at), finished_at = $2,
             response_status = w.status, response_body = w.body, error_code = NULL, error_message = NULL,
             result_bytes = r.custom_id_bytes + w.line_bytes
         FROM {source}

@@ -7,11 +7,12 @@ other writer of the file (this process or another): claimers get disjoint rows a
 
 from __future__ import annotations
 
+import heapq
 import random
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeAlias
 
 from fusillade import errors
 from fusillade.domain import ids, lines, models, states
@@ -24,7 +25,7 @@ COUNT_IN_FLIGHT = (
 
 
 class ClaimableRow(NamedTuple):
-    """A row of `SELECT_CLAIMABLE`."""
+    """A row of `SELECT_CLAIMABLE`, or of `SELECT_OWNER_RUN` after its line number."""
 
     rowid: int
     id: bytes
@@ -41,14 +42,47 @@ class ClaimableRow(NamedTuple):
 # No join with batches: a batch that is cancelled, expired, finished or deleted has no pending requests (those
 # operations end them), so the claim is one scan of the claim index. The only exception is a request that a
 # daemon rescheduled while its batch was being cancelled; finalize_batches cancels such leftovers.
-_SELECT_CLAIMABLE = """
+SELECT_CLAIMABLE = """
 SELECT r.rowid, r.id, r.batch_id, r.owner, r.custom_id, r.attempt, r.deadline, t.method, t.url, t.body
 FROM requests AS r
 JOIN request_templates AS t ON t.id = r.template_id
 WHERE r.model = ? AND r.state = 'pending' AND (r.not_before IS NULL OR r.not_before <= ?)
+ORDER BY r.deadline, r.batch_id, r.line_number LIMIT ?
 """
-_CLAIM_ORDER = " ORDER BY r.deadline, r.batch_id, r.line_number LIMIT ?"
-SELECT_CLAIMABLE = _SELECT_CLAIMABLE + _CLAIM_ORDER
+
+# The fair claim (owners with fewer requests in flight first) reads per owner, in PostgreSQL's order: (owner's
+# requests in flight, deadline, batch, line). Leaving busy owners out of the `requests_claim` walk instead would
+# read every pending row of the model when a busy owner holds them all (one tenant, one big batch).
+# The owners with pending requests of the model (a loose index scan, one probe per owner), each with the claim
+# order key of its first claimable row:
+SELECT_OWNER_HEADS = """
+WITH RECURSIVE found(owner) AS (
+    SELECT (SELECT owner FROM requests INDEXED BY requests_claim_by_owner
+            WHERE model = ?1 AND state = 'pending' ORDER BY owner LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.owner FROM requests AS r INDEXED BY requests_claim_by_owner
+            WHERE r.model = ?1 AND r.state = 'pending' AND r.owner > found.owner ORDER BY r.owner LIMIT 1)
+    FROM found WHERE found.owner IS NOT NULL
+)
+SELECT found.owner, h.deadline, h.batch_id, h.line_number
+FROM found JOIN requests AS h ON h.rowid = (
+    SELECT r.rowid FROM requests AS r INDEXED BY requests_claim_by_owner
+    WHERE r.model = ?1 AND r.owner = found.owner AND r.state = 'pending'
+        AND (r.not_before IS NULL OR r.not_before <= ?2)
+    ORDER BY r.deadline, r.batch_id, r.line_number LIMIT 1
+)
+"""
+# One owner's claimable rows from a claim order key on: the rows this claim already took are still pending until
+# it marks them. `line_number` (for the order key), then the columns of `ClaimableRow`.
+SELECT_OWNER_RUN = """
+SELECT r.line_number, r.rowid, r.id, r.batch_id, r.owner, r.custom_id, r.attempt, r.deadline, t.method, t.url,
+    t.body
+FROM requests AS r INDEXED BY requests_claim_by_owner
+JOIN request_templates AS t ON t.id = r.template_id
+WHERE r.model = ? AND r.owner = ? AND r.state = 'pending' AND (r.not_before IS NULL OR r.not_before <= ?)
+    AND (r.deadline, r.batch_id, r.line_number) >= (?, ?, ?)
+ORDER BY r.deadline, r.batch_id, r.line_number LIMIT ?
+"""
 MARK_CLAIMED = "UPDATE requests SET state = 'claimed', daemon_id = ?, claimed_at = ? WHERE rowid = ?"
 
 # The ids of a write group travel as one BLOB of concatenated 16-byte UUIDs, split here in SQL: one cached
@@ -65,7 +99,7 @@ SELECT r.id, r.state, r.daemon_id FROM wanted JOIN requests AS r ON r.id = wante
 _FENCE = " WHERE id = ? AND daemon_id = ? AND state "
 MARK_PROCESSING = "UPDATE requests SET state = 'processing', started_at = ?" + _FENCE + "= 'claimed'"
 COMPLETE = (
-    "UPDATE requests SET state = 'completed', started_at = COALESCE(started_at, ?1), finished_at = ?1, "
+    "UPDATE requests SET state = 'completed', started_at = COALESCE(started_at, claimed_at), finished_at = ?1, "
     "response_status = ?2, response_body = ?3, error_code = NULL, error_message = NULL, "
     "result_bytes = ?4 + custom_id_bytes WHERE id = ?5 AND daemon_id = ?6 AND state IN ('claimed', 'processing')"
 )
@@ -184,13 +218,10 @@ def _claim_model(
     owner_in_flight: Mapping[str, int] | None,
 ) -> list[models.ClaimedRequest]:
     moment = connections.to_micros(now)
-    rows: list[ClaimableRow] = []
-    for condition, owners in _owner_tiers(owner_in_flight):
-        sql = SELECT_CLAIMABLE if not owners else _SELECT_CLAIMABLE + condition + _CLAIM_ORDER
-        found = connection.execute(sql, (model, moment, *owners, count - len(rows)))
-        rows.extend(map(ClaimableRow._make, found))
-        if len(rows) >= count:
-            break
+    busy = {owner: in_flight for owner, in_flight in (owner_in_flight or {}).items() if in_flight > 0}
+    rows = _fair_rows(connection, moment, model, count, busy) if busy else None
+    if rows is None:
+        rows = list(map(ClaimableRow._make, connection.execute(SELECT_CLAIMABLE, (model, moment, count))))
     if not rows:
         return []
     daemon_key = daemon_id.bytes
@@ -218,18 +249,63 @@ def _claim_model(
     ]
 
 
-def _owner_tiers(owner_in_flight: Mapping[str, int] | None) -> Iterable[tuple[str, tuple[str, ...]]]:
-    """The claim's owner filters, fewest requests in flight first: `(SQL condition, owners)`; the first tier
-    also takes every owner not in the map (0 in flight). Without a map: one tier, no filter."""
-    busy = {owner: count for owner, count in (owner_in_flight or {}).items() if count > 0}
-    if not busy:
-        yield "", ()
-        return
-    names = tuple(busy)
-    yield f" AND r.owner NOT IN ({', '.join('?' * len(names))})", names
-    for level in sorted(set(busy.values())):
-        tier = tuple(owner for owner, count in busy.items() if count == level)
-        yield f" AND r.owner IN ({', '.join('?' * len(tier))})", tier
+# A row's place in the fair order: (owner's requests in flight, deadline, batch_id, line_number). Unique: a
+# batch has one owner and one line per number.
+FairKey: TypeAlias = tuple[int, int, bytes, int]
+
+
+def _fair_rows(
+    connection: sqlite3.Connection, moment: int, model: str, count: int, busy: Mapping[str, int]
+) -> list[ClaimableRow] | None:
+    """The first `count` claimable rows of `model` in the fair order; None when the owners with claimable rows
+    all have as many in flight, as the fair order is then the plain claim order.
+
+    A merge of the owners' runs of rows: a heap of each owner's next row, and from the first owner, the rows that
+    come before the next owner's. Each run takes at least one row, so a claim costs one probe per owner and at
+    most `count` runs of rows taken (plus one row read per run), however many requests are pending."""
+    heads = [
+        ((busy.get(owner, 0), deadline, batch_id, line_number), owner)
+        for owner, deadline, batch_id, line_number in connection.execute(SELECT_OWNER_HEADS, (model, moment))
+    ]
+    if len({key[0] for key, _ in heads}) == 1:
+        return None
+    heapq.heapify(heads)
+    rows: list[ClaimableRow] = []
+    while heads and len(rows) < count:
+        head, owner = heapq.heappop(heads)
+        following = heads[0][0] if heads else None
+        run, after = _owner_run(connection, moment, model, owner, head, following, count - len(rows))
+        rows.extend(run)
+        if after is not None:
+            heapq.heappush(heads, (after, owner))
+    return rows
+
+
+def _owner_run(
+    connection: sqlite3.Connection,
+    moment: int,
+    model: str,
+    owner: str,
+    head: FairKey,
+    following: FairKey | None,
+    count: int,
+) -> tuple[list[ClaimableRow], FairKey | None]:
+    """`owner`'s claimable rows from `head` on that come before `following` (the next owner's head), at most
+    `count`; and the key of the owner's row after them, None if it has no more. Reads one row past the run."""
+    load, deadline, batch_id, line_number = head
+    parameters = (model, owner, moment, deadline, batch_id, line_number, count + 1)
+    run: list[ClaimableRow] = []
+    cursor = connection.execute(SELECT_OWNER_RUN, parameters)
+    try:
+        for line, *columns in cursor:
+            row = ClaimableRow._make(columns)
+            key = (load, row.deadline, row.batch_id, line)
+            if len(run) == count or (following is not None and key > following):
+                return run, key
+            run.append(row)
+        return run, None
+    finally:
+        cursor.close()
 
 
 # ----------------------------------------------------------------------------------------------- writes

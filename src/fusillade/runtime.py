@@ -1,0 +1,29 @@
+"""Interpreter settings for fusillade's long-running processes (the CLI applies them before its event loop
+starts; a program embedding the daemon may call `tune_interpreter` too).
+
+- Garbage collection: the daemon allocates a few dozen short-lived objects per request (futures, tasks,
+  records); with the default threshold (700 allocations) the collector runs thousands of times a second and
+  walks every young object each time, about a tenth of the daemon's CPU at full speed. Freezing what startup
+  created and collecting the young generation every 20,000 allocations instead keeps that under 1% while
+  reference counting still frees almost everything at once (only cyclic garbage waits for a collection).
+- Thread switching: the SQLite backend runs its statements in a writer thread. While the event loop is busy,
+  that thread waits for the GIL up to the switch interval (5 ms by default) every time it needs it back; at
+  1 ms a daemon tick (one transaction) waits less, and the loop gives up little.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+YOUNG_GENERATION_THRESHOLD = 20_000
+SWITCH_INTERVAL_S = 0.001
+
+
+def tune_interpreter() -> None:
+    """Apply the settings above to this process (idempotent)."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, old)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
