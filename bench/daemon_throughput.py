@@ -31,6 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import machine
+from fusillade import runtime
 from fusillade.daemon import Daemon, DaemonSettings
 from fusillade.domain import models
 from queue_throughput import BODY, MODEL, database, templates
@@ -176,7 +177,9 @@ async def one_run(mode: str, url: str, requests: int, concurrency: int) -> float
 
 
 def child(arguments: argparse.Namespace) -> None:
+    # Both sides run as the CLI runs the daemon: on uvloop, with the interpreter tuned (fusillade.runtime).
     install_uvloop()
+    runtime.tune_interpreter()
     if arguments.role == "bare":
         elapsed = asyncio.run(bare_loop(arguments.upstream, arguments.requests, arguments.concurrency))
     else:
