@@ -72,7 +72,7 @@ async def bare_loop(url: str, requests: int, concurrency: int) -> float:
 # ------------------------------------------------------------------------------------------- the daemon
 
 
-async def daemon_run(url: str, database_url: str, requests: int, concurrency: int) -> float:
+async def daemon_run(url: str, database_url: str, requests: int, concurrency: int, ticks_in_flight: int) -> float:
     from fusillade.storage import factory
     from fusillade.upstream.client import UpstreamClient
     from fusillade.upstream.routes import Route
@@ -90,7 +90,9 @@ async def daemon_run(url: str, database_url: str, requests: int, concurrency: in
                 storage,
                 client,
                 {MODEL: Route(base_url=url, api_key="bench", concurrency=concurrency)},
-                settings=DaemonSettings(purge_interval=None, maintenance_interval=timedelta(seconds=1)),
+                settings=DaemonSettings(
+                    purge_interval=None, maintenance_interval=timedelta(seconds=1), ticks_in_flight=ticks_in_flight
+                ),
             )
             started = time.perf_counter()
             task = asyncio.create_task(daemon.run())
@@ -151,7 +153,7 @@ def mock_upstream() -> Iterator[str]:
         process.wait(timeout=10)
 
 
-async def one_run(mode: str, url: str, requests: int, concurrency: int) -> float:
+async def one_run(mode: str, url: str, requests: int, concurrency: int, ticks_in_flight: int) -> float:
     """Run one measurement in a fresh process; returns requests per second."""
     async with contextlib.AsyncExitStack() as stack:
         target = "-" if mode == "bare" else await stack.enter_async_context(database(mode))
@@ -168,6 +170,8 @@ async def one_run(mode: str, url: str, requests: int, concurrency: int) -> float
             str(requests),
             "--concurrency",
             str(concurrency),
+            "--ticks-in-flight",
+            str(ticks_in_flight),
             stdout=asyncio.subprocess.PIPE,
         )
         output, _ = await process.communicate()
@@ -184,7 +188,13 @@ def child(arguments: argparse.Namespace) -> None:
         elapsed = asyncio.run(bare_loop(arguments.upstream, arguments.requests, arguments.concurrency))
     else:
         elapsed = asyncio.run(
-            daemon_run(arguments.upstream, arguments.database, arguments.requests, arguments.concurrency)
+            daemon_run(
+                arguments.upstream,
+                arguments.database,
+                arguments.requests,
+                arguments.concurrency,
+                arguments.ticks_in_flight,
+            )
         )
     print(f"{elapsed:.6f}", flush=True)
 
@@ -194,6 +204,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--ticks-in-flight",
+        type=int,
+        default=DaemonSettings().ticks_in_flight,
+        help="the daemon's `ticks_in_flight` setting (default: its default)",
+    )
     parser.add_argument(
         "--modes", nargs="+", default=["bare", "sqlite", "postgres"], choices=["bare", "sqlite", "postgres"]
     )
@@ -206,12 +222,19 @@ def main() -> None:
         return
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
     print("machine:", machine.describe())
-    print(f"requests per run: {arguments.requests}, concurrency {arguments.concurrency}, runs: {arguments.runs}")
+    print(
+        f"requests per run: {arguments.requests}, concurrency {arguments.concurrency}, runs: {arguments.runs}, "
+        f"daemon ticks in flight: {arguments.ticks_in_flight}"
+    )
     results: dict[str, list[float]] = {mode: [] for mode in arguments.modes}
     with mock_upstream() as url:
         for _ in range(arguments.runs):
             for mode in arguments.modes:
-                results[mode].append(asyncio.run(one_run(mode, url, arguments.requests, arguments.concurrency)))
+                results[mode].append(
+                    asyncio.run(
+                        one_run(mode, url, arguments.requests, arguments.concurrency, arguments.ticks_in_flight)
+                    )
+                )
     medians = {mode: statistics.median(values) for mode, values in results.items()}
     for mode, values in results.items():
         runs = ", ".join(f"{value:,.0f}" for value in values)

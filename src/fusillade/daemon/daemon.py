@@ -90,6 +90,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._retry_due: float | None = None
         self._claim_wanted = True
+        self._uncertain = False
+        """A claim failed without a clear answer (see `_release_orphans`)."""
         self._batch_headers: dict[ids.BatchId, dict[str, str]] = {}
         self._settings_listeners: list[Callable[[DaemonSettings], None]] = []
 
@@ -186,68 +188,103 @@ class Daemon:
     async def _tick_loop(
         self, daemon_id: ids.DaemonId, writes: PendingWrites, marks: ProcessingMarks, executor: RequestExecutor
     ) -> None:
-        """The daemon's link to the queue: each tick is one trip to the database that commits the state writes
-        that came in (group commit) and then claims requests for the slots that are free. It runs until the
-        daemon stops and its last writes are committed."""
+        """The daemon's link to the queue. Each tick is one trip to the database that commits the state writes
+        that came in (group commit) and then claims requests for the slots that are free; up to
+        `ticks_in_flight` ticks run at once, so that slots freed during one tick's round trip are claimed for
+        by the next without waiting for it. The loop runs until the daemon stops and its last writes are
+        committed."""
+        ticks: set[asyncio.Task[None]] = set()
         backoff = self._backoff()
-        uncertain = False  # a claim failed without a clear answer
         idle = True
-        while True:
-            stopping = self._stop.is_set()
-            if stopping and not writes and not self._tasks:
-                return
-            self._wake.clear()
-            if uncertain and not stopping:
-                # The failed claim may have committed after all, leaving requests claimed in our name that no
-                # task runs. Give those back before claiming again.
+        try:
+            while True:
+                for tick in [tick for tick in ticks if tick.done()]:
+                    ticks.discard(tick)
+                    tick.result()  # a fenced daemon, or a bug: the loop stops with it
+                stopping = self._stop.is_set()
+                if stopping and not writes and not self._tasks and not ticks:
+                    return
+                self._wake.clear()
+                if len(ticks) >= self._settings.ticks_in_flight or (self._uncertain and ticks):
+                    await self._wake.wait()  # a tick ending sets it
+                    continue
+                if self._uncertain and not stopping:
+                    # A failed claim may have committed after all, leaving requests claimed in our name that no
+                    # task runs. Give those back before claiming again (no other claim is under way now).
+                    try:
+                        await self._release_orphans(daemon_id, writes)
+                    except errors.StorageError as exc:
+                        await self._database_failed("claim", exc, backoff)
+                        continue
+                    self._uncertain = False
                 try:
-                    await self._release_orphans(daemon_id, writes)
+                    claim = None if stopping else await self._claim_order()
                 except errors.StorageError as exc:
                     await self._database_failed("claim", exc, backoff)
                     continue
-                uncertain = False
-            try:
-                claim = None if stopping else await self._claim_order()
-            except errors.StorageError as exc:
-                await self._database_failed("claim", exc, backoff)
-                continue
-            next_mark = marks.submit_due(time.monotonic(), self._settings.processing_mark_delay.total_seconds())
-            if not writes and claim is None:
-                await self._sleep_until_woken(None if stopping else self._settings.idle_poll_interval, next_mark)
-                idle = True
-                continue
-            if idle and claim is None and not stopping:
-                await self._gather_writes(writes)
-            idle = False
-            group = writes.take_group()
-            started = time.perf_counter()
-            try:
-                report, claimed = await self._storage.apply_writes_and_claim(
-                    daemon_id,
-                    group.writes,
-                    claim.capacities if claim else (),
-                    limit=claim.limit if claim else 0,
-                    owner_in_flight=claim.owner_in_flight if claim else None,
+                next_mark = marks.submit_due(
+                    time.monotonic(), self._settings.processing_mark_delay.total_seconds()
                 )
-            except errors.StateConflict as exc:
-                writes.put_back(group)
-                raise DaemonFenced(
-                    f"Daemon {daemon_id} was declared dead by the others; it stops so that requests they took "
-                    "over are not sent twice."
-                ) from exc
-            except errors.StorageError as exc:
-                writes.put_back(group)
-                uncertain = uncertain or claim is not None
-                # While stopping, the stop event cannot cut the pause short: keep backing off.
-                task = "commit" if group else "claim"
-                await self._database_failed(task, exc, backoff, interruptible=not stopping)
-                continue
-            backoff.succeeded()
-            elapsed = time.perf_counter() - started
-            if group:
-                self._committed(writes, group, report, elapsed)
+                if claim is None and not writes.ready():
+                    idle_poll = None if stopping else self._settings.idle_poll_interval
+                    await self._sleep_until_woken(idle_poll, next_mark)
+                    idle = True
+                    continue
+                if idle and claim is None and not stopping:
+                    await self._gather_writes(writes)
+                idle = False
+                tick = asyncio.create_task(
+                    self._tick(daemon_id, writes, writes.take_group(), claim, executor, backoff, stopping)
+                )
+                tick.add_done_callback(self._tick_ended)
+                ticks.add(tick)
+        finally:
+            await _cancel_all(list(ticks))
+
+    def _tick_ended(self, tick: asyncio.Task[None]) -> None:
+        self._wake.set()
+
+    async def _tick(
+        self,
+        daemon_id: ids.DaemonId,
+        writes: PendingWrites,
+        group: Group,
+        claim: _ClaimOrder | None,
+        executor: RequestExecutor,
+        backoff: Backoff,
+        stopping: bool,
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            report, claimed = await self._storage.apply_writes_and_claim(
+                daemon_id,
+                group.writes,
+                claim.capacities if claim else (),
+                limit=claim.limit if claim else 0,
+                owner_in_flight=claim.owner_in_flight if claim else None,
+            )
+        except errors.StateConflict as exc:
+            writes.put_back(group)
+            raise DaemonFenced(
+                f"Daemon {daemon_id} was declared dead by the others; it stops so that requests they took "
+                "over are not sent twice."
+            ) from exc
+        except errors.StorageError as exc:
+            writes.put_back(group)
             if claim is not None:
-                self._claimed(claim, claimed, elapsed, executor)
+                self._lanes.unreserve(claim.capacities)
+                self._uncertain = True
+                self._claim_wanted = True
+            # While stopping, the stop event cannot cut the pause short: keep backing off.
+            task = "commit" if group else "claim"
+            await self._database_failed(task, exc, backoff, interruptible=not stopping)
+            return
+        backoff.succeeded()
+        elapsed = time.perf_counter() - started
+        if group:
+            self._committed(writes, group, report, elapsed)
+        if claim is not None:
+            self._claimed(claim, claimed, elapsed, executor)
 
     def _committed(self, writes: PendingWrites, group: Group, report: models.WriteReport, elapsed: float) -> None:
         self.metrics.commit_duration.observe(elapsed)
@@ -264,9 +301,11 @@ class Daemon:
     ) -> None:
         self.metrics.claim_duration.observe(elapsed)
         self.metrics.claim_size.observe(len(claimed))
-        # Claim again at once only if this claim was cut by its limit (more may be waiting); otherwise when
-        # woken: a slot freed, new work, a due retry, a lane resuming, or the idle timer.
-        self._claim_wanted = len(claimed) >= claim.limit
+        self._lanes.unreserve(claim.capacities)
+        # Claim again at once if this claim was cut by its limit (more may be waiting); otherwise when woken: a
+        # slot freed, new work, a due retry, a lane resuming, or the idle timer.
+        if len(claimed) >= claim.limit:
+            self._claim_wanted = True
         for request in claimed:
             self._start(request, executor)
 
@@ -285,6 +324,7 @@ class Daemon:
         capacities = self._lanes.capacities(time.monotonic())
         if not capacities:
             return None
+        self._lanes.reserve(capacities)  # until the claim's answer: another tick must not claim these slots
         return _ClaimOrder(
             capacities,
             min(self._settings.claim_batch_size, sum(capacity.free for capacity in capacities)),

@@ -17,6 +17,8 @@ class Lanes:
         self._default = default
         self._learnt: set[str] = set()
         self._in_flight: Counter[str] = Counter()
+        self._reserved: Counter[str] = Counter()
+        """Slots asked for by claims under way."""
         self._owners: Counter[str] = Counter()
         self._paused_until: dict[str, float] = {}
 
@@ -66,7 +68,7 @@ class Lanes:
                 if paused_until > now:
                     continue
                 del self._paused_until[model]
-            free = route.concurrency - self._in_flight[model]
+            free = route.concurrency - self._in_flight[model] - self._reserved[model]
             if free > 0:
                 result.append(models.ModelCapacity(model=model, free=free, limit=route.concurrency))
         return result
@@ -83,6 +85,17 @@ class Lanes:
         return True
 
     # ------------------------------------------------------------------------------------------ in flight
+
+    def reserve(self, capacities: Iterable[models.ModelCapacity]) -> None:
+        """Hold the slots a claim asks for until its answer (`unreserve`), so that no other claim takes them."""
+        for capacity in capacities:
+            self._reserved[capacity.model] += capacity.free
+
+    def unreserve(self, capacities: Iterable[models.ModelCapacity]) -> None:
+        for capacity in capacities:
+            self._reserved[capacity.model] -= capacity.free
+            if self._reserved[capacity.model] <= 0:
+                del self._reserved[capacity.model]
 
     def started(self, request: models.ClaimedRequest) -> None:
         self._in_flight[request.model] += 1

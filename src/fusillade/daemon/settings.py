@@ -20,6 +20,9 @@ class DaemonSettings:
     """Group commit: a state write waits at most this long for others to join its transaction."""
     commit_max_size: int = 500
     """Group commit: most state writes per transaction."""
+    ticks_in_flight: int = 2
+    """Trips to the database (a group commit and a claim each) the daemon keeps going at once: while one is
+    on its way, slots it freed are claimed for by the next. 1: one after the other."""
     processing_mark_delay: timedelta = timedelta(milliseconds=100)
     """A request is marked `processing` once its call has run this long; a faster call goes from `claimed`
     straight to its result (one state write instead of two; `started_at` is then its claim time)."""
@@ -52,6 +55,8 @@ class DaemonSettings:
     def __post_init__(self) -> None:
         if self.claim_batch_size < 1:
             raise ValueError(f"claim_batch_size must be at least 1, not {self.claim_batch_size}.")
+        if self.ticks_in_flight < 1:
+            raise ValueError(f"ticks_in_flight must be at least 1, not {self.ticks_in_flight}.")
         if self.commit_max_size < 1:
             raise ValueError(f"commit_max_size must be at least 1, not {self.commit_max_size}.")
         if self.stale_after <= self.heartbeat_interval:

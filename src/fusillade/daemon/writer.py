@@ -73,6 +73,8 @@ class PendingWrites:
         self.max_size = max_size
         self._on_arrival = on_arrival
         self._waiting: list[_Entry] = []
+        self._committing: set[ids.RequestId] = set()
+        """Requests with a write in a group under way: their next write waits for its answer."""
         self._abandoned = False
 
     def __len__(self) -> int:
@@ -95,25 +97,33 @@ class PendingWrites:
 
     def waiting_for(self) -> set[ids.RequestId]:
         """The requests with a write not yet committed."""
-        return {entry.write.request_id for entry in self._waiting}
+        return {entry.write.request_id for entry in self._waiting} | self._committing
+
+    def ready(self) -> bool:
+        """Whether `take_group` would take a write now."""
+        committing = self._committing
+        return any(entry.write.request_id not in committing for entry in self._waiting)
 
     def abandon(self) -> None:
         """Drop every waiting write and refuse new ones (the daemon was fenced, or its queue loop died: the
         database would refuse them, or nobody would commit them)."""
         self._abandoned = True
+        self._committing.clear()
         waiting, self._waiting = self._waiting, []
         for entry in waiting:
             _call(entry.done, ABANDONED)
 
     def take_group(self) -> Group:
-        """The next group: the oldest waiting writes, at most `max_size`, one per request."""
+        """The next group: the oldest waiting writes, at most `max_size`, one per request, none for a request
+        whose previous write is in a group under way (it waits for that group's answer)."""
         group: dict[ids.RequestId, _Entry] = {}
         deferred: list[_Entry] = []
+        committing = self._committing
         for entry in self._waiting:
-            if len(group) >= self.max_size:
+            request_id = entry.write.request_id
+            if len(group) >= self.max_size or request_id in committing:
                 deferred.append(entry)
                 continue
-            request_id = entry.write.request_id
             earlier = group.get(request_id)
             if earlier is None:
                 group[request_id] = entry
@@ -125,10 +135,12 @@ class PendingWrites:
             else:
                 deferred.append(entry)
         self._waiting = deferred
+        committing.update(group)
         return Group(group)
 
     def put_back(self, group: Group) -> None:
         """A group whose transaction failed: in front of the queue again, to be retried."""
+        self._committing.difference_update(group.entries)
         if self._abandoned:
             for entry in group.entries.values():
                 _call(entry.done, ABANDONED)
@@ -139,6 +151,7 @@ class PendingWrites:
 
     def settle(self, group: Group, report: models.WriteReport) -> int:
         """Tell each write of a committed group what came of it; returns how many were refused."""
+        self._committing.difference_update(group.entries)
         refused = 0
         for request_id, entry in group.entries.items():
             if request_id in report.applied:
