@@ -42,7 +42,19 @@ BEGIN
         FROM unnest(wanted_models, wanted_free, model_limits)
             WITH ORDINALITY AS w(model, free, model_limit, position);
     END IF;
-    IF busy_owners IS NOT NULL AND NOT EXISTS (
+    IF cardinality(busy_owners) = 1 AND NOT EXISTS (
+        -- One busy owner (one tenant at work, the usual case): is any other owner pending? Two probes around
+        -- its range of the by-owner index, which skip the dead entries of its own claimed requests.
+        SELECT 1 FROM unnest(wanted_models, takes) AS w(model, take)
+        WHERE w.take > 0 AND (
+            EXISTS (SELECT 1 FROM requests r
+                    WHERE r.state = 'pending' AND r.model = w.model AND r.owner < busy_owners[1])
+            OR EXISTS (SELECT 1 FROM requests r
+                       WHERE r.state = 'pending' AND r.model = w.model AND r.owner > busy_owners[1])
+        )
+    ) THEN
+        busy_owners := NULL;
+    ELSIF busy_owners IS NOT NULL AND NOT EXISTS (
         -- Fairness changes the order only if owners with pending requests of a wanted model differ in load.
         WITH RECURSIVE owners AS (
             SELECT w.model,
