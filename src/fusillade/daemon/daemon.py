@@ -92,6 +92,7 @@ class Daemon:
         self._claim_wanted = True
         self._uncertain = False
         """A claim failed without a clear answer (see `_release_orphans`)."""
+        self._gauged_models: set[str] = set()
         self._batch_headers: dict[ids.BatchId, dict[str, str]] = {}
         self._settings_listeners: list[Callable[[DaemonSettings], None]] = []
 
@@ -358,7 +359,11 @@ class Daemon:
 
     def _start(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
         self._lanes.started(request)
-        self.metrics.model(request.model).in_flight.inc()
+        if request.model not in self._gauged_models:  # the gauge reads the lane when scraped
+            self._gauged_models.add(request.model)
+            self.metrics.model(request.model).in_flight.set_function(
+                functools.partial(self._lanes.in_flight, request.model)
+            )
         settings = self._settings
         headers = {"traceparent": traceparent(request)} if settings.traceparent else None
         self._tasks[request.id] = asyncio.create_task(self._run_request(request, executor, headers))
@@ -381,7 +386,6 @@ class Daemon:
         self._tasks.pop(request.id, None)
         self._abort_reasons.pop(request.id, None)
         self._lanes.finished(request)
-        self.metrics.model(request.model).in_flight.dec()
         self._claim_wanted = True
         self._wake.set()
 

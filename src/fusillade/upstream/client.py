@@ -219,8 +219,9 @@ class UpstreamClient:
             if size > limit:
                 return None
             chunks.append(chunk)
-            if not content.at_eof():
-                timers.enter_idle(scope, "next body chunk")
+            if content.at_eof():
+                break
+            timers.enter_idle(scope, "next body chunk")
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _read_stream(
