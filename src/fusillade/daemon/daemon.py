@@ -1,8 +1,11 @@
 """The daemon: its loops, and how it starts and stops.
 
 ```
- register ──► claim loop ──► one task per request ──► group-commit writer ──► database
-                 ▲  wakes on: new work (notify_work), freed capacity, a due retry, a lane resuming, a timer
+ register ──► tick loop ──► one task per claimed request: call the upstream, submit the state write, end
+                 │  each tick: ONE trip to the database (`apply_writes_and_claim`): commit the writes that came
+                 │  in, then claim for the free slots; up to `ticks_in_flight` trips at once
+                 ▲  wakes on: a write submitted, a slot freed, new work (notify_work), a due retry, a lane
+                    resuming, a processing mark due, the idle timer
  side loops: heartbeat · maintenance (reclaim dead daemons' work, expire, finalize) · cancellation · purge
 ```
 
@@ -12,7 +15,7 @@ Survival rules:
 - If the heartbeat finds this daemon declared dead (another daemon reclaimed its work), it stops at once and
   writes nothing more: `run` raises `DaemonFenced`.
 - `stop()` (SIGTERM/SIGINT in the CLI): no more claims; in-flight calls get `shutdown_grace` to finish; the rest
-  are aborted and released to pending; pending writes are committed; the daemon is marked dead.
+  are aborted and released to pending; the tick loop commits the last writes; the daemon is marked dead.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""One claimed request, start to finish: mark it processing, call its upstream, and turn the outcome into one
-fenced state write (complete, fail, or reschedule with backoff), committed by the group-commit writer.
+"""One claimed request, start to finish: call its upstream and turn the outcome into one fenced state write
+(complete, fail, or reschedule with backoff), submitted to the daemon's pending writes (the next tick commits
+it; the task does not wait). A call still running after `processing_mark_delay` is marked processing first
+(`ProcessingMarks`).
 
 How a call ends early is decided by the daemon, which cancels the task and records why first:
 - `cancelled`: its batch is being cancelled; the row ends `canceled` (unless a result already arrived: a result

@@ -1,5 +1,6 @@
 """One lane per model: its route (limit, upstream), what this daemon has in flight on it, and a pause after the
-upstream answered 429. The claim loop asks the lanes what may start now; the routing table can be replaced
+upstream answered 429, and the slots reserved by claims under way. The tick loop asks the lanes what may start
+now; the routing table can be replaced
 while the daemon runs (a lowered limit lets calls in flight finish and starts no new ones until below it)."""
 
 from __future__ import annotations

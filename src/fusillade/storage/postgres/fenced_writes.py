@@ -57,7 +57,8 @@ _KINDS = {
         ),
         """
         UPDATE requests r
-        SET state = 'failed', finished_at = $2, response_status = w.status, response_body = w.body,
+        SET state = 'failed', started_at = COALESCE(r.started_at, r.claimed_at), finished_at = $2,
+            response_status = w.status, response_body = w.body,
             error_code = w.code, error_message = w.message, result_bytes = r.custom_id_bytes + w.line_bytes
         FROM {source}
         WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'

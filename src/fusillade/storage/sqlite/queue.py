@@ -126,7 +126,8 @@ COMPLETE = _fenced_update(
     _IN_FLIGHT,
 )
 FAIL = _fenced_update(
-    "state = 'failed', finished_at = ?3, response_status = w.c0, response_body = w.c1, error_code = w.c2, "
+    "state = 'failed', started_at = COALESCE(started_at, claimed_at), finished_at = ?3, "
+    "response_status = w.c0, response_body = w.c1, error_code = w.c2, "
     "error_message = w.c3, result_bytes = w.c4 + custom_id_bytes",
     _IN_FLIGHT,
 )
