@@ -368,6 +368,25 @@ async def test_a_responses_stream_asks_only_for_stream(serve: Serve, http_client
     assert orjson.loads(server.received[0].body) == {**body, "stream": True}
 
 
+@pytest.mark.parametrize("content_type", ["text/event-stream", "Text/Event-Stream ; charset=UTF-8"])
+async def test_an_unasked_stream_is_reassembled_whatever_the_media_type_spelling(
+    serve: Serve, http_client: UpstreamClient, content_type: str
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        for event in (chat_chunk(role="assistant", content="Hel"), chat_chunk(content="lo", finish_reason="stop")):
+            await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    server = await serve(handler)
+    outcome = await http_client.send(claimed(), route(server))  # a route that does not ask for a stream
+    assert isinstance(outcome, Success)
+    assert orjson.loads(outcome.body)["choices"][0]["message"]["content"] == "Hello"
+
+
 async def test_a_streaming_route_takes_a_plain_json_answer_too(serve: Serve, http_client: UpstreamClient) -> None:
     server = await serve(json_answer(COMPLETION))
     outcome = await http_client.send(claimed(), route(server, stream=True))

@@ -169,7 +169,7 @@ class UpstreamClient:
                     return classify.invalid_request(str(exc))
                 reassembler = None
                 ok = 200 <= response.status <= 299
-                if new_reassembler is not None and ok and response.content_type == _EVENT_STREAM:
+                if new_reassembler is not None and ok and _is_event_stream(response.headers.get("Content-Type")):
                     reassembler = new_reassembler()
                 if reassembler is not None:
                     reading_stream = True
@@ -212,6 +212,9 @@ class UpstreamClient:
         if length is not None and length > limit:
             return None
         content = response.content
+        if content.is_eof():  # a small body often came with the headers: no waiting
+            data = content.read_nowait()
+            return None if len(data) > limit else data
         chunks: list[bytes] = []
         size = 0
         while chunk := await content.readany():
@@ -311,6 +314,14 @@ class _Timers:
         limit = timeouts.first_byte if self.phase == "first_byte" else timeouts.idle
         within = f" within {_seconds(limit)}" if limit is not None else ""
         return classify.timeout(self.phase, f"no {self.waiting_for}{within}")
+
+
+def _is_event_stream(content_type: str | None) -> bool:
+    """`text/event-stream`, whatever its parameters (a header lookup, cheaper than parsing the media type)."""
+    if content_type is None:
+        return False
+    media_type, _, _ = content_type.partition(";")
+    return media_type.strip().lower() == _EVENT_STREAM
 
 
 def _earliest(first: float | None, second: float | None) -> float | None:
