@@ -145,17 +145,22 @@ def check_version() -> None:
         )
 
 
-def connect(path: Path, *, writer: bool) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit) with fusillade's pragmas."""
+def connect(path: Path, *, writer: bool, wait: bool = True) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit) with fusillade's pragmas. `wait=False`: a
+    writer that never waits for another connection's lock (SQLITE_BUSY at once) and never checkpoints the WAL
+    itself: the event loop's own connection (see `Database.write_on_loop`)."""
+    busy_timeout_ms = BUSY_TIMEOUT_MS if wait else 0
     connection = sqlite3.connect(
         path,
         isolation_level=None,
         check_same_thread=False,
         cached_statements=STATEMENT_CACHE_SIZE,
-        timeout=BUSY_TIMEOUT_MS / 1000,
+        timeout=busy_timeout_ms / 1000,
     )
     try:
-        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        connection.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        if not wait:
+            connection.execute("PRAGMA wal_autocheckpoint = 0")
         if writer:
             connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = NORMAL")
@@ -176,6 +181,18 @@ def connect(path: Path, *, writer: bool) -> sqlite3.Connection:
 def _rollback_if_open(connection: sqlite3.Connection) -> None:
     if connection.in_transaction:
         connection.execute("ROLLBACK")
+
+
+def _transaction(connection: sqlite3.Connection, clock: clocks.Clock, operation: WriteOperation[T]) -> T:
+    """`operation` in one `BEGIN IMMEDIATE` transaction of `connection`."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        result = operation(connection, clock.now())
+        connection.execute("COMMIT")
+    except BaseException:
+        _rollback_if_open(connection)
+        raise
+    return result
 
 
 class WriteTransaction:
@@ -202,10 +219,12 @@ class Database:
         writer_executor: futures.ThreadPoolExecutor,
         readers: list[sqlite3.Connection],
         reader_executor: futures.ThreadPoolExecutor,
+        loop_writer: sqlite3.Connection,
     ) -> None:
         self.path = path
         self.clock = clock
         self.writer_connection = writer
+        self._loop_writer = loop_writer
         self._writer_executor = writer_executor
         self._readers = readers
         self._idle_readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -232,13 +251,17 @@ class Database:
             for _ in range(readers):
                 reader = await loop.run_in_executor(reader_executor, _wrapped(lambda: connect(path, writer=False)))
                 opened.append(reader)
+            loop_writer = await loop.run_in_executor(
+                writer_executor, _wrapped(lambda: connect(path, writer=True, wait=False))
+            )
+            opened.append(loop_writer)
         except BaseException:
             for connection in opened:
                 connection.close()
             writer_executor.shutdown(wait=False)
             reader_executor.shutdown(wait=False)
             raise
-        return cls(path, clock, writer, writer_executor, opened[1:], reader_executor)
+        return cls(path, clock, writer, writer_executor, opened[1:-1], reader_executor, loop_writer)
 
     # ------------------------------------------------------------------------------------ thread hops
 
@@ -254,20 +277,47 @@ class Database:
     async def write(self, operation: WriteOperation[T]) -> T:
         """Run `operation(connection, now)` as one `BEGIN IMMEDIATE` transaction in the writer thread."""
         connection = self.writer_connection
-        clock = self.clock
+        async with self._write_lock:
+            return await self.in_writer(lambda: _transaction(connection, self.clock, operation))
 
-        def transaction() -> T:
-            connection.execute("BEGIN IMMEDIATE")
+    async def write_on_loop(self, operation: WriteOperation[T]) -> T:
+        """`write`, run on the event loop's thread when it can start at once: for short transactions on the hot
+        path (a daemon's tick, well under a millisecond of SQLite work). Handing such a transaction to the
+        writer thread costs more than running it: the thread and the busy event loop pass the GIL back and
+        forth at every statement step, and each hand-over waits for the loop to let go. When this process's
+        writer is busy, or another process holds the database's write lock, it goes to the writer thread
+        (which waits its turn) instead of blocking the loop; the loop's connection never checkpoints the WAL
+        (`checkpoint` does, in the writer thread)."""
+        if self._write_lock.locked():
+            return await self.write(operation)
+        connection = self._loop_writer
+        async with self._write_lock:
+            self._check_open()
             try:
-                result = operation(connection, clock.now())
+                connection.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                failure = wrap_error(exc)
+                if not isinstance(failure, errors.StorageUnavailable):
+                    raise failure from exc
+                # Locked by another process: wait for it in the writer thread, not on the loop.
+                return await self.in_writer(lambda: _transaction(self.writer_connection, self.clock, operation))
+            try:
+                result = operation(connection, self.clock.now())
                 connection.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback_if_open(connection)
+                raise wrap_error(exc) from exc
             except BaseException:
                 _rollback_if_open(connection)
                 raise
             return result
 
+    async def checkpoint(self) -> None:
+        """Copy the WAL back into the database file as far as readers allow (`PRAGMA wal_checkpoint(PASSIVE)`),
+        in the writer thread; the WAL is then reused from its start instead of growing."""
+        connection = self.writer_connection
         async with self._write_lock:
-            return await self.in_writer(transaction)
+            await self.in_writer(lambda: connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
 
     @contextlib.asynccontextmanager
     async def write_transaction(self) -> AsyncIterator[WriteTransaction]:
@@ -322,5 +372,5 @@ class Database:
     def _shutdown(self) -> None:
         self._writer_executor.shutdown(wait=True)
         self._reader_executor.shutdown(wait=True)
-        for connection in [self.writer_connection, *self._readers]:
+        for connection in [self.writer_connection, *self._readers, self._loop_writer]:
             connection.close()

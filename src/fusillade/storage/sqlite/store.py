@@ -245,7 +245,7 @@ class SqliteStorage:
             except errors.StateConflict as exc:
                 return report, exc
 
-        report, claimed = await self._database.write(tick)
+        report, claimed = await self._database.write_on_loop(tick)
         if isinstance(claimed, errors.StateConflict):
             raise claimed
         return report, claimed
@@ -260,7 +260,9 @@ class SqliteStorage:
         return await self._database.read(lambda connection: queue.held_requests(connection, daemon_id))
 
     async def maintain_queue(self) -> None:
-        """Nothing to do: SQLite removes index entries when rows change, so claims never walk dead ones."""
+        """A passive checkpoint of the WAL (the daemons' ticks commit on a connection that never checkpoints,
+        see `Database.write_on_loop`). Index entries need no upkeep: SQLite removes them when rows change."""
+        await self._database.checkpoint()
 
     # -------------------------------------------------------------------------------- daemon registry
 
