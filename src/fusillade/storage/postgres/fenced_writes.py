@@ -23,7 +23,7 @@ class _Kind:
     update: str
 
 
-# $1 = daemon id, $2 = now; the array parameters follow from $3.
+# $1 = daemon id, $2 = now; one jsonb parameter per kind present follows from $3 (see `_statement`).
 _KINDS = {
     "processing": _Kind(
         (("id", "uuid"),),
@@ -117,15 +117,15 @@ def _statement(kinds: tuple[str, ...]) -> str:
     """The statement for the kinds present in a call (at most 63 variants, each prepared once)."""
     # Declares the types of $1 and $2 even when no update of the call uses them.
     parts = ["arguments AS (SELECT $1::uuid AS daemon_id, $2::timestamptz AS now)"]
-    number = 3
-    for name in kinds:
+    # Each kind's writes travel as ONE jsonb parameter, an array of rows (arrays of the kind's columns): the
+    # driver encodes a string at once, where it checks every element of array parameters in Python.
+    for number, name in enumerate(kinds, start=3):
         kind = _KINDS[name]
-        arrays = ", ".join(
-            f"${number + offset}::{type_name}[]" for offset, (_, type_name) in enumerate(kind.columns)
+        columns = ", ".join(
+            f"(v ->> {index})::{type_name} AS {column}" for index, (column, type_name) in enumerate(kind.columns)
         )
-        aliases = ", ".join(column for column, _ in kind.columns)
-        number += len(kind.columns)
-        parts.append(f"{name} AS ({kind.update.format(source=f'unnest({arrays}) AS w({aliases})')})")
+        source = f"(SELECT {columns} FROM jsonb_array_elements(${number}::jsonb) AS v) AS w"
+        parts.append(f"{name} AS ({kind.update.format(source=source)})")
     selects = " UNION ALL ".join(f"SELECT id FROM {name}" for name in kinds)
     return f"WITH {', '.join(parts)} {selects}"
 
@@ -198,9 +198,7 @@ async def apply_writes(
         name, values = _row(write)
         by_kind.setdefault(name, []).append(values)
     kinds = tuple(name for name in _KINDS if name in by_kind)
-    arguments: list[Any] = []
-    for name in kinds:
-        arguments.extend(list(column) for column in zip(*by_kind[name], strict=True))
+    arguments = [by_kind[name] for name in kinds]
     found = await connection.fetch(_statement(kinds), daemon_id, now, *arguments)
     # Each updated row is returned once: as many rows as writes means that every write applied.
     if len(found) == len(writes):
