@@ -259,6 +259,8 @@ class DaemonSection(Section):
     """Group commit tick: a state write waits at most this long for others to join its transaction."""
     commit_max_size: Count = _DAEMON.commit_max_size
     """Group commit: most state writes per transaction."""
+    min_tick_interval: Duration = _DAEMON.min_tick_interval
+    """Ticks (group commit + claim) start at most this often."""
     ticks_in_flight: Count = _DAEMON.ticks_in_flight
     """Trips to the database (group commit + claim) kept going at once."""
     processing_mark_delay: Duration = _DAEMON.processing_mark_delay

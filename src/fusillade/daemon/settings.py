@@ -20,6 +20,9 @@ class DaemonSettings:
     """Group commit: a state write waits at most this long for others to join its transaction."""
     commit_max_size: int = 500
     """Group commit: most state writes per transaction."""
+    min_tick_interval: timedelta = timedelta(milliseconds=2)
+    """Ticks start at most this often: under load, the writes and freed slots of this long go to the database
+    in one trip (fewer, larger transactions cost less per request)."""
     ticks_in_flight: int = 2
     """Trips to the database (a group commit and a claim each) the daemon keeps going at once: while one is
     on its way, slots it freed are claimed for by the next. 1: one after the other."""
