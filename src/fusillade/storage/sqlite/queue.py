@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple, TypeAlias
 
-import orjson
-
 from fusillade import errors
 from fusillade.domain import ids, lines, models, states
 from fusillade.storage.sqlite import connection as connections
@@ -98,49 +96,32 @@ WITH RECURSIVE wanted(position, id) AS (
 SELECT r.id, r.state, r.daemon_id FROM wanted JOIN requests AS r ON r.id = wanted.id
 """
 
-# Each kind of write is ONE statement however many writes it carries, not one `executemany` row each: sqlite3
-# lets go of the GIL for every step of a statement, and the writer thread then waits for it again while the
-# event loop runs. A write group carries its ids as one BLOB of concatenated 16-byte UUIDs (?1) and the
-# other values as a JSON array of arrays in the same order (?2, read as `w.c0`, `w.c1`, ...); ?3 is the time,
-# ?4 the daemon.
-_WRITE_SOURCE = """(
-    SELECT substr(?1, v.key * 16 + 1, 16) AS id, v.value ->> 0 AS c0, v.value ->> 1 AS c1, v.value ->> 2 AS c2,
-        v.value ->> 3 AS c3, v.value ->> 4 AS c4
-    FROM json_each(?2) AS v
-) AS w"""
-_IN_FLIGHT = "IN ('claimed', 'processing')"
-
-
-def _fenced_update(assignments: str, from_states: str) -> str:
-    return (
-        f"UPDATE requests SET {assignments} FROM {_WRITE_SOURCE} "
-        f"WHERE requests.id = w.id AND requests.daemon_id = ?4 AND requests.state {from_states}"
-    )
-
-
-MARK_PROCESSING = _fenced_update("state = 'processing', started_at = ?3", "= 'claimed'")
-COMPLETE = _fenced_update(
-    "state = 'completed', started_at = COALESCE(started_at, claimed_at), finished_at = ?3, "
-    "response_status = w.c0, response_body = w.c1, error_code = NULL, error_message = NULL, "
-    "result_bytes = w.c2 + custom_id_bytes",
-    _IN_FLIGHT,
+_FENCE = " WHERE id = ? AND daemon_id = ? AND state "
+MARK_PROCESSING = "UPDATE requests SET state = 'processing', started_at = ?" + _FENCE + "= 'claimed'"
+COMPLETE = (
+    "UPDATE requests SET state = 'completed', started_at = COALESCE(started_at, claimed_at), finished_at = ?1, "
+    "response_status = ?2, response_body = ?3, error_code = NULL, error_message = NULL, "
+    "result_bytes = ?4 + custom_id_bytes WHERE id = ?5 AND daemon_id = ?6 AND state IN ('claimed', 'processing')"
 )
-FAIL = _fenced_update(
-    "state = 'failed', started_at = COALESCE(started_at, claimed_at), finished_at = ?3, "
-    "response_status = w.c0, response_body = w.c1, error_code = w.c2, "
-    "error_message = w.c3, result_bytes = w.c4 + custom_id_bytes",
-    _IN_FLIGHT,
+FAIL = (
+    "UPDATE requests SET state = 'failed', started_at = COALESCE(started_at, claimed_at), finished_at = ?, "
+    "response_status = ?, response_body = ?, "
+    "error_code = ?, error_message = ?, result_bytes = ? + custom_id_bytes"
+    + _FENCE
+    + "IN ('claimed', 'processing')"
 )
-RESCHEDULE = _fenced_update(
-    "state = 'pending', attempt = attempt + 1, not_before = w.c0, daemon_id = NULL, claimed_at = NULL, "
-    "started_at = NULL, error_code = w.c1, error_message = w.c2",
-    "= 'processing'",
+RESCHEDULE = (
+    "UPDATE requests SET state = 'pending', attempt = attempt + 1, not_before = ?, daemon_id = NULL, "
+    "claimed_at = NULL, started_at = NULL, error_code = ?, error_message = ?" + _FENCE + "= 'processing'"
 )
-RELEASE = _fenced_update("state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL", _IN_FLIGHT)
-CANCEL = _fenced_update(
-    "state = 'canceled', finished_at = ?3, error_code = w.c0, error_message = w.c1, "
-    "result_bytes = w.c2 + custom_id_bytes",
-    _IN_FLIGHT,
+RELEASE = (
+    "UPDATE requests SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL"
+    + _FENCE
+    + "IN ('claimed', 'processing')"
+)
+CANCEL = (
+    "UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?, "
+    "result_bytes = ? + custom_id_bytes" + _FENCE + "IN ('claimed', 'processing')"
 )
 
 # A request rescheduled or released while its batch is being cancelled (or was deleted) is cancelled instead of
@@ -371,16 +352,12 @@ def apply_writes(
 
 
 def _update(connection: sqlite3.Connection, now: int, daemon: bytes, writes: Sequence[models.RequestWrite]) -> int:
-    """Run the fenced UPDATEs, one statement per kind of write; returns how many rows changed."""
-    groups: dict[str, tuple[list[bytes], list[tuple[Any, ...]]]] = {}
+    """Run the fenced UPDATEs, one `executemany` per kind of write; returns how many rows changed."""
+    groups: dict[str, list[tuple[Any, ...]]] = {}
     for write in writes:
-        sql, values = _statement(write)
-        keys, rows = groups.setdefault(sql, ([], []))
-        keys.append(write.request_id.bytes)
-        rows.append(values)
-    changed = 0
-    for sql, (keys, rows) in groups.items():
-        changed += connection.execute(sql, (b"".join(keys), orjson.dumps(rows), now, daemon)).rowcount
+        sql, parameters = _statement(write, now)
+        groups.setdefault(sql, []).append((*parameters, write.request_id.bytes, daemon))
+    changed = sum(connection.executemany(sql, rows).rowcount for sql, rows in groups.items())
     returned = [
         write.request_id.bytes for write in writes if isinstance(write, models.Reschedule | models.Release)
     ]
@@ -390,29 +367,26 @@ def _update(connection: sqlite3.Connection, now: int, daemon: bytes, writes: Seq
     return changed
 
 
-_CANCELLED_VALUES: Final = (lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
-
-
-def _statement(write: models.RequestWrite) -> tuple[str, tuple[Any, ...]]:
-    """The fenced UPDATE of one write's kind and the write's values (`w.c0`, `w.c1`, ...)."""
+def _statement(write: models.RequestWrite, now: int) -> tuple[str, tuple[Any, ...]]:
+    """The fenced UPDATE of one write and its parameters before `id, daemon_id`."""
     match write:
-        case models.Complete(status_code=status, body=body):
-            return COMPLETE, (status, body, lines.response_line_bytes(0, status, len(body.encode())))
         case models.MarkProcessing():
-            return MARK_PROCESSING, ()
+            return MARK_PROCESSING, (now,)
+        case models.Complete(status_code=status, body=body):
+            return COMPLETE, (now, status, body, lines.response_line_bytes(0, status, len(body.encode())))
         case models.Fail(status_code=int() as status, body=body):
             size = NULL_BODY_BYTES if body is None else len(body.encode())
-            return FAIL, (status, body, None, None, lines.response_line_bytes(0, status, size))
+            return FAIL, (now, status, body, None, None, lines.response_line_bytes(0, status, size))
         case models.Fail(code=code, message=message):
             code = code or "error"
             message = message or lines.default_message(code)
-            return FAIL, (None, None, code, message, lines.error_line_bytes(0, code, message))
+            return FAIL, (now, None, None, code, message, lines.error_line_bytes(0, code, message))
         case models.Reschedule(not_before=not_before, code=code, message=message):
             return RESCHEDULE, (connections.to_micros(not_before), code, message)
         case models.Release():
             return RELEASE, ()
         case models.Cancel():
-            return CANCEL, _CANCELLED_VALUES
+            return CANCEL, (now, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
     raise TypeError(f"Unknown request write {write!r}.")
 
 
