@@ -290,6 +290,13 @@ class Daemon:
             task = "commit" if group else "claim"
             await self._database_failed(task, exc, backoff, interruptible=not stopping)
             return
+        except BaseException:
+            # Cancelled at shutdown, or a bug: the writes go back (to be committed, or answered when the
+            # stopping daemon abandons them), so that nothing waits on them forever.
+            writes.put_back(group)
+            if claim is not None:
+                self._lanes.unreserve(claim.capacities)
+            raise
         backoff.succeeded()
         elapsed = time.perf_counter() - started
         if group:
