@@ -3,10 +3,11 @@
 it; the task does not wait). A call still running after `processing_mark_delay` is marked processing first
 (`ProcessingMarks`).
 
-How a call ends early is decided by the daemon, which cancels the task and records why first:
+A call still running at its batch's deadline is ended by the client's own timer (`send(..., deadline=)`);
+nothing is written, and the expiry sweep fails the row with `batch_expired`. Other early ends are decided by the
+daemon, which cancels the task and records why first:
 - `cancelled`: its batch is being cancelled; the row ends `canceled` (unless a result already arrived: a result
   is kept, the work was done);
-- `expired`: the batch deadline passed during the call; the expiry sweep fails the row with `batch_expired`;
 - `shutdown`: the daemon stops and the grace period is over; the row goes back to pending for another daemon;
 - `fenced`: the daemon was declared dead; it writes nothing more (its writes would be refused).
 """
@@ -55,7 +56,6 @@ class Upstream(Protocol):
 
 class AbortReason(Enum):
     CANCELLED = "cancelled"
-    EXPIRED = "expired"
     SHUTDOWN = "shutdown"
     FENCED = "fenced"
 
@@ -242,7 +242,7 @@ class RequestExecutor:
                 self._metrics.model(request.model).finished["canceled"].inc()
         elif reason is AbortReason.SHUTDOWN:
             await self._writes.write(models.Release(request.id))
-        # EXPIRED: the expiry sweep fails the row; FENCED: nothing may be written.
+        # FENCED: nothing may be written.
 
     def _pause_lane(self, model: str, retry_after: timedelta | None) -> None:
         pause = retry_after if retry_after is not None else self._settings.rate_limit_pause
