@@ -4,13 +4,14 @@ bare aiohttp loop at the same concurrency (the ceiling: no database, no state).
 Every run starts the mock upstream (`python -m fusillade.mock_upstream`, no latency) in its own process, then:
 - `bare`: one process sends N chat completion POSTs with C concurrent workers over one aiohttp session;
 - `sqlite` / `postgres`: a fresh database holds one batch of N requests (setup, not timed); one daemon process
-  (model limit C) drains it; timed from the daemon's start to the last request terminal, as seen by polling
-  the database from that process.
+  (model limit C) drains it; timed from the daemon's start to the last request terminal, as seen by looking at
+  the daemon's own counters every 10 ms from that process (the batch's counts are checked in the database at
+  the end). Both sides run on uvloop with `fusillade.runtime.tune_interpreter()`, as the CLI does.
 Each mode runs `--runs` times, interleaved (bare, sqlite, postgres, bare, ...), so that drift of the shared
 machine hits all alike. Reported: medians, and each fusillade median as a share of the bare loop's.
 
     .venv/bin/python bench/daemon_throughput.py [--requests 20000] [--concurrency 64] [--runs 3]
-        [--modes bare sqlite postgres]
+        [--modes bare sqlite postgres] [--ticks-in-flight N]
 
 PostgreSQL: `$FUSILLADE_BENCH_POSTGRES_URL` (a server URL; a scratch database is created and dropped), default
 postgresql://postgres@127.0.0.1:5432/postgres.
