@@ -191,8 +191,22 @@ async def apply_writes(
     now: datetime,
 ) -> models.WriteReport:
     """Apply the writes (naming the requests `named`, see `named_requests`) in one statement, then read the
-    state of the refused ones. The caller runs this in a transaction when it holds a `Reschedule` or `Release`
-    (those take a second statement)."""
+    state of the refused ones. A `Reschedule` or `Release` takes a second statement: then both run in one
+    transaction."""
+    if any(isinstance(write, models.Reschedule | models.Release) for write in writes):
+        async with connection.transaction():
+            return await _apply_writes(connection, daemon_id, writes, named, now=now)
+    return await _apply_writes(connection, daemon_id, writes, named, now=now)
+
+
+async def _apply_writes(
+    connection: Connection,
+    daemon_id: ids.DaemonId,
+    writes: Sequence[models.RequestWrite],
+    named: frozenset[ids.RequestId],
+    *,
+    now: datetime,
+) -> models.WriteReport:
     by_kind: dict[str, list[tuple[Any, ...]]] = {}
     for write in writes:
         name, values = _row(write)

@@ -249,9 +249,6 @@ class PostgresStorage:
         if not writes:
             return models.WriteReport()
         now = self._clock.now()
-        if any(isinstance(write, models.Reschedule | models.Release) for write in writes):
-            async with self._db.transaction() as connection:
-                return await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
         async with self._db.connection() as connection:
             return await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
 
@@ -271,11 +268,7 @@ class PostgresStorage:
         # One pooled connection for both parts; each is its own transaction, as when called apart.
         async with self._db.connection() as connection:
             if writes:
-                if any(isinstance(write, models.Reschedule | models.Release) for write in writes):
-                    async with connection.transaction():
-                        report = await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
-                else:
-                    report = await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
+                report = await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
             if plan is None:
                 return report, []
             claimed = await queue.claim(connection, plan, daemon_id, owner_in_flight=owner_in_flight, now=now)

@@ -186,6 +186,11 @@ def _rollback_if_open(connection: sqlite3.Connection) -> None:
 def _transaction(connection: sqlite3.Connection, clock: clocks.Clock, operation: WriteOperation[T]) -> T:
     """`operation` in one `BEGIN IMMEDIATE` transaction of `connection`."""
     connection.execute("BEGIN IMMEDIATE")
+    return _commit_after(connection, clock, operation)
+
+
+def _commit_after(connection: sqlite3.Connection, clock: clocks.Clock, operation: WriteOperation[T]) -> T:
+    """`operation` in the transaction just begun on `connection`, then COMMIT (ROLLBACK if it raises)."""
     try:
         result = operation(connection, clock.now())
         connection.execute("COMMIT")
@@ -301,16 +306,7 @@ class Database:
                     raise failure from exc
                 # Locked by another process: wait for it in the writer thread, not on the loop.
                 return await self.in_writer(lambda: _transaction(self.writer_connection, self.clock, operation))
-            try:
-                result = operation(connection, self.clock.now())
-                connection.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback_if_open(connection)
-                raise wrap_error(exc) from exc
-            except BaseException:
-                _rollback_if_open(connection)
-                raise
-            return result
+            return _wrapped(lambda: _commit_after(connection, self.clock, operation))()
 
     async def checkpoint(self) -> None:
         """Copy the WAL back into the database file as far as readers allow (`PRAGMA wal_checkpoint(PASSIVE)`),

@@ -209,8 +209,7 @@ class SqliteStorage:
     async def apply_writes(
         self, daemon_id: ids.DaemonId, writes: Sequence[models.RequestWrite]
     ) -> models.WriteReport:
-        if len({write.request_id for write in writes}) != len(writes):
-            raise ValueError("Two writes for one request id in one call; send one write per request.")
+        _one_write_per_request(writes)
         if not writes:
             return models.WriteReport()
         return await self._database.write(
@@ -226,16 +225,17 @@ class SqliteStorage:
         limit: int,
         owner_in_flight: Mapping[str, int] | None = None,
     ) -> tuple[models.WriteReport, list[models.ClaimedRequest]]:
-        if len({write.request_id for write in writes}) != len(writes):
-            raise ValueError("Two writes for one request id in one call; send one write per request.")
+        _one_write_per_request(writes)
         claiming = limit > 0 and any(capacity.free > 0 for capacity in capacities)
-        if not claiming:
-            return await self.apply_writes(daemon_id, writes), []
+        if not writes and not claiming:
+            return models.WriteReport(), []
 
         def tick(
             connection: sqlite3.Connection, now: datetime
         ) -> tuple[models.WriteReport, list[models.ClaimedRequest] | errors.StateConflict]:
             report = queue.apply_writes(connection, now, daemon_id, writes) if writes else models.WriteReport()
+            if not claiming:
+                return report, []
             # A refused claim (dead daemon) must not undo the writes: it checks before changing anything, and
             # its error is handed back instead of raised, so that the transaction commits.
             try:
@@ -331,3 +331,8 @@ async def _as_async(
 def _satisfies_contract(store: SqliteStorage) -> base.Storage:
     """Never called: makes mypy check that `SqliteStorage` implements every method of `base.Storage`."""
     return store
+
+
+def _one_write_per_request(writes: Sequence[models.RequestWrite]) -> None:
+    if len({write.request_id for write in writes}) != len(writes):
+        raise ValueError("Two writes for one request id in one call; send one write per request.")
