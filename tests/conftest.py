@@ -25,6 +25,15 @@ POSTGRES_URL_VARIABLE = "FUSILLADE_TEST_POSTGRES_URL"
 POSTGRES_URL_FROM_ENV = os.environ.get(POSTGRES_URL_VARIABLE) or None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run the reliability scenarios at their bigger size (more requests, more kills)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No FUSILLADE_* variable of the developer's shell or CI may change what a test sees (the test server URL
