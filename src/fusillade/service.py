@@ -315,6 +315,8 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
             raise InvalidParameter(
                 "metadata", f"metadata value of {key!r} is longer than {MAX_METADATA_VALUE_LENGTH} characters."
             )
+        if "\x00" in key or "\x00" in value:  # PostgreSQL cannot store it; refused on SQLite too, alike
+            raise InvalidParameter("metadata", f"metadata pair {key[:20]!r} contains a NUL character (\\u0000).")
 
 
 def _frozen_metadata(metadata: Mapping[str, str] | None) -> frozenset[tuple[str, str]] | None:

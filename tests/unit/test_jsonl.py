@@ -395,13 +395,15 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
+names = st.characters(exclude_categories=["Cc", "Cs"])
+"""custom_ids and model names: any character but control characters (refused in both)."""
 bodies = st.builds(
     lambda model, rest: {**rest, "model": model},
-    st.text(min_size=1, max_size=20),
+    st.text(names, min_size=1, max_size=20),
     st.dictionaries(st.text(max_size=8), json_values, max_size=4),
 )
 requests = st.lists(
-    st.tuples(st.text(min_size=1, max_size=40), st.sampled_from(sorted(jsonl.SUPPORTED_URLS)), bodies),
+    st.tuples(st.text(names, min_size=1, max_size=40), st.sampled_from(sorted(jsonl.SUPPORTED_URLS)), bodies),
     min_size=1,
     max_size=10,
     unique_by=lambda request: request[0],

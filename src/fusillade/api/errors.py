@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from fusillade import errors
 
@@ -38,6 +39,7 @@ SERVER_ERROR: Final = "server_error"
 NO_RETRY: Final = {"x-should-retry": "false"}
 RETRY_AFTER_SECONDS: Final = 1
 """What a 503 asks the client to wait (the SDK honours `Retry-After` up to 120 s)."""
+_HTTP_METHODS: Final = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 class ApiError(Exception):
@@ -182,9 +184,23 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
         else str(exc.detail)
     )
     headers = dict(exc.headers or {})
+    allowed = _allowed_methods(request) if exc.status_code == 405 else ""
+    if allowed:
+        headers["Allow"] = allowed
     if exc.status_code < 500:
         headers.update(NO_RETRY)
     return error_response(exc.status_code, message, code=code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the path serves, for `Allow` (Starlette's 405 names only those of the first route that
+    matched the path, e.g. `POST` alone for `/v1/files`)."""
+    routes = request.app.routes
+    return ", ".join(
+        method
+        for method in _HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    )
 
 
 async def _client_disconnect(request: Request, exc: Exception) -> JSONResponse:

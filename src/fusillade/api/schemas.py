@@ -223,13 +223,25 @@ class RequestObject(WireModel):
         )
 
 
+_MAX_NESTING = 254
+"""orjson writes JSON nested this deep at most (and pydantic one level more); it reads deeper."""
+
+
 def _json(text: str | None) -> Any:
+    """A stored body as a JSON value; the text itself (a JSON string) when it is not JSON, or when it is
+    nested too deeply to be written back (an upstream may answer anything)."""
     if text is None:
         return None
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError:
         return text
+    if text.count("[") + text.count("{") >= _MAX_NESTING:  # only then can it be too deep
+        try:
+            orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            return text
+    return value
 
 
 # -------------------------------------------------------------------------------------------- listings

@@ -38,6 +38,8 @@ _NOT_BLANK = re.compile(rb"[^ \t\r\n]")
 _MISSING: Any = object()
 _SHOWN_CHARACTERS = 60
 """Values quoted back in messages are cut to this many characters."""
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+"""Not allowed in a custom_id or a model name: a newline or NUL there breaks logs, headers and PostgreSQL text."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,15 +240,22 @@ class _Scan:
         model = body.get("model", _MISSING)
         if not isinstance(model, str) or not model:
             return _wrong("body.model", model, "a non-empty string naming the model")
+        control = _CONTROL_CHARACTER.search(model)
+        if control:
+            return f"body.model contains the control character {control.group()!r}; a model name cannot."
         if self.model_allowed is not None and not self.model_allowed(model):
             return f"model {_show(model)} has no route configured on this server; use a model it serves."
+        try:
+            stored_body = orjson.dumps(body).decode()
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper than it writes)
+            return "body is nested too deeply (over 254 levels of objects and arrays)."
         return models.TemplateInput(
             line_number=self.line_number,
             custom_id=custom_id,
             method="POST",
             url=parsed["url"],
             model=model,
-            body=orjson.dumps(body).decode(),
+            body=stored_body,
         )
 
     def _check_custom_id(self, custom_id: Any) -> str | None:
@@ -255,6 +264,12 @@ class _Scan:
         limit = self.limits.max_custom_id_length
         if len(custom_id) > limit:
             return f"custom_id is {len(custom_id)} characters long; the limit is {limit}."
+        control = _CONTROL_CHARACTER.search(custom_id)
+        if control:
+            return (
+                f"custom_id contains the control character {control.group()!r} (at character "
+                f"{control.start() + 1}); use printable characters only."
+            )
         first = self.first_line_of_seen.setdefault(custom_id, self.line_number)
         if first != self.line_number:
             return (

@@ -17,9 +17,9 @@ The stream is checked as it goes, and the first problem raises:
 - `EmbeddedError`: the upstream reported an error inside its 2xx stream: a data object with a non-null
   `error` member or with `"object": "error"`, an `event: error`, or a `response.failed` event.
   `classify.classify_embedded_error` decides whether it is worth a retry.
-- `StreamError`: the stream is unusable: data that is not a JSON object, a chunk of the wrong shape, or an end
-  before `[DONE]` (before `response.completed` for the responses API). Such a stream was cut or garbled on the
-  way, so it counts as a broken stream and is retried.
+- `StreamError`: the stream is unusable: data that is not a JSON object, a chunk of the wrong shape, a body
+  nested too deeply to be written back as JSON, or an end before `[DONE]` (before `response.completed` for the
+  responses API). Such a stream was cut or garbled on the way, so it counts as a broken stream and is retried.
 Events after the end (`[DONE]` or the completed response) are ignored.
 """
 
@@ -109,6 +109,13 @@ def _parse(event: sse.Event) -> Json:
     if not isinstance(document, dict):
         raise StreamError("The stream carried JSON data that is not an object.")
     return document
+
+
+def _dumps(body: Json) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError as exc:  # orjson reads JSON nested deeper than it writes
+        raise StreamError(f"The stream carried data that cannot be stored as JSON ({exc}).") from None
 
 
 def _malformed(what: str) -> StreamError:
@@ -204,7 +211,7 @@ class _ChunkReassembler(abc.ABC):
         for key in ("system_fingerprint", "service_tier"):
             if key in top:
                 body[key] = top[key]
-        return orjson.dumps(body)
+        return _dumps(body)
 
     @abc.abstractmethod
     def _add_choice(self, index: int, choice: Json) -> None: ...
@@ -413,4 +420,4 @@ class ResponsesReassembler:
     def finish(self) -> bytes:
         if self._response is None:
             raise StreamError("The stream ended before response.completed.")
-        return orjson.dumps(self._response)
+        return _dumps(self._response)
