@@ -202,7 +202,7 @@ async def serve(
             logger.warning("Demo mode: models without a route of their own go to the fake upstream %s.", fake.url)
         live = _LiveConfig(config)
         routing = Routing(config) if with_daemon else None
-        storage = await factory.open_storage(config.database_url)
+        storage = await factory.open_storage(config.database_url, database_timeout=config.database_timeout)
         stack.push_async_callback(storage.close)
         registry = new_registry()
         daemon = None
@@ -369,7 +369,7 @@ async def run_daemon(config: Config, *, metrics_address: tuple[str, int] | None 
     Prometheus metrics over HTTP there (the HTTP API of another process cannot show them)."""
     routing = Routing(config)
     registry = new_registry()
-    storage = await factory.open_storage(config.database_url)
+    storage = await factory.open_storage(config.database_url, database_timeout=config.database_timeout)
     try:
         if metrics_address is not None:
             _serve_metrics(registry, metrics_address)

@@ -37,6 +37,7 @@ from fusillade.config.problems import InvalidConfiguration, Problem, dotted_key
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import jsonl
 from fusillade.domain.retry import RetryPolicy
+from fusillade.storage import factory
 from fusillade.storage.factory import POSTGRES_PREFIXES, SQLITE_PREFIX
 from fusillade.upstream.routes import PhaseTimeouts, Route
 
@@ -46,7 +47,7 @@ ENV_NESTED_DELIMITER = "__"
 DEFAULT_DATABASE_URL = "sqlite:///./fusillade.db"
 DEFAULT_ROUTE_MODEL = "*"
 """`[models."*"]` is the default route, another way to write `[default_route]` (never a model of its own)."""
-RESTART_KEYS = ("database_url", "server", "auth")
+RESTART_KEYS = ("database_url", "database_timeout", "server", "auth")
 """Top-level keys a running process does not apply live: changing them needs a restart."""
 
 _DAEMON = DaemonSettings()
@@ -374,6 +375,9 @@ class Config(BaseSettings):
     database_url: Annotated[str, AfterValidator(_database_url)] = DEFAULT_DATABASE_URL
     """sqlite:///PATH (one process) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (several replicas);
     needs a restart to change."""
+    database_timeout: PositiveDuration = factory.DEFAULT_TIMEOUT
+    """PostgreSQL: longest wait to connect, for a free pooled connection, and for any one statement; a database
+    that stops answering (even silently, after a network cut) fails the call, which is retried. Needs a restart."""
     server: ServerSection = Field(default_factory=ServerSection)
     """Where the HTTP API listens."""
     auth: AuthSection = Field(default_factory=AuthSection)

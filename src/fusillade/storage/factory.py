@@ -3,6 +3,7 @@ calls this; everything else receives a `storage.base.Storage`."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 from fusillade import errors
@@ -11,6 +12,8 @@ from fusillade.storage import base
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+DEFAULT_TIMEOUT = timedelta(seconds=30)
+"""PostgreSQL: longest wait to connect, for a pooled connection, and for any one statement (`database_timeout`)."""
 
 
 def sqlite_path(url: str) -> Path:
@@ -24,8 +27,12 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-async def open_storage(url: str, *, clock: Clock | None = None, migrate: bool = True) -> base.Storage:
-    """Open (and by default migrate) the database at `url`: `sqlite:///PATH` or `postgresql://…`."""
+async def open_storage(
+    url: str, *, clock: Clock | None = None, migrate: bool = True, database_timeout: timedelta = DEFAULT_TIMEOUT
+) -> base.Storage:
+    """Open (and by default migrate) the database at `url`: `sqlite:///PATH` or `postgresql://…`.
+    `database_timeout` (PostgreSQL): a database that does not answer within it, even one silent after a network
+    cut, fails the call with `StorageUnavailable` (see `PostgresStorage.connect`)."""
     store: base.Storage
     if url.startswith(SQLITE_PREFIX):
         from fusillade.storage.sqlite.store import SqliteStorage
@@ -34,7 +41,7 @@ async def open_storage(url: str, *, clock: Clock | None = None, migrate: bool = 
     elif url.startswith(POSTGRES_PREFIXES):
         from fusillade.storage.postgres.store import PostgresStorage
 
-        store = await PostgresStorage.connect(url, clock=clock)
+        store = await PostgresStorage.connect(url, clock=clock, command_timeout_s=database_timeout.total_seconds())
     else:
         raise errors.ConfigurationError(
             f"Unsupported database URL {url!r}: use sqlite:///PATH (the default is sqlite:///./fusillade.db) "

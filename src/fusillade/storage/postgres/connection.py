@@ -111,7 +111,9 @@ class Database:
 
     @classmethod
     async def open(cls, url: str, *, min_size: int, max_size: int, command_timeout_s: float) -> Database:
-        """Open the pool (and its first connections); `StorageUnavailable` if the server cannot be reached."""
+        """Open the pool (and its first connections); `StorageUnavailable` if the server cannot be reached.
+        `command_timeout_s` bounds connecting, waiting for a pooled connection and every statement (but the
+        migration and vacuum, which pass their own), and is the server's `idle_in_transaction_session_timeout`."""
         with translated_errors():
             pool = await asyncio.wait_for(
                 asyncpg.create_pool(
@@ -122,8 +124,14 @@ class Database:
                     timeout=command_timeout_s,
                     init=_init_connection,
                     reset=_keep_session,
-                    # Short OLTP statements: compiling a plan with JIT would cost more than running it.
-                    server_settings={"jit": "off"},
+                    server_settings={
+                        # Short OLTP statements: compiling a plan with JIT would cost more than running it.
+                        "jit": "off",
+                        # A transaction whose client went silent (a network cut: no FIN, no RST) would keep its
+                        # locks and hold back vacuum until the server's TCP keepalive gives up, hours later; the
+                        # client gave up on it after `command_timeout_s` anyway.
+                        "idle_in_transaction_session_timeout": str(max(1, round(command_timeout_s * 1000))),
+                    },
                 ),
                 timeout=command_timeout_s * 2,
             )

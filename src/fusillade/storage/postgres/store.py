@@ -51,7 +51,8 @@ class PostgresStorage:
         command_timeout_s: float = 30.0,
     ) -> PostgresStorage:
         """Open a pool on `url` (`postgresql://…`). Does not migrate. `StorageUnavailable` if the server
-        cannot be reached within the timeout."""
+        cannot be reached within the timeout. `command_timeout_s` (the configuration's `database_timeout`) bounds
+        every wait for the database, a silent one included (see `Database.open`)."""
         database = await Database.open(
             url, min_size=min_size, max_size=max_size, command_timeout_s=command_timeout_s
         )
