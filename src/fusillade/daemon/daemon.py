@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import logging
 import os
 import secrets
@@ -91,7 +92,9 @@ class Daemon:
         self._wake = asyncio.Event()
         self._maintenance_wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self._retry_due: float | None = None
+        self._retries_due: list[float] = []
+        """When each rescheduled request falls due (monotonic), a heap: every one wakes a claim, not only the
+        earliest (a later one forgotten would wait for the idle poll, or miss its batch's deadline)."""
         self._claim_wanted = True
         self._uncertain = False
         """A claim failed without a clear answer (see `_release_orphans`)."""
@@ -411,8 +414,8 @@ class Daemon:
         deadlines = [now + idle.total_seconds()] if idle is not None else []
         if next_mark is not None:
             deadlines.append(next_mark)
-        if self._retry_due is not None:
-            deadlines.append(self._retry_due)
+        if self._retries_due:
+            deadlines.append(self._retries_due[0])
         if (resume := self._lanes.next_resume()) is not None:
             deadlines.append(resume)
         wait_for = max(0.0, min(deadlines) - now) if deadlines else None
@@ -421,8 +424,10 @@ class Daemon:
                 await self._wake.wait()
         except TimeoutError:
             self._claim_wanted = True  # a timer ran out: the idle poll, a due retry or a lane resuming
-        if self._retry_due is not None and self._retry_due <= time.monotonic():
-            self._retry_due = None
+        now = time.monotonic()
+        while self._retries_due and self._retries_due[0] <= now:
+            heapq.heappop(self._retries_due)
+            self._claim_wanted = True
 
     def _want_claim(self) -> None:
         self._claim_wanted = True
@@ -430,8 +435,8 @@ class Daemon:
 
     def _retry_scheduled(self, retry_at: datetime) -> None:
         due = time.monotonic() + max(0.0, (retry_at - self._clock.now()).total_seconds())
-        if self._retry_due is None or due < self._retry_due:
-            self._retry_due = due
+        heapq.heappush(self._retries_due, due)
+        if self._retries_due[0] == due:
             self._wake.set()
 
     async def _headers_for(self, request: models.ClaimedRequest) -> dict[str, str]:

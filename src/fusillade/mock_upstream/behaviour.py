@@ -158,6 +158,28 @@ class EmbeddedError:
         _check_after_events(self.after_events)
 
 
+@dataclass(frozen=True, slots=True)
+class SlowDrip:
+    """Send the whole answer (JSON body or SSE stream, headers first) in pieces of `chunk_bytes`, waiting
+    `interval_s` before each piece after the first: a slow or congested upstream that never quite stalls. A
+    client whose idle timeout is shorter than `interval_s` gives up; one with a longer idle timeout gets the
+    whole answer after about `interval_s` times the number of pieces."""
+
+    chunk_bytes: int = 16
+    interval_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1:
+            raise ValueError(f"SlowDrip.chunk_bytes must be >= 1, not {self.chunk_bytes}.")
+        if not (math.isfinite(self.interval_s) and self.interval_s >= 0):
+            raise ValueError(f"SlowDrip.interval_s must be a finite number >= 0, not {self.interval_s}.")
+
+    def pieces(self, payload: bytes) -> list[bytes]:
+        """`payload` cut into the pieces sent one by one (at least one, so that an empty body is sent too)."""
+        size = self.chunk_bytes
+        return [payload[start : start + size] for start in range(0, len(payload), size)] or [b""]
+
+
 Fault = (
     HttpError
     | ConnectionReset
@@ -166,6 +188,7 @@ Fault = (
     | TruncatedStream
     | MalformedEvent
     | EmbeddedError
+    | SlowDrip
 )
 StreamFault = StallMidStream | TruncatedStream | MalformedEvent | EmbeddedError
 
@@ -189,6 +212,7 @@ FAULT_KINDS: Mapping[type[Fault], str] = MappingProxyType(
         TruncatedStream: "truncated_stream",
         MalformedEvent: "malformed_event",
         EmbeddedError: "embedded_error",
+        SlowDrip: "slow_drip",
     }
 )
 """The name each fault is counted under in the stats."""

@@ -27,6 +27,7 @@ from fusillade.mock_upstream.behaviour import (
     EmbeddedError,
     HttpError,
     MalformedEvent,
+    SlowDrip,
     StallBeforeFirstByte,
     StallMidStream,
     StreamFault,
@@ -225,8 +226,12 @@ class MockUpstream:
         created = int(time.time())
         if endpoint != "embeddings" and (stream_body := _stream_request(request, body)) is not None:
             events = stream_events(endpoint, stream_body, model, created)
+            if isinstance(fault, SlowDrip):
+                return await self._send_drip(request, b"".join(events), fault, stream=True)
             return await self._send_stream(request, events, stream_fault, behaviour.event_interval_s)
         payload = json_body(endpoint, body, model, created, dimensions=behaviour.embedding_dimensions)
+        if isinstance(fault, SlowDrip):
+            return await self._send_drip(request, payload, fault, stream=False)
         return await self._send_json(request, payload, stream_fault)
 
     # ----------------------------------------------------------------------------------------- sending
@@ -287,6 +292,30 @@ class MockUpstream:
                 _drop(request, reset=not isinstance(fault, TruncatedStream))
                 return response
             await response.write(payload[half:])
+            await response.write_eof()
+        except ConnectionError:
+            self.stats.client_disconnects += 1
+        return response
+
+    async def _send_drip(
+        self, request: web.Request, payload: bytes, fault: SlowDrip, *, stream: bool
+    ) -> web.StreamResponse:
+        """Send `payload` (a JSON body with its length, or SSE events) in `fault.chunk_bytes` pieces,
+        `fault.interval_s` apart."""
+        headers = self._headers("text/event-stream; charset=utf-8" if stream else "application/json")
+        if stream:
+            headers["Cache-Control"] = "no-cache"
+        response = web.StreamResponse(headers=headers)
+        if not stream:
+            response.content_length = len(payload)
+        try:
+            await response.prepare(request)
+            self.stats.count_response(response.status)
+            for index, piece in enumerate(fault.pieces(payload)):
+                if index and await self._pause(fault.interval_s):
+                    _drop(request, reset=True)
+                    return response
+                await response.write(piece)
             await response.write_eof()
         except ConnectionError:
             self.stats.client_disconnects += 1

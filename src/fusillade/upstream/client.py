@@ -112,10 +112,15 @@ class UpstreamClient:
         """Send one request to its route's upstream; what came of it, never an exception for upstream trouble.
         `headers` are added to the request (they cannot replace the headers this client sets itself).
         `deadline` (event loop time): the caller's own limit, e.g. the batch's expiry; a call still running
-        then is aborted with `TimeoutError` (one timer serves it and the phase timeouts)."""
+        then is aborted with `TimeoutError` (one timer serves it and the phase timeouts), and a call whose
+        deadline has already passed is not sent at all (`TimeoutError` too)."""
         session = self._session
         if session is None:
             raise RuntimeError("UpstreamClient is not open: use `async with UpstreamClient(...) as client`.")
+        if deadline is not None and deadline <= asyncio.get_running_loop().time():
+            # Checked here, not left to the timer: on a pooled connection aiohttp writes the request before the
+            # first suspension, so a timer already due would still let it reach the upstream.
+            raise TimeoutError("the caller's deadline passed before the call started")
         try:
             url = _target(route.base_url, request.url)
         except ValueError as exc:
