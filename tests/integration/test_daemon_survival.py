@@ -148,3 +148,35 @@ async def test_deleted_batches_are_purged_on_the_interval(
         )
     assert await storage.purge_deleted(limit=1000) == 0
     assert upstream.stats.requests_total == 0
+
+
+class HangingUpkeep:
+    """The real store, except that its queue upkeep never returns: a vacuum of a big table, or one on a
+    connection whose network went silent (it has a time limit of its own, minutes long)."""
+
+    def __init__(self, inner: base.Storage) -> None:
+        self._inner = inner
+        self.upkeeps_started = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def maintain_queue(self) -> None:
+        self.upkeeps_started += 1
+        await asyncio.Event().wait()
+
+
+async def test_a_queue_upkeep_that_hangs_holds_up_no_sweep(
+    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
+) -> None:
+    """Found by the silent-network scenario (tests/reliability): the vacuum ran in line with the maintenance
+    sweeps, so while it hung no batch was finalized or expired and no dead daemon's work was reclaimed."""
+    hanging = HangingUpkeep(storage)
+    async with running(cast(base.Storage, hanging), client, routes_for(upstream, {"model-a": 4})) as daemon:
+        await polling.until(lambda: hanging.upkeeps_started >= 1, message="the upkeep to start (and hang)")
+        batch = await factories.create_batch(storage, count=10)
+        daemon.notify_work()
+        done = await finished(storage, batch, within=10)
+    assert done.completed_at is not None
+    assert done.counts.completed == 10
+    assert hanging.upkeeps_started == 1  # still hanging when the batch was finalized

@@ -169,6 +169,7 @@ class Daemon:
         loops = {
             asyncio.create_task(self._heartbeat_loop(daemon.id), name="fusillade-heartbeat"),
             asyncio.create_task(self._maintenance_loop(), name="fusillade-maintenance"),
+            asyncio.create_task(self._queue_upkeep_loop(), name="fusillade-queue-upkeep"),
             asyncio.create_task(self._cancellation_loop(daemon.id), name="fusillade-cancellation"),
             asyncio.create_task(self._purge_loop(), name="fusillade-purge"),
         }
@@ -487,12 +488,26 @@ class Daemon:
                     self.metrics.reclaimed.inc(reclaimed)
                     logger.warning("Reclaimed %d requests of dead or silent daemons.", reclaimed)
                     self._want_claim()
-                await self._storage.maintain_queue()
                 await self._storage.expire_batches(grace=self._settings.expiry_grace)
                 while len(await self._storage.finalize_batches(limit=100)) == 100:
                     pass
             except errors.StorageError as exc:
                 await self._database_failed("maintenance", exc, backoff)
+                continue
+            backoff.succeeded()
+
+    async def _queue_upkeep_loop(self) -> None:
+        """The queue's upkeep (`maintain_queue`: PostgreSQL's vacuum of the requests table, SQLite's WAL
+        checkpoint) on the maintenance interval, in a loop of its own: a vacuum may take minutes on a big table,
+        or hang until its own time limit on a network gone silent, and reclaiming, expiry and finalizing must
+        not wait for it."""
+        backoff = self._backoff()
+        while True:
+            await asyncio.sleep(self._settings.maintenance_interval.total_seconds())
+            try:
+                await self._storage.maintain_queue()
+            except errors.StorageError as exc:
+                await self._database_failed("queue upkeep", exc, backoff)
                 continue
             backoff.succeeded()
 
