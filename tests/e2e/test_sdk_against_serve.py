@@ -30,7 +30,7 @@ from openai import AsyncOpenAI, OpenAI
 from openai.types import Batch, FileObject
 
 from tests.support import polling
-from tests.support.serve_process import Processes
+from tests.support.processes import Processes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -82,7 +82,7 @@ async def deployment(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
             f'[models.{FAST_MODEL}]\nbase_url = "{fast}"\nconcurrency = 8\n\n'
             f'[models.{SLOW_MODEL}]\nbase_url = "{slow}"\nconcurrency = 2\n'
         )
-        url = await processes.serve("--config", str(config))
+        _, url = await processes.serve("--config", str(config))
         yield Deployment(processes, url, fast, slow)
     finally:
         await processes.stop()

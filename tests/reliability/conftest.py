@@ -12,6 +12,15 @@ import pytest
 
 T = TypeVar("T")
 
+LONG = False
+"""True under `pytest --long`, set before the tier's modules are imported: for sizes fixed at import time
+(hypothesis settings); tests otherwise take the `scale` fixture."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global LONG
+    LONG = bool(config.getoption("--long"))
+
 
 class Scale:
     """`scale(ci_size, long_size)`: the size of this run (`long` under `pytest --long`)."""

@@ -3,23 +3,20 @@ started as an operator starts it, killed with SIGKILL, restarted, stopped with S
 from the database between kills (the requests a dead daemon still holds, the completed results, SQLite's
 integrity check, PostgreSQL sessions still open).
 
-Each process is `python -m fusillade daemon --config FILE` with its stderr in a log file of the test's directory
-and no `FUSILLADE_*` variable in its environment, so only the configuration file steers it.
+Each process is `python -m fusillade daemon --config FILE` started by `tests.support.processes` (`start_daemon`):
+its stderr in a log file of the test's directory and no `FUSILLADE_*` variable in its environment, so only the
+configuration file steers it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import os
 import sqlite3
 import struct
-import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,13 +25,14 @@ import asyncpg
 from fusillade.domain import ids, models, states
 from fusillade.storage import base
 from tests.support import backends, factories, polling
+from tests.support.processes import Process, Processes
 
 START_WITHIN = 30.0
 """Seconds a daemon gets to register after it was started (a cold interpreter, two busy cores)."""
 STOP_WITHIN = 20.0
 """Seconds a daemon gets to exit after SIGTERM before it is killed."""
-LOG_TAIL = 4000
-"""Characters of each log shown under a failure."""
+LOGS_SHOWN = 3
+"""Logs shown under a failure: those of the last few daemons (the loop starts one after every kill)."""
 
 DAEMON_SETTINGS = {
     # Short enough that a restart picks the work up within a couple of seconds, long enough that a daemon
@@ -72,90 +70,13 @@ def write_config(path: Path, *, database: str, upstream_url: str, model: str, co
     return path
 
 
-@dataclass
-class DaemonProcess:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-    """Its stderr."""
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def check_running(self) -> None:
-        """AssertionError with the log when the process has exited."""
-        code = self.popen.poll()
-        if code is not None:
-            raise AssertionError(f"{self.name} exited with {code}:\n{self.log_text()[-LOG_TAIL:]}")
-
-    async def kill(self) -> None:
-        """SIGKILL, and wait until the process is gone (its files and sockets closed by the kernel)."""
-        self.check_running()
-        self.popen.kill()
-        await asyncio.to_thread(self.popen.wait)
-
-    async def stop(self) -> int:
-        """SIGTERM, then SIGKILL after `STOP_WITHIN` seconds; the exit code."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                await asyncio.to_thread(self.popen.wait, STOP_WITHIN)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                await asyncio.to_thread(self.popen.wait)
-        return self.popen.returncode
+def start_daemon(daemons: Processes, config: Path, name: str) -> Process:
+    """`fusillade daemon --config CONFIG --log-level info`, started among `daemons` (made with
+    `stop_within=STOP_WITHIN`)."""
+    return daemons.start(name, "daemon", "--config", str(config), "--log-level", "info")
 
 
-class Daemons:
-    """The daemon processes of one test, in `directory`; `stop()` ends every one still running."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started: list[DaemonProcess] = []
-
-    def start(self, config: Path, name: str) -> DaemonProcess:
-        log = self.directory / f"{name}.log"
-        environment = {key: value for key, value in os.environ.items() if not key.startswith("FUSILLADE_")}
-        with log.open("wb") as errors:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "fusillade", "daemon", "--config", str(config), "--log-level", "info"],
-                cwd=self.directory,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
-            )
-        process = DaemonProcess(name, popen, log)
-        self.started.append(process)
-        return process
-
-    async def stop(self) -> None:
-        for process in reversed(self.started):
-            await process.stop()
-
-    def logs(self) -> str:
-        """The end of the last few logs, each under its name."""
-        return "\n".join(
-            f"----- {process.name} (exit code {process.popen.poll()}) -----\n{process.log_text()[-LOG_TAIL:]}"
-            for process in self.started[-3:]
-        )
-
-    @contextlib.contextmanager
-    def logs_on_failure(self, note: str) -> Iterator[None]:
-        """Attach `note` (the seed) and the logs to any exception raised in the block."""
-        try:
-            yield
-        except BaseException as error:
-            error.add_note(note)
-            error.add_note(self.logs())
-            raise
-
-
-async def registered(storage: base.Storage, process: DaemonProcess, *, known: set[ids.DaemonId]) -> ids.DaemonId:
+async def registered(storage: base.Storage, process: Process, *, known: set[ids.DaemonId]) -> ids.DaemonId:
     """The id under which the process registered (a running daemon with its pid, not one of `known`), once it
     has: by then it has opened the database (SQLite: recovered its write-ahead log)."""
 
@@ -175,7 +96,7 @@ async def registered(storage: base.Storage, process: DaemonProcess, *, known: se
     return found
 
 
-async def declared_dead(storage: base.Storage, daemon_id: ids.DaemonId, process: DaemonProcess) -> None:
+async def declared_dead(storage: base.Storage, daemon_id: ids.DaemonId, process: Process) -> None:
     """Wait until a running daemon (`process`) has declared `daemon_id` dead after the heartbeat threshold, and
     with that released the requests it held."""
 

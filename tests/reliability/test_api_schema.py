@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -41,13 +40,14 @@ from hypothesis import strategies as st
 from schemathesis import checks
 
 from fusillade.storage import factory
+from tests.reliability import conftest
 from tests.support import api_server, polling
-from tests.support.serve_process import Processes
+from tests.support.processes import Processes
 
 pytestmark = pytest.mark.reliability
 
 CHAT = "/v1/chat/completions"
-EXAMPLES = 250 if "--long" in sys.argv else 25
+EXAMPLES = 250 if conftest.LONG else 25
 """Generated calls per operation (schema-valid and schema-invalid together)."""
 CHECKS = [
     checks.not_a_server_error,
@@ -148,7 +148,7 @@ async def deployment(database_url: str, tmp_path: Path) -> AsyncIterator[Deploym
     processes = Processes(tmp_path)
     try:
         with processes.logs_on_failure():
-            url = await processes.serve("--mock-upstream", "--database-url", database_url)
+            _, url = await processes.serve("--mock-upstream", "--database-url", database_url)
             async with aiohttp.ClientSession() as http:
                 objects = await seed(http, url, key)
         log = tmp_path / "serve.log"

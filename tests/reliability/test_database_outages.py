@@ -24,14 +24,10 @@ each run for docs/reliability.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import re
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +40,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fusillade.mock_upstream import Behaviour, MockUpstream, UniformLatency
 from tests.reliability.conftest import Scale
+from tests.reliability.deployment import Deployment
 from tests.reliability.relay import BlackHoleRelay
 from tests.reliability.throwaway_postgres import ClusterError, ThrowawayCluster
 from tests.support import polling, postgres
+from tests.support.processes import START_WITHIN, Process
 
 pytestmark = [pytest.mark.reliability, pytest.mark.postgres]
 
@@ -60,122 +58,28 @@ NOTICE_MARGIN_S = 8.0
 """Allowance on top of a timeout for a busy 2-core machine (a poll interval, a heartbeat, scheduling)."""
 PROBE_TIMEOUT_S = 15.0
 """An API answer slower than this during an outage is a hang, and fails the test."""
-START_WITHIN = 30.0
-STOP_WITHIN = 15.0
-LOG_TAIL = 6000
-
-_LISTENING = re.compile(r"Listening on (http://\S+) \(")
 
 
 # --------------------------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Child:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def check_running(self) -> None:
-        code = self.popen.poll()
-        if code is not None:
-            raise AssertionError(f"{self.name} exited with {code}:\n{self.log_text()[-LOG_TAIL:]}")
+async def start_api(fleet: Deployment, http: aiohttp.ClientSession) -> tuple[Process, str]:
+    """`fusillade api`; the process and its URL once `/readyz` answers 200 (each probe a `probe`: a hang fails)."""
+    return await fleet.start_api(check=lambda readyz: probe_ok(http, readyz))
 
 
-@dataclass
-class Deployment:
-    """`fusillade` processes of one test, sharing one configuration file; `stop()` ends them all."""
+async def start_daemon(fleet: Deployment, http: aiohttp.ClientSession) -> tuple[Process, str]:
+    """`fusillade daemon --metrics-port P`; the process and its metrics URL once it registered."""
+    metrics = f"http://127.0.0.1:{postgres.free_port()}/metrics"
+    daemon = fleet.start_daemon("daemon", "--metrics-port", str(urlsplit(metrics).port))
+    await daemon.registered()
 
-    directory: Path
-    config: Path
-    children: list[Child] = field(default_factory=list)
+    async def serving_metrics() -> bool:
+        daemon.check_running()
+        return await database_errors(http, metrics) is not None
 
-    async def command(self, *arguments: str) -> str:
-        """A one-off command (`fusillade migrate ...`); its stderr. Fails the test on a non-zero exit."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fusillade", *arguments, "--config", str(self.config), cwd=self.directory,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        stdout, stderr = await asyncio.wait_for(process.communicate(), START_WITHIN)
-        assert process.returncode == 0, f"fusillade {' '.join(arguments)}: {stdout.decode()}{stderr.decode()}"
-        return stderr.decode()
-
-    def start(self, name: str, *arguments: str) -> Child:
-        log = self.directory / f"{name}.log"
-        with log.open("wb") as sink:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "fusillade", *arguments, "--config", str(self.config)],
-                cwd=self.directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=sink,
-            )  # fmt: skip
-        child = Child(name, popen, log)
-        self.children.append(child)
-        return child
-
-    async def api(self) -> tuple[Child, str]:
-        """`fusillade api --port 0`; the process and its URL once `/readyz` answers 200."""
-        child = self.start("api", "api", "--port", "0")
-
-        def listening() -> str | None:
-            child.check_running()
-            found = _LISTENING.search(child.log_text())
-            return found.group(1) if found else None
-
-        url = await polling.until(listening, within=START_WITHIN, interval=0.05, message="the API to listen")
-        assert url is not None
-        async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                child.check_running()
-                return (await probe(http, f"{url}/readyz")).status == 200
-
-            await polling.until(ready, within=START_WITHIN, interval=0.05, message="the API to be ready")
-        return child, url
-
-    async def daemon(self, http: aiohttp.ClientSession) -> tuple[Child, str]:
-        """`fusillade daemon --metrics-port P`; the process and its metrics URL once it registered."""
-        metrics = f"http://127.0.0.1:{postgres.free_port()}/metrics"
-        child = self.start("daemon", "daemon", "--metrics-port", str(urlsplit(metrics).port))
-
-        def registered() -> bool:
-            child.check_running()
-            return "Daemon " in child.log_text() and " started" in child.log_text()
-
-        await polling.until(registered, within=START_WITHIN, interval=0.05, message="the daemon to register")
-
-        async def serving_metrics() -> bool:
-            child.check_running()
-            return await database_errors(http, metrics) is not None
-
-        await polling.until(serving_metrics, within=START_WITHIN, message="the daemon's metrics")
-        return child, metrics
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"----- {child.name} (exit code {child.popen.poll()}) -----\n{child.log_text()[-LOG_TAIL:]}"
-            for child in self.children
-        )
-
-    @contextlib.contextmanager
-    def logs_on_failure(self) -> Iterator[None]:
-        try:
-            yield
-        except BaseException as error:
-            error.add_note(self.logs())
-            raise
-
-    async def stop(self) -> None:
-        for child in self.children:
-            if child.popen.poll() is None:
-                child.popen.terminate()
-        for child in self.children:
-            try:
-                await asyncio.to_thread(child.popen.wait, STOP_WITHIN)
-            except subprocess.TimeoutExpired:
-                child.popen.kill()
-                await asyncio.to_thread(child.popen.wait)
+    await polling.until(serving_metrics, within=START_WITHIN, message="the daemon's metrics")
+    return daemon, metrics
 
 
 def write_config(directory: Path, database_url: str, upstream: str, **top_level: str) -> Path:
@@ -199,16 +103,6 @@ def write_config(directory: Path, database_url: str, upstream: str, **top_level:
     config = directory / "fusillade.toml"
     config.write_text("\n".join(lines) + "\n")
     return config
-
-
-@contextlib.asynccontextmanager
-async def deployment(directory: Path, config: Path) -> AsyncIterator[Deployment]:
-    running = Deployment(directory, config)
-    try:
-        with running.logs_on_failure():
-            yield running
-    finally:
-        await running.stop()
 
 
 # --------------------------------------------------------------------------------------------- HTTP
@@ -323,6 +217,29 @@ def sent_more_than_once(upstream: MockUpstream) -> int:
     return sum(1 for attempts in upstream.stats.attempts_by_custom_id.values() if len(attempts) > 1)
 
 
+def result_figures(count: int, seen: Counter[str], error_lines: int, duplicates: int) -> dict[str, object]:
+    """The figures of a finished batch of `count` requests for `report`: `seen` and `error_lines` from
+    `result_custom_ids`, `duplicates` from `sent_more_than_once`."""
+    return {
+        "output_plus_error_lines": sum(seen.values()),
+        "error_lines": error_lines,
+        "lost": count - len(seen),
+        "duplicated_lines": sum(n - 1 for n in seen.values() if n > 1),
+        "sent_more_than_once": duplicates,
+    }
+
+
+def check_results(
+    count: int, batch: dict[str, Any], seen: Counter[str], error_lines: int, duplicates: int
+) -> None:
+    """The batch completed with every custom id once in output + errors and no error line, and no more requests
+    were sent twice than the daemon could hold (its concurrency limit)."""
+    assert batch["status"] == "completed"
+    assert seen == {f"req-{index}": 1 for index in range(count)}, "lost or duplicated lines"
+    assert error_lines == 0
+    assert duplicates <= CONCURRENCY, f"{duplicates} requests sent twice: more than the daemon held"
+
+
 def report(title: str, **figures: object) -> None:
     """The figures of a run, for docs/reliability.md (shown with `pytest -s`)."""
     print(f"\n[{title}] " + ", ".join(f"{key}={value}" for key, value in figures.items()))
@@ -360,10 +277,12 @@ async def test_a_database_restart_loses_nothing_and_needs_no_restart_of_daemon_o
     count = scale(1000, 6000)
     await postgres.execute_admin(cluster.url(), "CREATE DATABASE fusillade")
     config = write_config(tmp_path, cluster.url("fusillade"), fake_upstream.url, database_timeout="5s")
-    async with deployment(tmp_path, config) as fleet, aiohttp.ClientSession() as http:
-        await fleet.command("migrate")
-        (daemon, metrics), (api_process, api) = await asyncio.gather(fleet.daemon(http), fleet.api())
-        pids = (daemon.popen.pid, api_process.popen.pid)
+    async with Deployment(tmp_path, config) as fleet, aiohttp.ClientSession() as http:
+        await fleet.migrate()
+        (daemon, metrics), (api_process, api) = await asyncio.gather(
+            start_daemon(fleet, http), start_api(fleet, http)
+        )
+        pids = (daemon.pid, api_process.pid)
         batch_id = await create_batch(http, api, count)
         await polling.until(
             lambda: fake_upstream.stats.requests_total >= count // 4,
@@ -423,11 +342,7 @@ async def test_a_database_restart_loses_nothing_and_needs_no_restart_of_daemon_o
         upload_during_outage=upload[0].status,
         ready_again_after_s=f"{ready_after:.2f}",
         batch_finished_after_restart_s=f"{finished_after:.2f}",
-        output_plus_error_lines=sum(seen.values()),
-        error_lines=error_lines,
-        lost=count - len(seen),
-        duplicated_lines=sum(n - 1 for n in seen.values() if n > 1),
-        sent_more_than_once=duplicates,
+        **result_figures(count, seen, error_lines, duplicates),
         database_errors_counted=errors_during_outage,
     )
     assert first_unready is not None and first_unready < 5, f"/readyz did not report the outage: {readiness}"
@@ -438,12 +353,9 @@ async def test_a_database_restart_loses_nothing_and_needs_no_restart_of_daemon_o
     assert errors_during_outage, "the daemon counted no database error: it did not see the outage"
     # Requests claimed before the stop may still be sent; nothing new is claimed while the database is down.
     assert sent_during_outage <= CONCURRENCY, "the daemon sent more than it could hold while the database was down"
-    assert batch["status"] == "completed"
-    assert seen == {f"req-{index}": 1 for index in range(count)}, "lost or duplicated lines"
-    assert error_lines == 0
-    assert duplicates <= CONCURRENCY, f"{duplicates} requests sent twice: more than the daemon held"
-    assert (daemon.popen.pid, api_process.popen.pid) == pids
-    assert [(row["pid"], row["status"]) for row in daemons] == [(daemon.popen.pid, "running")]
+    check_results(count, batch, seen, error_lines, duplicates)
+    assert (daemon.pid, api_process.pid) == pids
+    assert [(row["pid"], row["status"]) for row in daemons] == [(daemon.pid, "running")]
 
 
 async def probe_ok(http: aiohttp.ClientSession, url: str) -> bool:
@@ -480,9 +392,11 @@ async def test_a_silent_network_loss_is_noticed_within_the_database_timeout_and_
         credentials = target.netloc.rpartition("@")[0]
         relayed = target._replace(netloc=f"{credentials}@127.0.0.1:{relay.port}").geturl()
         config = write_config(tmp_path, relayed, fake_upstream.url, database_timeout=f"{DATABASE_TIMEOUT_S}s")
-        async with deployment(tmp_path, config) as fleet, aiohttp.ClientSession() as http:
-            (daemon, metrics), (api_process, api) = await asyncio.gather(fleet.daemon(http), fleet.api())
-            pids = (daemon.popen.pid, api_process.popen.pid)
+        async with Deployment(tmp_path, config) as fleet, aiohttp.ClientSession() as http:
+            (daemon, metrics), (api_process, api) = await asyncio.gather(
+                start_daemon(fleet, http), start_api(fleet, http)
+            )
+            pids = (daemon.pid, api_process.pid)
             setup_s = time.monotonic() - began
             batch_id = await create_batch(http, api, count)
             created = time.monotonic()
@@ -556,20 +470,13 @@ async def test_a_silent_network_loss_is_noticed_within_the_database_timeout_and_
         readyz_answer_s=f"{unready.seconds:.2f}",
         api_read_during_loss=f"{read.status} in {read.seconds:.2f} s",
         batch_finished_after_resume_s=f"{finished_after:.2f}",
-        output_plus_error_lines=sum(seen.values()),
-        error_lines=error_lines,
-        lost=count - len(seen),
-        duplicated_lines=sum(n - 1 for n in seen.values() if n > 1),
-        sent_more_than_once=duplicates,
+        **result_figures(count, seen, error_lines, duplicates),
         sessions_in_transaction_at_resume=at_resume[0]["n"],
         sessions_left_in_transaction=stuck[0]["n"],
     )
     assert stranded > 0, "the black hole caught no connection: the test proves nothing"
     assert read.status == 503 and read.seconds < DATABASE_TIMEOUT_S + NOTICE_MARGIN_S, read
-    assert batch["status"] == "completed"
-    assert seen == {f"req-{index}": 1 for index in range(count)}, "lost or duplicated lines"
-    assert error_lines == 0
-    assert duplicates <= CONCURRENCY, f"{duplicates} requests sent twice: more than the daemon held"
-    assert (daemon.popen.pid, api_process.popen.pid) == pids
-    assert [(row["pid"], row["status"]) for row in daemons] == [(daemon.popen.pid, "running")]
+    check_results(count, batch, seen, error_lines, duplicates)
+    assert (daemon.pid, api_process.pid) == pids
+    assert [(row["pid"], row["status"]) for row in daemons] == [(daemon.pid, "running")]
     assert stuck[0]["n"] == 0

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -47,6 +46,7 @@ from fusillade.upstream import classify, reassemble, sse
 from fusillade.upstream.client import UpstreamClient
 from fusillade.upstream.outcome import Outcome, Permanent, Retriable, Success
 from fusillade.upstream.routes import PhaseTimeouts, Route
+from tests.reliability import conftest
 from tests.reliability.hostile_upstream import RawUpstream, Script
 from tests.support import backends, factories
 from tests.support.api_server import ROUTED_MODELS, RunningApi, create_key, running_api
@@ -58,14 +58,13 @@ LIMITS = jsonl.Limits(max_bytes=256 * 1024, max_custom_id_length=64)
 """The API's upload limits in this scenario (small, so that going over them is cheap)."""
 LONG_EXAMPLES = 10
 """`pytest --long` runs this many times the examples of each property."""
-_LONG = "--long" in sys.argv  # hypothesis settings are fixed when the module is imported, before any fixture
 
 
 def examples(count: int) -> settings:
     """Hypothesis settings of a property run over real sockets and databases: `count` examples (more under
     `--long`), no deadline (the machine is shared), no example database (nothing left in the checkout)."""
     return settings(
-        max_examples=count * (LONG_EXAMPLES if _LONG else 1),
+        max_examples=count * (LONG_EXAMPLES if conftest.LONG else 1),
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

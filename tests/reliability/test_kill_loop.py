@@ -38,6 +38,7 @@ from fusillade.storage import base
 from tests.reliability import processes_kill
 from tests.reliability.conftest import Scale
 from tests.support import backends, factories, polling
+from tests.support.processes import Process, Processes
 
 pytestmark = pytest.mark.reliability
 
@@ -75,7 +76,7 @@ class KillLoop:
     storage: base.Storage
     batch: models.Batch
     upstream: MockUpstream
-    daemons: processes_kill.Daemons
+    daemons: Processes
     admin: asyncpg.Connection | None
     """PostgreSQL only: a connection of the test's own, to watch the daemons' sessions."""
     rng: random.Random
@@ -125,7 +126,7 @@ class KillLoop:
         share = (self.size - received) / (kills_left + 1)
         return received + max(MIN_GAP, round(self.rng.uniform(0.2, 1.0) * share))
 
-    def start(self, number: int) -> processes_kill.DaemonProcess:
+    def start(self, number: int) -> Process:
         name = f"daemon-{number}"
         config = processes_kill.write_config(
             self.daemons.directory / f"{name}.toml",
@@ -134,9 +135,9 @@ class KillLoop:
             model=MODEL,
             concurrency=CONCURRENCY,
         )
-        return self.daemons.start(config, name)
+        return processes_kill.start_daemon(self.daemons, config, name)
 
-    async def kill(self, process: processes_kill.DaemonProcess, daemon_id: ids.DaemonId, target: int) -> None:
+    async def kill(self, process: Process, daemon_id: ids.DaemonId, target: int) -> None:
         def reached() -> bool:
             process.check_running()
             return self.received() >= target
@@ -160,7 +161,7 @@ class KillLoop:
         self.kills.append(Kill(received, in_flight, frozenset(held), in_transaction, killed_at))
         self.check_integrity()  # the file as the killed process left it, before a restart
 
-    async def inside_transaction(self, process: processes_kill.DaemonProcess) -> bool:
+    async def inside_transaction(self, process: Process) -> bool:
         """Wait (a moment at most) until the daemon has a write transaction open; whether it was seen."""
         deadline = time.monotonic() + AIM_WITHIN
         while time.monotonic() < deadline:
@@ -207,11 +208,12 @@ async def test_a_daemon_killed_again_and_again_loses_nothing_and_resends_only_wh
     started = time.monotonic()
     batch = await factories.create_batch(storage, count=count)
     admin = await asyncpg.connect(backend.location) if backend.is_postgres else None
-    daemons = processes_kill.Daemons(tmp_path)
+    daemons = Processes(tmp_path, stop_within=processes_kill.STOP_WITHIN)
     try:
         async with MockUpstream(Behaviour(latency=LATENCY, seed=seed)) as upstream:
             loop = KillLoop(backend, storage, batch, upstream, daemons, admin, random.Random(seed), count)
-            with daemons.logs_on_failure(f"kill loop seed: {seed} ({SEED_VARIABLE}={seed} replays it)"):
+            note = f"kill loop seed: {seed} ({SEED_VARIABLE}={seed} replays it)"
+            with daemons.logs_on_failure(note, last=processes_kill.LOGS_SHOWN):
                 done = await loop.run(kills)
             elapsed = time.monotonic() - started
             attempts = {
@@ -261,9 +263,7 @@ async def test_a_daemon_killed_again_and_again_loses_nothing_and_resends_only_wh
     assert all(result == ["ok"] for result in loop.integrity), loop.integrity
 
 
-async def finished(
-    storage: base.Storage, batch: models.Batch, process: processes_kill.DaemonProcess
-) -> models.Batch:
+async def finished(storage: base.Storage, batch: models.Batch, process: Process) -> models.Batch:
     async def check() -> models.Batch | None:
         process.check_running()
         current = await storage.get_batch(batch.id, owner=models.ALL_OWNERS)

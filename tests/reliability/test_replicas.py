@@ -31,8 +31,9 @@ from openai import AsyncOpenAI
 
 from fusillade.mock_upstream import Behaviour, MockUpstream, UniformLatency
 from tests.reliability.conftest import Scale
-from tests.reliability.deployment import Deployment, Replica, config_text
+from tests.reliability.deployment import Deployment, config_text
 from tests.support import polling
+from tests.support.processes import Process
 
 pytestmark = [pytest.mark.reliability, pytest.mark.postgres]
 
@@ -60,7 +61,7 @@ class Setup:
     deployment: Deployment
     upstream: MockUpstream
     api_url: str
-    daemons: list[Replica]
+    daemons: list[Process]
     database: asyncpg.Connection
 
 
@@ -76,8 +77,8 @@ async def setup(tmp_path: Path, postgres_url: str) -> AsyncIterator[Setup]:
         try:
             with deployment.logs_on_failure():
                 daemons = [deployment.start_daemon(f"daemon-{number}") for number in (1, 2, 3)]
-                api_url, *_ = await asyncio.gather(
-                    deployment.start_api(), *(deployment.daemon_started(daemon) for daemon in daemons)
+                (_, api_url), _ = await asyncio.gather(
+                    deployment.start_api(), asyncio.gather(*(daemon.registered() for daemon in daemons))
                 )
             yield Setup(deployment, upstream, api_url, daemons, database)
         finally:
@@ -143,16 +144,16 @@ async def test_three_daemons_share_global_limits_and_reclaim_a_killed_one(setup:
                 done = await finished_by_daemon(database)
                 if done.total() < KILL_AT * count or not all(done[r.daemon_id or ""] for r in setup.daemons):
                     return False
-                deployment.pause(victim)
+                victim.pause()
                 if await in_flight_of(database, victim.daemon_id or ""):
                     return True
-                deployment.resume(victim)
+                victim.resume()
                 return False
 
             await polling.until(
                 victim_frozen_holding_requests, within=120, interval=0.1, message="every daemon to finish work"
             )
-            await deployment.kill(victim)
+            await victim.kill()
             killed_at = time.monotonic()
             # Until the reclaim, the victim's requests stay in flight in its name: watch them go. (A commit it
             # sent just before it froze may still land: what it finishes after this is among `held`.)

@@ -33,6 +33,7 @@ from fusillade import keys as api_keys
 from fusillade.domain import ids
 from fusillade.mock_upstream import Behaviour, HttpError, MockUpstream, StallBeforeFirstByte
 from tests.support import backends, polling, security
+from tests.support.processes import Processes
 
 pytestmark = pytest.mark.reliability
 
@@ -193,7 +194,7 @@ async def test_owner_b_gets_for_owner_a_objects_the_answer_of_a_missing_id(
     )
     async with (
         MockUpstream(behaviour) as upstream,
-        security.fleet(tmp_path, admin_environment()) as fleet,
+        Processes(tmp_path, environment=admin_environment()) as fleet,
     ):
         config = write_config(
             tmp_path,
@@ -201,9 +202,9 @@ async def test_owner_b_gets_for_owner_a_objects_the_answer_of_a_missing_id(
             database=database_url(backend),
         )
         (_, url), (alice_key, _), (bob_key, _) = await security.together(
-            fleet.serve("serve", "--config", str(config)),
-            fleet.create_key(config, "alice"),
-            fleet.create_key(config, "bob"),
+            fleet.serve("--config", str(config)),
+            security.create_key(fleet, config, "alice"),
+            security.create_key(fleet, config, "bob"),
         )
         alice, bob = Caller(http, url, alice_key), Caller(http, url, bob_key)
 
@@ -308,15 +309,15 @@ async def test_keys_are_stored_hashed_and_a_revoked_key_fails_on_its_next_reques
     admin_key = environment[ADMIN_KEY_VARIABLE]
     async with (
         MockUpstream(Behaviour()) as upstream,
-        security.fleet(tmp_path, environment) as fleet,
+        Processes(tmp_path, environment=environment) as fleet,
     ):
         config = write_config(
             tmp_path, f'[models."model-a"]\nbase_url = "{upstream.url}"\n', database=database_url(backend)
         )
         (serve, url), (alice_key, _), (bob_key, bob_id) = await security.together(
-            fleet.serve("serve", "--config", str(config)),
-            fleet.create_key(config, "alice"),
-            fleet.create_key(config, "bob"),
+            fleet.serve("--config", str(config)),
+            security.create_key(fleet, config, "alice"),
+            security.create_key(fleet, config, "bob"),
         )
         alice, bob, admin = Caller(http, url, alice_key), Caller(http, url, bob_key), Caller(http, url, admin_key)
         assert (await bob.call("GET", "/v1/batches"))[0] == 200
@@ -395,7 +396,7 @@ async def test_no_key_body_or_marker_reaches_any_log_line(
         )
     async with (
         security.RecordingUpstream(marker=markers["response"], api_key=secrets["upstream key"]) as upstream,
-        security.fleet(tmp_path, environment) as fleet,
+        Processes(tmp_path, environment=environment) as fleet,
     ):
         route = f'base_url = "{upstream.url}/v1"\napi_key_env = "SECURITY_UPSTREAM_KEY"\nconcurrency = 4\n'
         config = write_config(
@@ -406,10 +407,12 @@ async def test_no_key_body_or_marker_reaches_any_log_line(
         arguments = ("--config", str(config), "--log-level", "debug")
         if backend.is_postgres:
             fleet.start("daemon", "daemon", *arguments)
-            started = fleet.serve("api", *arguments, command="api")
+            started = fleet.serve(*arguments, command="api")
         else:
-            started = fleet.serve("serve", *arguments)
-        (_, url), (secrets["client key"], _) = await security.together(started, fleet.create_key(config, "alice"))
+            started = fleet.serve(*arguments)
+        (_, url), (secrets["client key"], _) = await security.together(
+            started, security.create_key(fleet, config, "alice")
+        )
         alice = Caller(http, url, secrets["client key"])
         admin = Caller(http, url, secrets["admin key"])
 
@@ -512,7 +515,7 @@ async def test_no_line_can_send_a_call_to_another_host_or_path(
     async with (
         security.RecordingUpstream(marker="decoy") as decoy,
         security.RecordingUpstream(marker="good", redirect_to=decoy.url) as good,
-        security.fleet(tmp_path, admin_environment()) as fleet,
+        Processes(tmp_path, environment=admin_environment()) as fleet,
     ):
         decoy_address = f"127.0.0.1:{decoy.port}"
         config = write_config(
@@ -522,7 +525,7 @@ async def test_no_line_can_send_a_call_to_another_host_or_path(
             database=f"sqlite:///{tmp_path / 'fusillade.db'}",
         )
         (_, url), (key, _) = await security.together(
-            fleet.serve("serve", "--config", str(config)), fleet.create_key(config, "alice")
+            fleet.serve("--config", str(config)), security.create_key(fleet, config, "alice")
         )
         alice = Caller(http, url, key)
 

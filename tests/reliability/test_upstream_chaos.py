@@ -17,13 +17,9 @@ phase timeout at all, where only the batch deadline can end a call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -56,7 +52,8 @@ from fusillade.upstream.outcome import Success
 from fusillade.upstream.routes import Route
 from tests.integration.conftest import fast_settings, routes_for, running
 from tests.reliability.conftest import Scale
-from tests.support import factories, polling
+from tests.support import factories, polling, postgres
+from tests.support.processes import Processes
 
 pytestmark = pytest.mark.reliability
 
@@ -219,30 +216,6 @@ def prompt(template: models.TemplateInput) -> str:
 # ----------------------------------------------------------------------------------------- processes
 
 
-@contextlib.asynccontextmanager
-async def daemon_process(config: Path, metrics_port: int, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`fusillade daemon --config CONFIG` as an operator starts it; killed at the end if still running."""
-    with log.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fusillade", "daemon", "--config", str(config),
-            "--metrics-port", str(metrics_port),
-            cwd=config.parent, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 async def retry_counters(metrics_port: int) -> Counter[tuple[str, str]]:
     """`fusillade_request_retries_total` by (model, code), from the daemon's /metrics."""
     async with (
@@ -277,58 +250,54 @@ async def test_upstream_chaos_ends_every_request_as_scripted(tmp_path: Path, sca
     behaviour = Behaviour(faults_by_custom_id={case.custom_id: case.script for case in cases.values()})
     storage = await factory.open_storage(f"sqlite:///{tmp_path / 'chaos.db'}")
     await storage.migrate()
-    log = tmp_path / "daemon.log"
     try:
-        async with MockUpstream(behaviour) as upstream:
+        async with MockUpstream(behaviour) as upstream, Processes(tmp_path) as processes:
             config = tmp_path / "fusillade.toml"
             config.write_text(config_text(tmp_path / "chaos.db", upstream.url))
-            metrics_port = free_port()
-            async with daemon_process(config, metrics_port, log) as daemon:
+            metrics_port = postgres.free_port()
+            # `fusillade daemon --config CONFIG` as an operator starts it.
+            daemon = processes.start(
+                "daemon", "daemon", "--config", str(config), "--metrics-port", str(metrics_port)
+            )
 
-                async def registered() -> bool:
-                    if daemon.returncode is not None:
-                        raise AssertionError(f"the daemon exited with {daemon.returncode}")
-                    alive = states.DaemonStatus.RUNNING
-                    return any(d.pid == daemon.pid and d.status is alive for d in await storage.list_daemons())
+            async def registered() -> bool:
+                daemon.check_running()
+                alive = states.DaemonStatus.RUNNING
+                return any(d.pid == daemon.pid and d.status is alive for d in await storage.list_daemons())
 
-                await polling.until(registered, within=60, interval=0.05, message="the daemon to register")
-                main_file = await factories.upload(storage, items=templates(main_cases))
-                deadline_file = await factories.upload(storage, items=templates(deadline_cases))
-                main = await factories.create_batch(storage, file=main_file)
-                deadline = await factories.create_batch(storage, file=deadline_file, window=DEADLINE_WINDOW)
-                started = time.monotonic()
+            await polling.until(registered, within=60, interval=0.05, message="the daemon to register")
+            main_file = await factories.upload(storage, items=templates(main_cases))
+            deadline_file = await factories.upload(storage, items=templates(deadline_cases))
+            main = await factories.create_batch(storage, file=main_file)
+            deadline = await factories.create_batch(storage, file=deadline_file, window=DEADLINE_WINDOW)
+            started = time.monotonic()
 
-                main_done = await finished(storage, main, within=60)
-                deadline_done = await finished(storage, deadline, within=60)
-                elapsed = time.monotonic() - started
-                retries = await retry_counters(metrics_port)
-                daemon.terminate()
-                assert await asyncio.wait_for(daemon.wait(), 30) == 0
+            main_done = await finished(storage, main, within=60)
+            deadline_done = await finished(storage, deadline, within=60)
+            elapsed = time.monotonic() - started
+            retries = await retry_counters(metrics_port)
+            assert await daemon.stop(within=30) == 0
             # Upstream trouble is the daemon's daily work, not an error of its own: no task failed.
-            logged = log.read_text(errors="replace")
+            logged = daemon.log_text()
             assert not any(word in logged for word in (" ERROR ", " CRITICAL ", "Traceback")), logged[-4000:]
             arrivals = {key: list(value) for key, value in upstream.stats.attempts_by_custom_id.items()}
             max_in_flight = dict(upstream.stats.max_in_flight_by_model)
 
-        rows = {
-            request.custom_id: request
-            for batch in (main, deadline)
-            for request in await factories.all_requests(storage, batch.id)
-        }
-        lines = {}
-        for batch in (main_done, deadline_done):
-            for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "error")):
-                for line in await factories.read_lines(storage, file_id):
-                    assert line["custom_id"] not in lines, f"{line['custom_id']} is in the result files twice"
-                    lines[line["custom_id"]] = (kind, line)
-        report = check_all(
-            main_cases, deadline_cases, main_done, deadline_done, rows, lines, arrivals, retries, max_in_flight
-        )
-    except BaseException as error:
-        error.add_note(
-            "----- daemon log -----\n" + (log.read_text(errors="replace")[-8000:] if log.exists() else "")
-        )
-        raise
+        with processes.logs_on_failure():
+            rows = {
+                request.custom_id: request
+                for batch in (main, deadline)
+                for request in await factories.all_requests(storage, batch.id)
+            }
+            lines = {}
+            for batch in (main_done, deadline_done):
+                for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "error")):
+                    for line in await factories.read_lines(storage, file_id):
+                        assert line["custom_id"] not in lines, f"{line['custom_id']} is in the result files twice"
+                        lines[line["custom_id"]] = (kind, line)
+            report = check_all(
+                main_cases, deadline_cases, main_done, deadline_done, rows, lines, arrivals, retries, max_in_flight
+            )
     finally:
         await storage.close()
     print(f"\nupstream chaos: {len(cases)} requests, {elapsed:.1f} s after the batches were created; {report}")

@@ -1,35 +1,25 @@
 """Support of the security scenario (`tests/reliability/test_security.py`): an upstream that records every
-call it gets (host, path, headers) and answers with bodies that carry a marker; fusillade's long-running
-commands as processes whose stdout and stderr are both kept; and readers of every stored value of a database.
+call it gets (host, path, headers) and answers with bodies that carry a marker; API keys made by the CLI among
+`tests.support.processes` processes; and readers of every stored value of a database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import sqlite3
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
 import orjson
 from aiohttp import web
 
-from tests.support import polling
-
-START_WITHIN = 30.0
-STOP_WITHIN = 15.0
-CLI_WITHIN = 60.0
-_LISTENING = re.compile(r"Listening on (http://\S+) \(")
-
+from tests.support.processes import Processes
 
 # ------------------------------------------------------------------------------------------- upstream
 
@@ -178,126 +168,13 @@ def _prompt(body: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ processes
 
 
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    stdout: Path
-    stderr: Path
-
-    def output(self) -> str:
-        """Everything it wrote, stdout then stderr."""
-        return "".join(path.read_text(errors="replace") for path in (self.stdout, self.stderr) if path.exists())
-
-    def check_running(self) -> None:
-        code = self.popen.poll()
-        if code is not None:
-            raise AssertionError(f"{self.name} exited with {code}:\n{self.output()[-8000:]}")
-
-    async def stop(self) -> int:
-        """SIGTERM, then SIGKILL after `STOP_WITHIN` seconds; the exit code."""
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                await asyncio.to_thread(self.popen.wait, STOP_WITHIN)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                await asyncio.to_thread(self.popen.wait)
-        return self.popen.returncode
-
-
-class Fleet:
-    """fusillade commands of one test, run in `directory` with the test's environment minus `FUSILLADE_*`
-    plus `environment`; `stop()` ends every long-running one (the fixture calls it, on failure too)."""
-
-    def __init__(self, directory: Path, environment: Mapping[str, str] | None = None) -> None:
-        self.directory = directory
-        base = {key: value for key, value in os.environ.items() if not key.startswith("FUSILLADE_")}
-        self.environment = {**base, **(environment or {})}
-        self.started: list[Process] = []
-
-    def start(self, name: str, *arguments: str) -> Process:
-        stdout, stderr = self.directory / f"{name}.stdout", self.directory / f"{name}.stderr"
-        with stdout.open("wb") as out, stderr.open("wb") as err:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "fusillade", *arguments],
-                cwd=self.directory,
-                env=self.environment,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-            )
-        process = Process(name, popen, stdout, stderr)
-        self.started.append(process)
-        return process
-
-    async def serve(self, name: str, *arguments: str, command: str = "serve") -> tuple[Process, str]:
-        """`fusillade serve` (or `api`) on a free port; the process and its URL once `/readyz` answers 200."""
-        process = self.start(name, command, "--port", "0", *arguments)
-
-        def listening() -> str | None:
-            process.check_running()
-            found = _LISTENING.search(process.stderr.read_text(errors="replace"))
-            return found.group(1) if found else None
-
-        url = await polling.until(listening, within=START_WITHIN, interval=0.05, message=f"{name} to listen")
-        assert url is not None
-        async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                process.check_running()
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{url}/readyz") as response:
-                        return response.status == 200
-                return False
-
-            await polling.until(ready, within=START_WITHIN, interval=0.05, message=f"{name} to be ready")
-        return process, url
-
-    async def cli(self, *arguments: str) -> tuple[int, str, str]:
-        """A one-shot command (`keys create`, ...): exit code, stdout, stderr."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "fusillade",
-            *arguments,
-            cwd=self.directory,
-            env=self.environment,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=CLI_WITHIN)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        assert process.returncode is not None
-        return process.returncode, stdout.decode(), stderr.decode()
-
-    async def create_key(self, config: Path, owner: str) -> tuple[str, str]:
-        """`fusillade keys create --owner OWNER`: (the key, its id)."""
-        code, stdout, stderr = await self.cli("keys", "create", "--owner", owner, "--config", str(config))
-        assert code == 0, stderr
-        found = re.search(r"id ([0-9a-f-]{36})", stderr)
-        assert found is not None, stderr
-        return stdout.splitlines()[-1], found.group(1)
-
-    def logs(self) -> str:
-        return "\n".join(f"----- {process.name} -----\n{process.output()[-8000:]}" for process in self.started)
-
-    @contextlib.contextmanager
-    def logs_on_failure(self) -> Iterator[None]:
-        try:
-            yield
-        except BaseException as error:
-            error.add_note(self.logs())
-            raise
-
-    async def stop(self) -> None:
-        for process in reversed(self.started):
-            await process.stop()
+async def create_key(fleet: Processes, config: Path, owner: str) -> tuple[str, str]:
+    """`fusillade keys create --owner OWNER`: (the key, its id)."""
+    code, stdout, stderr = await fleet.cli("keys", "create", "--owner", owner, "--config", str(config))
+    assert code == 0, stderr
+    found = re.search(r"id ([0-9a-f-]{36})", stderr)
+    assert found is not None, stderr
+    return stdout.splitlines()[-1], found.group(1)
 
 
 async def together(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
@@ -306,16 +183,6 @@ async def together(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
     async with asyncio.TaskGroup() as group:
         tasks = [group.create_task(step) for step in steps]
     return [task.result() for task in tasks]
-
-
-@contextlib.asynccontextmanager
-async def fleet(directory: Path, environment: Mapping[str, str] | None = None) -> AsyncIterator[Fleet]:
-    running = Fleet(directory, environment)
-    try:
-        with running.logs_on_failure():
-            yield running
-    finally:
-        await running.stop()
 
 
 # ------------------------------------------------------------------------------------- stored values
