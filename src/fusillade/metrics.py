@@ -87,6 +87,12 @@ class DaemonMetrics:
             "Requests of dead or silent daemons this daemon put back to pending.",
             registry=r,
         )
+        self.stale_claims = Counter(
+            "fusillade_stale_claims_released",
+            "Claimed requests given back unsent because the claim was too old when its call was to start (the "
+            "daemon was paused so long that the others may have taken the request over).",
+            registry=r,
+        )
         self.rows_purged = Counter(
             "fusillade_rows_purged", "Rows of deleted batches and files removed for good.", registry=r
         )

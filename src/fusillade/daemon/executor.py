@@ -204,8 +204,19 @@ class RequestExecutor:
             return
         loop = asyncio.get_running_loop()
         settings = self._settings
+        now = self._clock.now()
+        if now - request.claimed_at > settings.claim_max_age:
+            # Sending it now could double a call another daemon already made, over the model's limit.
+            logger.warning(
+                "Request %s: claimed %.1f s ago, too long for its call to start safely; given back unsent.",
+                ids.request_wire(request.id),
+                (now - request.claimed_at).total_seconds(),
+            )
+            self._metrics.stale_claims.inc()
+            self._writes.submit(models.Release(request.id))
+            return
         self._marks.started(request.id, time.monotonic())
-        remaining = (request.deadline + settings.expiry_grace - self._clock.now()).total_seconds()
+        remaining = (request.deadline + settings.expiry_grace - now).total_seconds()
         started = time.perf_counter()
         try:
             result = await self._client.send(request, route, headers=headers, deadline=loop.time() + remaining)

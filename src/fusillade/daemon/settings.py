@@ -55,6 +55,14 @@ class DaemonSettings:
     """Send a W3C `traceparent` header with each call: the trace id is the request's id (so every attempt of a
     request shares one trace in the upstream's logs), the span id is new per attempt."""
 
+    @property
+    def claim_max_age(self) -> timedelta:
+        """A claimed request whose call has not started this long after its claim is given back unsent: the
+        daemon was paused (SIGSTOP, a VM pause, a stalled database round trip) long enough that the other
+        daemons may have declared it dead and taken the request over; its last heartbeat may predate the claim
+        by up to one interval."""
+        return self.stale_after - self.heartbeat_interval
+
     def __post_init__(self) -> None:
         if self.claim_batch_size < 1:
             raise ValueError(f"claim_batch_size must be at least 1, not {self.claim_batch_size}.")
