@@ -4,14 +4,8 @@ keys made with `fusillade keys`; the refusal to listen publicly without keys; a 
 
 from __future__ import annotations
 
-import asyncio
 import json
-import re
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -20,69 +14,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from fusillade.mock_upstream import Behaviour, MockUpstream
-from tests.support import polling
-
-_LISTENING = re.compile(r"Listening on (http://\S+) \(")
-
-
-@dataclass
-class Server:
-    process: asyncio.subprocess.Process
-    log: Path
-    url: str
-
-    @property
-    def base_url(self) -> str:
-        return self.url + "/v1"
-
-    async def stop(self) -> int:
-        """SIGTERM, as a service manager stops it; the exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.process.wait(), timeout=30)
-
-
-async def fusillade(*arguments: str, cwd: Path) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fusillade", *arguments, cwd=cwd, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=50)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """The servers a test started with `start_serve`; those still running are killed at the end."""
-    started: list[asyncio.subprocess.Process] = []
-    yield started
-    for process in started:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
-async def start_serve(
-    started: list[asyncio.subprocess.Process], cwd: Path, *arguments: str, command: str = "serve"
-) -> Server:
-    """`fusillade serve` (or `api`) on a free port, once it listens."""
-    log = cwd / f"{command}-{len(started)}.log"
-    with log.open("wb") as sink:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fusillade", command, "--port", "0", *arguments, cwd=cwd,
-            stdout=asyncio.subprocess.DEVNULL, stderr=sink,
-        )  # fmt: skip
-    started.append(process)
-
-    def listening() -> str | None:
-        if process.returncode is not None:
-            raise AssertionError(f"fusillade serve exited with {process.returncode}:\n{log.read_text()}")
-        found = _LISTENING.search(log.read_text())
-        return found.group(1) if found else None
-
-    url = await polling.until(listening, within=20, message="fusillade serve to listen")
-    assert url is not None
-    return Server(process, log, url)
+from tests.support import polling, postgres
+from tests.support.processes import Processes
 
 
 def request_lines(count: int, *, model: str = "demo") -> bytes:
@@ -117,57 +50,48 @@ async def run_batch(sdk: AsyncOpenAI, content: bytes) -> list[str]:
     return [json.loads(line)["custom_id"] for line in output.text.splitlines()]
 
 
-async def test_serve_with_the_mock_upstream_runs_a_batch_for_the_openai_sdk(
-    tmp_path: Path, serve: list[asyncio.subprocess.Process]
-) -> None:
-    server = await start_serve(serve, tmp_path, "--mock-upstream", "--database-url", "sqlite:///demo.db")
-    log = server.log.read_text()
-    assert "No API keys: serving one local owner" in log
-    assert "fusillade keys create" in log
+async def test_serve_with_the_mock_upstream_runs_a_batch_for_the_openai_sdk(tmp_path: Path) -> None:
+    async with Processes(tmp_path) as processes:
+        server, url = await processes.serve("--mock-upstream", "--database-url", "sqlite:///demo.db")
+        log = server.log_text()
+        assert "No API keys: serving one local owner" in log
+        assert "fusillade keys create" in log
 
-    async with AsyncOpenAI(base_url=server.base_url, api_key="anything, no keys exist yet") as sdk:
-        custom_ids = await run_batch(sdk, request_lines(10))
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="anything, no keys exist yet") as sdk:
+            custom_ids = await run_batch(sdk, request_lines(10))
 
-    assert sorted(custom_ids) == sorted(f"request-{index}" for index in range(10))
-    assert await server.stop() == 0
-    log = server.log.read_text()
-    assert log.index("Stopping: no new HTTP connections") < log.index("stopped.")  # the daemon stops after
-    assert (tmp_path / "demo.db").exists()
+        assert sorted(custom_ids) == sorted(f"request-{index}" for index in range(10))
+        assert await server.stop() == 0
+        log = server.log_text()
+        assert log.index("Stopping: no new HTTP connections") < log.index("stopped.")  # the daemon stops after
+        assert (tmp_path / "demo.db").exists()
 
 
-async def test_keys_made_with_the_cli_guard_the_api_and_routes_reload_live(
-    tmp_path: Path, serve: list[asyncio.subprocess.Process]
-) -> None:
-    mock = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fusillade", "mock-upstream", "--port", "0", stdout=asyncio.subprocess.PIPE
-    )
-    try:
-        assert mock.stdout is not None
-        upstream = (await asyncio.wait_for(mock.stdout.readline(), timeout=20)).decode().strip()
+async def test_keys_made_with_the_cli_guard_the_api_and_routes_reload_live(tmp_path: Path) -> None:
+    async with Processes(tmp_path) as processes:
+        upstream = await processes.mock_upstream()
         config = tmp_path / "fusillade.toml"
         routes = f'[models.demo]\nbase_url = "{upstream}"\nconcurrency = 4\n'
         config.write_text(f'database_url = "sqlite:///{tmp_path / "f.db"}"\n\n{routes}')
-        code, stdout, stderr = await fusillade(
-            "keys", "create", "--owner", "alice", "--config", str(config), cwd=tmp_path
-        )
+        code, stdout, stderr = await processes.cli("keys", "create", "--owner", "alice", "--config", str(config))
         assert code == 0, stderr
         key = stdout.splitlines()[-1]
         assert key.startswith("fus_")
         assert "cannot be shown again" in stderr
 
-        server = await start_serve(serve, tmp_path, "--config", str(config))
-        assert "No API keys" not in server.log.read_text()
+        server, url = await processes.serve("--config", str(config))
+        assert "No API keys" not in server.log_text()
 
-        async with AsyncOpenAI(base_url=server.base_url, api_key="fus_not-a-key", max_retries=0) as stranger:
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="fus_not-a-key", max_retries=0) as stranger:
             with pytest.raises(openai.AuthenticationError):
                 await stranger.files.list()
-        async with AsyncOpenAI(base_url=server.base_url, api_key=key, max_retries=0) as alice:
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0) as alice:
             assert len(await run_batch(alice, request_lines(5))) == 5
 
             with pytest.raises(openai.BadRequestError, match="no route"):
                 await alice.files.create(file=("late.jsonl", request_lines(1, model="late")), purpose="batch")
             config.write_text(config.read_text() + f'\n[models.late]\nbase_url = "{upstream}"\n')
-            server.process.send_signal(signal.SIGHUP)
+            server.popen.send_signal(signal.SIGHUP)
 
             async def late_model_served() -> list[str] | None:
                 try:
@@ -177,27 +101,22 @@ async def test_keys_made_with_the_cli_guard_the_api_and_routes_reload_live(
 
             assert len(await polling.until(late_model_served, within=10, message="the reloaded route")) == 2
 
-            code, stdout, stderr = await fusillade("keys", "list", "--json", "--config", str(config), cwd=tmp_path)
+            code, stdout, stderr = await processes.cli("keys", "list", "--json", "--config", str(config))
             assert code == 0, stderr
             [listed] = json.loads(stdout)
             assert (listed["owner"], listed["revoked_at"]) == ("alice", None)
             assert key.startswith(listed["prefix"])
-            code, _, stderr = await fusillade(
-                "keys", "revoke", listed["id"], "--config", str(config), cwd=tmp_path
-            )
+            code, _, stderr = await processes.cli("keys", "revoke", listed["id"], "--config", str(config))
             assert code == 0, stderr
 
             with pytest.raises(openai.AuthenticationError):
                 await alice.files.list()
         assert await server.stop() == 0
-    finally:
-        mock.terminate()
-        await mock.wait()
 
 
 async def test_serve_refuses_a_public_address_without_api_keys(tmp_path: Path) -> None:
-    code, _, stderr = await fusillade(
-        "serve", "--host", "0.0.0.0", "--port", "0", "--database-url", "sqlite:///f.db", cwd=tmp_path
+    code, _, stderr = await Processes(tmp_path).cli(
+        "serve", "--host", "0.0.0.0", "--port", "0", "--database-url", "sqlite:///f.db"
     )
 
     assert code == 2
@@ -206,25 +125,18 @@ async def test_serve_refuses_a_public_address_without_api_keys(tmp_path: Path) -
     assert "--host 127.0.0.1" in stderr
 
 
-async def test_api_and_daemon_as_separate_processes_share_the_database(
-    tmp_path: Path, serve: list[asyncio.subprocess.Process]
-) -> None:
-    async with MockUpstream(Behaviour()) as upstream:
+async def test_api_and_daemon_as_separate_processes_share_the_database(tmp_path: Path) -> None:
+    async with MockUpstream(Behaviour()) as upstream, Processes(tmp_path) as processes:
         config = tmp_path / "fusillade.toml"
         config.write_text(
             f'database_url = "sqlite:///{tmp_path / "shared.db"}"\n\n'
             f'[daemon]\nidle_poll_interval = "100ms"\n\n[models.demo]\nbase_url = "{upstream.url}"\n'
         )
-        api = await start_serve(serve, tmp_path, "--config", str(config), command="api")
-        with socket.socket() as probe:  # a free port for the daemon's metrics
-            probe.bind(("127.0.0.1", 0))
-            metrics_port = probe.getsockname()[1]
-        daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fusillade", "daemon", "--config", str(config), "--metrics-port",
-            str(metrics_port), stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
+        api, url = await processes.serve("--config", str(config), command="api")
+        metrics_port = postgres.free_port()  # for the daemon's metrics
+        daemon = processes.start("daemon", "daemon", "--config", str(config), "--metrics-port", str(metrics_port))
         try:
-            async with AsyncOpenAI(base_url=api.base_url, api_key="local") as sdk:
+            async with AsyncOpenAI(base_url=f"{url}/v1", api_key="local") as sdk:
                 assert len(await run_batch(sdk, request_lines(6))) == 6
             async with (
                 aiohttp.ClientSession() as http,
@@ -232,9 +144,8 @@ async def test_api_and_daemon_as_separate_processes_share_the_database(
             ):
                 metrics = await response.text()
             assert 'fusillade_requests_finished_total{model="demo",outcome="completed"} 6.0' in metrics
-            assert "API only" in api.log.read_text()
+            assert "API only" in api.log_text()
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(daemon.wait(), timeout=30) == 0
+            assert await daemon.stop() == 0
         assert await api.stop() == 0
     assert upstream.stats.requests_total == 6
