@@ -37,8 +37,7 @@ from fusillade.config.problems import InvalidConfiguration, Problem, dotted_key
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import jsonl
 from fusillade.domain.retry import RetryPolicy
-from fusillade.storage import factory
-from fusillade.storage.factory import POSTGRES_PREFIXES, SQLITE_PREFIX
+from fusillade.storage.factory import DEFAULT_DATABASE_TIMEOUT, POSTGRES_PREFIXES, SQLITE_PREFIX
 from fusillade.upstream.routes import PhaseTimeouts, Route
 
 ENV_PREFIX = "FUSILLADE_"
@@ -375,7 +374,7 @@ class Config(BaseSettings):
     database_url: Annotated[str, AfterValidator(_database_url)] = DEFAULT_DATABASE_URL
     """sqlite:///PATH (one process) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (several replicas);
     needs a restart to change."""
-    database_timeout: PositiveDuration = factory.DEFAULT_TIMEOUT
+    database_timeout: PositiveDuration = DEFAULT_DATABASE_TIMEOUT
     """PostgreSQL: longest wait to connect, for a free pooled connection, and for any one statement; a database
     that stops answering (even silently, after a network cut) fails the call, which is retried. Needs a restart."""
     server: ServerSection = Field(default_factory=ServerSection)

@@ -24,6 +24,9 @@ from typing import Literal, Protocol
 from fusillade.domain import ids, models, states
 
 SortOrder = Literal["asc", "desc"]
+DEFAULT_DATABASE_TIMEOUT = timedelta(seconds=30)
+"""Longest wait for a networked database (connecting, a pooled connection, any one statement): the
+configuration's `database_timeout`."""
 
 
 class FileStore(Protocol):

@@ -12,8 +12,7 @@ from fusillade.storage import base
 
 SQLITE_PREFIX = "sqlite:///"
 POSTGRES_PREFIXES = ("postgresql://", "postgres://")
-DEFAULT_TIMEOUT = timedelta(seconds=30)
-"""PostgreSQL: longest wait to connect, for a pooled connection, and for any one statement (`database_timeout`)."""
+DEFAULT_DATABASE_TIMEOUT = base.DEFAULT_DATABASE_TIMEOUT
 
 
 def sqlite_path(url: str) -> Path:
@@ -28,7 +27,11 @@ def sqlite_path(url: str) -> Path:
 
 
 async def open_storage(
-    url: str, *, clock: Clock | None = None, migrate: bool = True, database_timeout: timedelta = DEFAULT_TIMEOUT
+    url: str,
+    *,
+    clock: Clock | None = None,
+    migrate: bool = True,
+    database_timeout: timedelta = DEFAULT_DATABASE_TIMEOUT,
 ) -> base.Storage:
     """Open (and by default migrate) the database at `url`: `sqlite:///PATH` or `postgresql://…`.
     `database_timeout` (PostgreSQL): a database that does not answer within it, even one silent after a network

@@ -48,7 +48,7 @@ class PostgresStorage:
         clock: clocks.Clock | None = None,
         min_size: int = 1,
         max_size: int = 10,
-        command_timeout_s: float = 30.0,
+        command_timeout_s: float = base.DEFAULT_DATABASE_TIMEOUT.total_seconds(),
     ) -> PostgresStorage:
         """Open a pool on `url` (`postgresql://…`). Does not migrate. `StorageUnavailable` if the server
         cannot be reached within the timeout. `command_timeout_s` (the configuration's `database_timeout`) bounds
