@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ async def test_run_writes_the_output_file_and_exits_0(tmp_path: Path, upstream: 
     output = read_lines(tmp_path / "requests.output.jsonl")
     assert sorted(line["custom_id"] for line in output) == sorted(custom_ids)
     assert all(line["response"]["status_code"] == 200 for line in output)
-    assert (tmp_path / "requests.errors.jsonl").read_text() == ""
+    assert "errors: none (no request failed)" in result.stdout
+    assert not (tmp_path / "requests.errors.jsonl").exists()  # no empty file, as the API lists none
     assert upstream.stats.requests_total == 25
     assert upstream.stats.max_in_flight <= 4
 
@@ -123,7 +125,7 @@ async def test_run_with_failed_requests_writes_both_files_and_exits_1(
 
     assert again.returncode == 0, again.stderr
     assert sorted(line["custom_id"] for line in read_lines(tmp_path / "out.jsonl")) == sorted(custom_ids)
-    assert read_lines(tmp_path / "err.jsonl") == []
+    assert not (tmp_path / "err.jsonl").exists()  # the earlier run's errors are gone, not left stale
     assert upstream.stats.requests_total == 14
 
 
@@ -221,3 +223,46 @@ async def test_a_finished_run_run_again_only_rewrites_the_files(tmp_path: Path, 
     assert "Already run" in again.stderr
     assert len(read_lines(tmp_path / "requests.output.jsonl")) == 5
     assert upstream.stats.requests_total == 5
+
+
+PROGRESS_LINE = re.compile(
+    r"^requests\.jsonl: (?P<done>[\d,]+)/(?P<total>[\d,]+) \(\d+%\), (?P<failed>[\d,]+) failed, [\d,]+ in flight, "
+    r"[\d,]+ retried, (?:[\d,.]+|-)/s, (?:\d+:\d\d:\d\d|-:--:--) left$"
+)
+
+
+async def test_a_run_writing_to_a_pipe_prints_progress_lines_while_it_goes(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    write_requests(tmp_path / "requests.jsonl", 60)
+    upstream.behaviour = Behaviour(latency=FixedLatency(0.05))
+    process = await start(
+        "run", "requests.jsonl", "-m", f"demo={upstream.url},concurrency=2", "--progress-interval", "0.2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert process.stderr is not None
+
+    async def a_line_midway() -> re.Match[str]:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            found = PROGRESS_LINE.match(line.decode().rstrip("\n"))
+            if found and 0 < int(found["done"].replace(",", "")) < 60:
+                return found
+        raise AssertionError("the run ended without a progress line midway")
+
+    midway = await asyncio.wait_for(a_line_midway(), timeout=30)
+    assert process.returncode is None  # printed while the run was going, not at the end
+    assert midway["total"] == "60"
+    rest, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0
+    assert "60 requests: 60 completed" in rest.decode()
+
+
+async def test_quiet_prints_no_progress_but_the_summary(tmp_path: Path, upstream: MockUpstream) -> None:
+    write_requests(tmp_path / "requests.jsonl", 5)
+
+    result = await fusillade("run", "requests.jsonl", "-m", f"demo={upstream.url}", "--quiet", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert "5 requests: 5 completed, 0 failed" in result.stdout
+    assert not any(PROGRESS_LINE.match(line) for line in result.stderr.splitlines()), result.stderr

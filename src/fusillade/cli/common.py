@@ -47,8 +47,9 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help=f"TOML configuration file; default ${CONFIG_VARIABLE}, else none (defaults and FUSILLADE_* "
-        "variables).",
+        metavar="PATH",
+        help=f"The TOML configuration file (default ${CONFIG_VARIABLE}, else none: the defaults and the "
+        "FUSILLADE_* variables).",
         show_default=False,
         dir_okay=False,
     ),
@@ -57,14 +58,15 @@ DatabaseUrlOption = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE; overrides the configuration's "
-        "database_url (default $FUSILLADE_DATABASE_URL, else sqlite:///./fusillade.db).",
+        metavar="URL",
+        help="The database: sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE. Overrides the "
+        "configuration's database_url (default $FUSILLADE_DATABASE_URL, else sqlite:///./fusillade.db).",
         show_default=False,
     ),
 ]
 LogLevelOption = Annotated[
     str,
-    typer.Option("--log-level", help="debug, info, warning or error.", case_sensitive=False),
+    typer.Option("--log-level", metavar="LEVEL", help="What to log on stderr: debug, info, warning or error."),
 ]
 
 

@@ -14,7 +14,10 @@ from fusillade.config import Config
 from fusillade.domain import ids, models
 
 commands = typer.Typer(
-    help="Create, list and revoke the API keys of the HTTP API.", no_args_is_help=True, add_completion=False
+    help="Create, list and revoke the API keys of the HTTP API.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
 )
 
 
@@ -22,16 +25,25 @@ commands = typer.Typer(
 def create(
     owner: Annotated[
         str,
-        typer.Option("--owner", help="Owner of everything created with the key (others' objects are invisible)."),
+        typer.Option(
+            "--owner",
+            metavar="NAME",
+            help="Owner of everything created with the key (others' objects are invisible to it).",
+        ),
     ],
-    name: Annotated[str, typer.Option("--name", help="A label for people, such as 'ci' or 'alice laptop'.")] = "",
+    name: Annotated[
+        str, typer.Option("--name", metavar="LABEL", help="A label for people, such as 'ci' or 'alice laptop'.")
+    ] = "",
     admin: Annotated[
         bool, typer.Option("--admin", help="The key sees and acts on every owner's objects.")
     ] = False,
     config: common.ConfigOption = None,
     database_url: common.DatabaseUrlOption = None,
 ) -> None:
-    """Create a key and print it, alone on the last line of stdout: it is shown this once only."""
+    """Create a key and print it: it is shown this once only.
+
+    The key is alone on the last line of stdout; stderr says what it is for.
+    """
     if not owner.strip():
         common.fail("--owner must name an owner, such as --owner alice.", common.ExitCode.INVALID)
     settings = _load(config, database_url)
@@ -58,13 +70,16 @@ def create(
 @commands.command("list")
 def list_keys(
     owner: Annotated[
-        str | None, typer.Option("--owner", help="Only this owner's keys.", show_default=False)
+        str | None, typer.Option("--owner", metavar="NAME", help="Only this owner's keys.", show_default=False)
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     config: common.ConfigOption = None,
     database_url: common.DatabaseUrlOption = None,
 ) -> None:
-    """List the keys (revoked ones too); the keys themselves are never stored, only their first characters."""
+    """List the keys, revoked ones too.
+
+    The keys themselves are never stored: a listing shows their first characters.
+    """
     settings = _load(config, database_url)
     scope = owner if owner is not None else models.ALL_OWNERS
     found = common.execute(
@@ -98,7 +113,7 @@ def revoke(
     config: common.ConfigOption = None,
     database_url: common.DatabaseUrlOption = None,
 ) -> None:
-    """Revoke a key at once: requests with it are refused from now on."""
+    """Revoke a key: requests with it are refused from now on."""
     try:
         parsed = ids.ApiKeyId(uuid.UUID(key_id))
     except ValueError:

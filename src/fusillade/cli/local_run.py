@@ -27,7 +27,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from fusillade import __version__, app, errors
-from fusillade.cli.progress import RunProgress
+from fusillade.cli.progress import Display
 from fusillade.config import Config
 from fusillade.daemon import Daemon
 from fusillade.domain import ids, jsonl, models, states
@@ -161,7 +161,7 @@ async def run_batch(
     *,
     completion_window: str,
     retry_failed: bool,
-    display: Callable[[models.RequestCounts], RunProgress],
+    display: Callable[[models.RequestCounts], Display],
     note: Callable[[str], None],
 ) -> Outcome:
     """Validate the input, find its batch in the state database (or create it), run it to the end with an
@@ -202,8 +202,9 @@ async def run_batch(
         await storage.finalize_batches()
         batch = await storage.get_batch(batch.id, owner=app.LOCAL_OWNER)
         if not interrupted:
-            await _write(storage, batch.output_file_id, files.output)
-            await _write(storage, batch.error_file_id, files.errors)
+            counts = batch.counts
+            await _write(storage, batch.output_file_id, files.output, lines=counts.completed)
+            await _write(storage, batch.error_file_id, files.errors, lines=counts.failed + counts.canceled)
         return Outcome(batch=batch, interrupted=interrupted)
     finally:
         await storage.close()
@@ -293,7 +294,7 @@ def _resume_message(batch: models.Batch, files: RunFiles) -> str:
     )
 
 
-async def _drive(storage: Storage, daemon: Daemon, batch: models.Batch, progress: RunProgress) -> bool:
+async def _drive(storage: Storage, daemon: Daemon, batch: models.Batch, progress: Display) -> bool:
     """Run the daemon until the batch is finished or a signal stops it; True if a signal did."""
     interrupted = False
     task = asyncio.create_task(daemon.run(), name="fusillade-daemon")
@@ -348,8 +349,13 @@ def _signals_handled(handler: Callable[[], None]) -> Iterator[None]:
             loop.remove_signal_handler(number)
 
 
-async def _write(storage: Storage, file_id: ids.FileId, path: Path) -> None:
-    """Write a result file whole, or not at all (a partial file is renamed into place only when complete)."""
+async def _write(storage: Storage, file_id: ids.FileId, path: Path, *, lines: int) -> None:
+    """Write a result file whole, or not at all (a partial file is renamed into place only when complete).
+    A file without lines is not written, as the API lists no empty file; one left at `path` by an earlier run
+    of the same batch (before a --retry-failed, say) is removed, so that no stale file remains."""
+    if not lines:
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        return
     partial = path.with_name(f"{path.name}.partial")
     content = await storage.open_file_content(file_id, owner=app.LOCAL_OWNER)
     with partial.open("wb") as file:

@@ -7,7 +7,10 @@ from fusillade.storage import factory
 
 
 def migrate(config: common.ConfigOption = None, database_url: common.DatabaseUrlOption = None) -> None:
-    """Create or upgrade the database schema (safe to run from several processes at once)."""
+    """Create or upgrade the database schema.
+
+    Safe to run from several processes at once: the migrations run under a lock.
+    """
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
     applied = common.execute(_migrate(settings.database_url))
     if applied:

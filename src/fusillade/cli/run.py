@@ -19,8 +19,7 @@ from pydantic_core import ErrorDetails
 from rich.logging import RichHandler
 
 from fusillade import errors
-from fusillade.cli import common
-from fusillade.cli.progress import RunProgress
+from fusillade.cli import common, progress
 from fusillade.config import Config, RouteSection
 from fusillade.domain import models
 
@@ -49,27 +48,36 @@ def run(
             "--model-route",
             "-m",
             metavar=ROUTE_SYNTAX,
-            help="Where a model's requests go (repeatable); MODEL '*' is the route of every other model. "
-            "Adds to or replaces the configuration's routes. key-env names the variable holding the key.",
+            help="Where a model's requests go (repeatable); MODEL '*' is the route of every other model. Adds "
+            "to or replaces the configuration's routes; key-env names the variable that holds the key.",
             show_default=False,
         ),
     ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Output file (default: <input name>.output.jsonl).", show_default=False
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Output file (default: <input name>.output.jsonl); written only if a request completed.",
+            show_default=False,
         ),
     ] = None,
     errors_path: Annotated[
         Path | None,
         typer.Option(
-            "--errors", "-e", help="Error file (default: <input name>.errors.jsonl).", show_default=False
+            "--errors",
+            "-e",
+            metavar="PATH",
+            help="Error file (default: <input name>.errors.jsonl); written only if a request failed.",
+            show_default=False,
         ),
     ] = None,
     database_url: Annotated[
         str | None,
         typer.Option(
             "--database-url",
+            metavar="URL",
             help="State database of the run (default: sqlite:///<input name>.fusillade.db next to the input).",
             show_default=False,
         ),
@@ -78,6 +86,7 @@ def run(
         str,
         typer.Option(
             "--completion-window",
+            metavar="WINDOW",
             help="Unfinished requests end with batch_expired after this long, as in OpenAI (24h, 7d, ...).",
         ),
     ] = "365d",
@@ -85,12 +94,26 @@ def run(
         bool,
         typer.Option("--retry-failed", help="On a re-run, send again the requests that failed the last time."),
     ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="Show no progress (the summary at the end is still printed)."),
+    ] = False,
+    progress_interval: Annotated[
+        float,
+        typer.Option(
+            "--progress-interval",
+            metavar="SECONDS",
+            min=0.1,
+            help="When stderr is not a terminal (a log file, a pipe, CI), print a progress line this often.",
+        ),
+    ] = progress.LINE_INTERVAL,
     config: common.ConfigOption = None,
 ) -> None:
-    """Run a batch file here with a live progress bar; re-run it to resume.
+    """Run a batch file here and write its results; re-run to resume.
 
-    Writes the output and error files when the batch is done. Run the same command again after a crash or
-    Ctrl-C and it continues where it stopped.
+    Checks the whole file first, then sends its requests with a live progress bar on a terminal (a plain line
+    every few seconds in a log or a pipe), and writes the output and error files when the batch is done. Run
+    the same command again after a crash or Ctrl-C and it continues where it stopped.
     """
     from fusillade.cli import local_run  # with fusillade.app and the HTTP stack: only when a run starts
 
@@ -114,7 +137,7 @@ def run(
                 files,
                 completion_window=completion_window,
                 retry_failed=retry_failed,
-                display=lambda counts: RunProgress(common.stderr, input.name, counts),
+                display=progress.for_console(common.stderr, input.name, quiet=quiet, interval=progress_interval),
                 note=lambda message: common.stderr.print(message, highlight=False, markup=False),
             )
         )
@@ -216,9 +239,11 @@ def _report(outcome: local_run.Outcome, files: local_run.RunFiles, seconds: floa
         return common.ExitCode.INTERRUPTED
     failed = counts.failed + counts.canceled
     status = outcome.batch.status
+    output = files.output if counts.completed else "none (no request completed)"
+    errors_file = files.errors if failed else "none (no request failed)"
     common.stdout.print(
         f"{counts.total:,} requests: {counts.completed:,} completed, {failed:,} failed "
-        f"(batch {status}, {seconds:.1f} s).\n  output: {files.output}\n  errors: {files.errors}",
+        f"(batch {status}, {seconds:.1f} s).\n  output: {output}\n  errors: {errors_file}",
         highlight=False,
         markup=False,
     )

@@ -17,6 +17,7 @@ HostOption = Annotated[
     str | None,
     typer.Option(
         "--host",
+        metavar="HOST",
         help="Address to listen on (default: server.host, 127.0.0.1). Any other than loopback needs an API key.",
         show_default=False,
     ),
@@ -24,7 +25,11 @@ HostOption = Annotated[
 PortOption = Annotated[
     int | None,
     typer.Option(
-        "--port", "-p", help="TCP port (default: server.port, 8080); 0 picks a free one.", show_default=False
+        "--port",
+        "-p",
+        metavar="PORT",
+        help="TCP port (default: server.port, 8080); 0 picks a free one.",
+        show_default=False,
     ),
 ]
 
@@ -44,7 +49,11 @@ def serve(
     ] = False,
     log_level: common.LogLevelOption = "info",
 ) -> None:
-    """Run the HTTP API and a daemon in one process: the main command (SQLite by default)."""
+    """Run the HTTP API and a daemon in one process.
+
+    The main command: the OpenAI files and batches API and the daemon that sends the requests upstream, on
+    SQLite by default (./fusillade.db).
+    """
     common.setup_logging(log_level)
     settings = _load(config, host, port, database_url)
     from fusillade import app
@@ -59,7 +68,10 @@ def api(
     database_url: common.DatabaseUrlOption = None,
     log_level: common.LogLevelOption = "info",
 ) -> None:
-    """Run the HTTP API alone (next to `fusillade daemon` processes on a shared PostgreSQL database)."""
+    """Run the HTTP API alone.
+
+    For several replicas: API processes and `fusillade daemon` processes sharing one PostgreSQL database.
+    """
     common.setup_logging(log_level)
     settings = _load(config, host, port, database_url)
     from fusillade import app
@@ -74,16 +86,20 @@ def daemon(
         int | None,
         typer.Option(
             "--metrics-port",
+            metavar="PORT",
             help="Serve the daemon's Prometheus metrics on this port at /metrics (default: not served).",
             show_default=False,
         ),
     ] = None,
     metrics_host: Annotated[
-        str, typer.Option("--metrics-host", help="Address of the metrics endpoint.")
+        str, typer.Option("--metrics-host", metavar="HOST", help="Address of the metrics endpoint.")
     ] = "127.0.0.1",
     log_level: common.LogLevelOption = "info",
 ) -> None:
-    """Run a daemon alone: it sends the stored requests upstream (several may share a PostgreSQL database)."""
+    """Run a daemon alone: it sends stored requests upstream.
+
+    Several daemons may share one PostgreSQL database; each model's limit holds across all of them.
+    """
     common.setup_logging(log_level)
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
     address = (metrics_host, metrics_port) if metrics_port is not None else None

@@ -2,4 +2,4 @@ from __future__ import annotations
 
 from fusillade.mock_upstream.command import main
 
-raise SystemExit(main())
+main()
