@@ -46,23 +46,50 @@ async def test_create_batch(storage: base.Storage, clock: clocks.ManualClock) ->
     assert await storage.get_batch(batch.id, owner="alice") == batch
 
 
-async def test_create_batch_makes_empty_output_and_error_files(storage: base.Storage) -> None:
-    batch = await factories.create_batch(storage, count=2)
-    for file_id, purpose, suffix in (
-        (batch.output_file_id, states.FilePurpose.BATCH_OUTPUT, "output"),
-        (batch.error_file_id, states.FilePurpose.BATCH_ERROR, "error"),
-    ):
-        file = await storage.get_file(file_id, owner="alice")
-        assert file.purpose is purpose
-        assert file.owner == "alice"
-        assert file.batch_id == batch.id
-        assert file.bytes == 0
-        assert file.request_count == 0
-        assert file.created_at == batch.created_at
-        assert file.filename == f"batch_{batch.id.hex}_{suffix}.jsonl"
-        assert await factories.read_content(storage, file_id, owner="alice") == b""
+async def listed_file_ids(storage: base.Storage, owner: str) -> set[ids.FileId]:
+    return {file.id for file in (await storage.list_files(owner=owner)).items}
+
+
+async def test_result_files_appear_with_their_first_line(storage: base.Storage) -> None:
+    """As on OpenAI: a batch's output and error files exist once they have a line. Before, they are neither
+    found (get, content, delete) nor listed, for their owner as for anyone."""
+    batch = await factories.create_batch(storage, count=3)
+    result_files = (batch.output_file_id, batch.error_file_id)
+    for file_id in result_files:
+        for owner in ("alice", "bob", models.ALL_OWNERS):
+            with pytest.raises(errors.NotFound):
+                await storage.get_file(file_id, owner=owner)
         with pytest.raises(errors.NotFound):
-            await storage.get_file(file_id, owner="bob")
+            await factories.read_content(storage, file_id, owner="alice")
+        with pytest.raises(errors.NotFound):
+            await storage.delete_file(file_id, owner="alice")
+    assert await listed_file_ids(storage, "alice") == {batch.input_file_id}
+    assert (await storage.list_files(owner="alice", purpose=states.FilePurpose.BATCH_ERROR)).items == []
+
+    daemon = await factories.register(storage)
+    first, second, _ = [request.id for request in await factories.claim(storage, daemon, 3)]
+    await factories.complete(storage, daemon, [first])
+
+    output = await storage.get_file(batch.output_file_id, owner="alice")
+    assert output.purpose is states.FilePurpose.BATCH_OUTPUT
+    assert (output.owner, output.batch_id, output.request_count) == ("alice", batch.id, 1)
+    assert output.created_at == batch.created_at
+    assert output.filename == f"batch_{batch.id.hex}_output.jsonl"
+    assert output.bytes == len(await factories.read_content(storage, batch.output_file_id, owner="alice")) > 0
+    assert await listed_file_ids(storage, "alice") == {batch.input_file_id, batch.output_file_id}
+    with pytest.raises(errors.NotFound):
+        await storage.get_file(batch.error_file_id, owner="alice")
+    with pytest.raises(errors.NotFound):
+        await storage.get_file(batch.output_file_id, owner="bob")
+
+    await factories.fail(storage, daemon, [second])
+
+    error = await storage.get_file(batch.error_file_id, owner="alice")
+    assert (error.purpose, error.request_count) == (states.FilePurpose.BATCH_ERROR, 1)
+    assert error.filename == f"batch_{batch.id.hex}_error.jsonl"
+    assert await listed_file_ids(storage, "alice") == {batch.input_file_id, *result_files}
+    page = await storage.list_files(owner="alice", purpose=states.FilePurpose.BATCH_ERROR)
+    assert [file.id for file in page.items] == [batch.error_file_id]
 
 
 async def test_create_batch_makes_one_pending_request_per_line(storage: base.Storage) -> None:
@@ -100,6 +127,7 @@ async def test_create_batch_needs_the_owners_live_input_file(storage: base.Stora
 
 async def test_create_batch_rejects_an_output_file_as_input(storage: base.Storage) -> None:
     batch = await factories.create_batch(storage)
+    await factories.run_to_completion(storage, batch)
     output = await storage.get_file(batch.output_file_id, owner="alice")
     with pytest.raises(errors.ValidationError):
         await factories.create_batch(storage, file=output)
@@ -163,6 +191,7 @@ async def test_concurrent_creates_with_one_key_make_one_batch(
     assert [batch.id for batch in listed.items] == [created[0].id]
     assert listed.items[0].counts.total == 50
     assert len(await factories.all_requests(storage, created[0].id)) == 50
+    await factories.run_to_completion(storage, created[0])  # claims every pending request: only this batch's
     output_files = await storage.list_files(owner="alice", purpose=states.FilePurpose.BATCH_OUTPUT)
     assert len(output_files.items) == 1
 

@@ -210,7 +210,8 @@ async def test_list_files_is_scoped_to_the_owner(storage: base.Storage, clock: c
 
 
 async def test_list_files_filters_by_purpose(storage: base.Storage, clock: clocks.ManualClock) -> None:
-    batch = await factories.create_batch(storage)
+    batch = await factories.create_batch(storage, count=2)
+    await factories.run_to_completion(storage, batch, failing=1)  # both result files have a line
     inputs = await storage.list_files(owner="alice", purpose=states.FilePurpose.BATCH)
     assert [item.id for item in inputs.items] == [batch.input_file_id]
     outputs = await storage.list_files(owner="alice", purpose=states.FilePurpose.BATCH_OUTPUT)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import orjson
+import pytest
 
 from fusillade import clock as clocks
+from fusillade import errors
 from fusillade.domain import ids, lines, models, states
 from fusillade.storage import base
 from tests.support import factories
@@ -18,7 +20,8 @@ State = states.RequestState
 
 async def check_result_files(storage: base.Storage, batch: models.Batch) -> tuple[bytes, bytes]:
     """The output and error files hold exactly the batch's terminal requests, each rendered once by
-    `lines.result_line`, ordered by (finished_at, id); `bytes` and `request_count` match the content."""
+    `lines.result_line`, ordered by (finished_at, id); `bytes` and `request_count` match the content. A file
+    that would be empty is neither found nor listed."""
     requests = await factories.all_requests(storage, batch.id)
 
     def completion_order(wanted: set[State]) -> list[models.Request]:
@@ -31,6 +34,13 @@ async def check_result_files(storage: base.Storage, batch: models.Batch) -> tupl
         (batch.error_file_id, {State.FAILED, State.CANCELED}),
     ):
         expected = completion_order(wanted)
+        if not expected:  # a result file without lines does not exist yet, as on OpenAI
+            with pytest.raises(errors.NotFound):
+                await storage.get_file(file_id, owner=batch.owner)
+            listed = await storage.list_files(owner=batch.owner)
+            assert file_id not in {file.id for file in listed.items}
+            contents.append(b"")
+            continue
         content = await factories.read_content(storage, file_id, owner=batch.owner)
         assert content == b"".join(lines.result_line(request) for request in expected)
         file = await storage.get_file(file_id, owner=batch.owner)

@@ -50,12 +50,6 @@ async def finished(
     return await polling.until(check, within=within, interval=0.05, message="the batch to finish")
 
 
-async def result_lines(storage: base.Storage, batch: models.Batch) -> tuple[list[dict], list[dict]]:
-    output = await factories.read_lines(storage, batch.output_file_id)
-    error = await factories.read_lines(storage, batch.error_file_id)
-    return output, error
-
-
 async def test_a_mixed_batch_completes_within_every_model_limit(
     storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
 ) -> None:
@@ -69,7 +63,7 @@ async def test_a_mixed_batch_completes_within_every_model_limit(
 
     assert done.status == states.BatchStatus.COMPLETED
     assert done.counts.completed == 2000
-    output, error = await result_lines(storage, batch)
+    output, error = await factories.result_lines(storage, batch)
     assert error == []
     assert Counter(line["custom_id"] for line in output) == {f"req-{n}": 1 for n in range(1, 2001)}
     stats = upstream.stats
@@ -120,7 +114,7 @@ async def test_retriable_errors_are_retried_no_earlier_than_retry_after(
         if script[0] == HttpError(429, retry_after_s=1):
             first, second = attempts[custom_id]
             assert second.monotonic - first.monotonic >= 1.0, "a retry started before its Retry-After"
-    output, error = await result_lines(storage, batch)
+    output, error = await factories.result_lines(storage, batch)
     assert len(output) == 192 and len(error) == 8
     assert {line["custom_id"] for line in error} == permanent
     assert all(line["response"]["status_code"] == 400 for line in error)
@@ -161,7 +155,7 @@ async def test_streamed_bodies_are_reassembled_and_stream_faults_handled(
         done = await finished(storage, batch)
 
     assert done.counts.completed == 4 and done.counts.failed == 1
-    output, error = await result_lines(storage, batch)
+    output, error = await factories.result_lines(storage, batch)
     by_id = {line["custom_id"]: line for line in output}
     body = by_id["req-1"]["response"]["body"]
     assert body["object"] == "chat.completion"
@@ -193,7 +187,7 @@ async def test_cancel_aborts_calls_in_flight_within_a_second(
 
     assert aborted_after < 1.0, f"calls in flight were aborted only after {aborted_after:.2f} s"
     assert done.status == states.BatchStatus.CANCELLED
-    output, error = await result_lines(storage, batch)
+    output, error = await factories.result_lines(storage, batch)
     assert len(output) == done.counts.completed == 8
     assert len(output) + len(error) == 40
     assert {line["error"]["code"] for line in error} == {"batch_cancelled"}
@@ -211,7 +205,7 @@ async def test_a_batch_past_its_window_expires_even_when_the_upstream_hangs(
         done = await finished(storage, batch, within=15)
 
     assert done.status == states.BatchStatus.EXPIRED
-    output, error = await result_lines(storage, batch)
+    output, error = await factories.result_lines(storage, batch)
     assert [line["custom_id"] for line in output] == ["req-1"]
     assert len(error) == 9
     assert {line["error"]["code"] for line in error} == {"batch_expired"}
@@ -237,7 +231,7 @@ async def test_stop_releases_unfinished_work_and_another_daemon_finishes_it(
     async with running(storage, client, routes_for(upstream, {"model-a": 10})):
         done = await finished(storage, batch)
     assert done.counts.completed == 60
-    output, _ = await result_lines(storage, batch)
+    output, _ = await factories.result_lines(storage, batch)
     assert Counter(line["custom_id"] for line in output) == {f"req-{n}": 1 for n in range(1, 61)}
 
 

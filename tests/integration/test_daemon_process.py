@@ -14,7 +14,7 @@ from pathlib import Path
 from fusillade.domain import models, states
 from fusillade.mock_upstream import Behaviour, MockUpstream, UniformLatency
 from fusillade.storage import base
-from tests.integration.test_daemon import finished, result_lines
+from tests.integration.test_daemon import finished
 from tests.support import backends, factories, polling
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ async def test_a_killed_daemon_loses_nothing_and_resends_at_most_what_it_had_in_
         assert await asyncio.wait_for(second.wait(), 20) == 0
 
     assert done.status == states.BatchStatus.COMPLETED
-    output, error = await result_lines(storage, batch)
+    output, error = await factories.result_lines(storage, batch)
     assert error == []
     assert Counter(line["custom_id"] for line in output) == {f"req-{n}": 1 for n in range(1, 601)}
     sent_twice = sum(1 for attempts in upstream.stats.attempts_by_custom_id.values() if len(attempts) > 1)

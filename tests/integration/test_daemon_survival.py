@@ -21,7 +21,7 @@ from fusillade.mock_upstream import Behaviour, FixedLatency, MockUpstream, Unifo
 from fusillade.storage import base
 from fusillade.upstream.client import UpstreamClient
 from tests.integration.conftest import fast_settings, routes_for, running
-from tests.integration.test_daemon import finished, result_lines
+from tests.integration.test_daemon import finished
 from tests.support import backends, factories, polling
 
 
@@ -69,7 +69,7 @@ async def test_killed_database_connections_do_not_stop_the_daemon(
 
     assert kills > 0
     assert done.counts.completed == 800
-    output, _ = await result_lines(storage, batch)
+    output, _ = await factories.result_lines(storage, batch)
     assert Counter(line["custom_id"] for line in output) == {f"req-{n}": 1 for n in range(1, 801)}
     assert failures > 0, "no database call failed: the connections were not killed while in use"
 

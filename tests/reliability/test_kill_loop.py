@@ -27,7 +27,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -223,7 +222,7 @@ async def test_a_daemon_killed_again_and_again_loses_nothing_and_resends_only_wh
         await daemons.stop()
         if admin is not None:
             await admin.close()
-    output, error = await result_lines(storage, done)
+    output, error = await factories.result_lines(storage, done)
     statuses = {daemon.status for daemon in await storage.list_daemons()}
 
     history = loop.kills
@@ -273,11 +272,3 @@ async def finished(storage: base.Storage, batch: models.Batch, process: Process)
     found = await polling.until(check, within=120, interval=0.1, message="the batch to finish")
     assert found is not None
     return found
-
-
-async def result_lines(
-    storage: base.Storage, batch: models.Batch
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    output = await factories.read_lines(storage, batch.output_file_id)
-    error = await factories.read_lines(storage, batch.error_file_id)
-    return output, error

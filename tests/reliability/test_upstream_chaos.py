@@ -292,7 +292,7 @@ async def test_upstream_chaos_ends_every_request_as_scripted(tmp_path: Path, sca
             lines = {}
             for batch in (main_done, deadline_done):
                 for file_id, kind in ((batch.output_file_id, "output"), (batch.error_file_id, "error")):
-                    for line in await factories.read_lines(storage, file_id):
+                    for line in await factories.result_file_lines(storage, file_id):
                         assert line["custom_id"] not in lines, f"{line['custom_id']} is in the result files twice"
                         lines[line["custom_id"]] = (kind, line)
             report = check_all(

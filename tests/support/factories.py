@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from fusillade import errors
 from fusillade.domain import ids, models, states
 from fusillade.storage import base
 
@@ -175,6 +176,24 @@ async def read_lines(
     content = await read_content(store, file_id, owner=owner)
     assert content == b"" or content.endswith(b"\n"), content[-200:]
     return [orjson.loads(line) for line in content.splitlines()]
+
+
+async def result_file_lines(store: base.FileStore, file_id: ids.FileId) -> list[dict[str, Any]]:
+    """The lines of a batch's output or error file; none when the file does not exist: it appears with its
+    first line, as on OpenAI."""
+    try:
+        return await read_lines(store, file_id)
+    except errors.NotFound:
+        return []
+
+
+async def result_lines(
+    store: base.FileStore, batch: models.Batch
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The lines of the batch's output file and of its error file."""
+    return await result_file_lines(store, batch.output_file_id), await result_file_lines(
+        store, batch.error_file_id
+    )
 
 
 def response_body(request_id: ids.RequestId) -> str:

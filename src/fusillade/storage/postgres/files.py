@@ -37,7 +37,7 @@ VALUES ($1, $2, $3, 'batch', $4, $5, $6, $7)
 _SELECT_FILE = f"""
 SELECT {rows.FILE_COLUMNS}
 FROM {rows.FILE_SOURCE}
-WHERE f.id = $1 AND f.deleted_at IS NULL AND ($2::text IS NULL OR f.owner = $2)
+WHERE f.id = $1 AND f.deleted_at IS NULL AND ($2::text IS NULL OR f.owner = $2) AND {rows.FILE_VISIBLE}
 """
 
 _SELECT_CURSOR = """
@@ -49,6 +49,7 @@ _LIST_FILES = f"""
 SELECT {rows.FILE_COLUMNS}
 FROM {rows.FILE_SOURCE}
 WHERE f.deleted_at IS NULL
+  AND {rows.FILE_VISIBLE}
   AND ($1::text IS NULL OR f.owner = $1)
   AND ($2::text IS NULL OR f.purpose = $2)
   AND ($3::timestamptz IS NULL OR (f.created_at, f.id) COMPARISON ($3, $4::uuid))
@@ -204,6 +205,7 @@ async def list_files(
 async def delete_file(
     connection: Connection, file_id: ids.FileId, owner: models.OwnerScope, now: datetime
 ) -> None:
+    await fetch_file(connection, file_id, owner)  # NotFound for a result file without lines, as for a read
     deleted = await connection.fetchval(_DELETE_FILE, file_id, rows.owner_parameter(owner), now)
     if deleted is None:
         raise errors.NotFound(f"No file with id {ids.file_wire(file_id)}.")

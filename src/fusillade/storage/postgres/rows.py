@@ -31,6 +31,10 @@ FILE_SOURCE = """
 """
 """`files f` with the rendered size and line count of virtual (output/error) files."""
 
+FILE_VISIBLE = "(f.purpose = 'batch' OR v.lines > 0)"
+"""A batch's output or error file exists for its owner once it has a line (as on OpenAI, where `output_file_id`
+and `error_file_id` stay null until then): an empty one is neither listed nor found."""
+
 BATCH_COLUMNS = """
     b.id, b.owner, b.input_file_id, b.output_file_id, b.error_file_id, b.endpoint, b.completion_window,
     b.metadata, b.created_at, b.expires_at, b.in_progress_at, b.finalizing_at, b.completed_at, b.failed_at,

@@ -36,6 +36,18 @@ SELECT COALESCE(SUM(result_bytes), 0), COUNT(*) FROM requests
 WHERE batch_id = ? AND state IN ('failed', 'canceled') AND {_SETTLED}
 """
 DELETE_FILE = "UPDATE files SET deleted_at = ? WHERE id = ?"
+# A batch's output or error file exists for its owner once it has a line (as on OpenAI, where `output_file_id`
+# and `error_file_id` stay null until then): an empty one is neither listed nor found.
+# One EXISTS per state, so that each is one seek in `requests_settled` (batch_id, state, ...).
+_HAS = (
+    "EXISTS (SELECT 1 FROM requests r WHERE r.batch_id = files.batch_id AND r.state = '{}' AND r." + _SETTLED + ")"
+)
+_HAS_LINES = (
+    f"(purpose = 'batch_output' AND {_HAS.format('completed')}) "
+    f"OR (purpose = 'batch_error' AND ({_HAS.format('failed')} OR {_HAS.format('canceled')}))"
+)
+VISIBLE = f"(purpose = 'batch' OR {_HAS_LINES})"
+SELECT_VISIBLE = f"SELECT {VISIBLE} FROM files WHERE id = ?"
 
 SELECT_TEMPLATES_PAGE = f"""
 SELECT {records.TEMPLATE_COLUMNS} FROM request_templates
@@ -141,11 +153,23 @@ def insert_virtual_files(
 def visible_file_row(
     connection: sqlite3.Connection, file_id: ids.FileId, owner: models.OwnerScope
 ) -> records.FileRow:
-    """The file's row, or `NotFound` if it is missing, deleted or another owner's."""
+    """The file's row, or `NotFound` if it is missing, deleted, another owner's, or a result file without
+    lines yet."""
+    row = _file_row(connection, file_id, owner)
+    if not row.is_input and not connection.execute(SELECT_VISIBLE, (row.id,)).fetchone()[0]:
+        raise _not_found(file_id)
+    return row
+
+
+def _file_row(connection: sqlite3.Connection, file_id: ids.FileId, owner: models.OwnerScope) -> records.FileRow:
     found = connection.execute(SELECT_FILE, (file_id.bytes,)).fetchone()
     if found is None or not records.owner_matches(found[1], owner):
-        raise errors.NotFound(f"No file {ids.file_wire(file_id)}.")
+        raise _not_found(file_id)
     return records.FileRow._make(found)
+
+
+def _not_found(file_id: ids.FileId) -> errors.NotFound:
+    return errors.NotFound(f"No file {ids.file_wire(file_id)}.")
 
 
 def file_from_row(connection: sqlite3.Connection, row: records.FileRow) -> models.File:
@@ -171,7 +195,7 @@ def list_files(
     order: str,
 ) -> models.Page[models.File]:
     direction, comparison = _ORDER_WORDS[order]
-    conditions = ["deleted_at IS NULL"]
+    conditions = ["deleted_at IS NULL", VISIBLE]
     parameters: list[Any] = []
     if owner is not models.ALL_OWNERS:
         conditions.append("owner = ?")
@@ -180,7 +204,7 @@ def list_files(
         conditions.append("purpose = ?")
         parameters.append(purpose.value)
     if after is not None:
-        cursor = visible_file_row(connection, after, owner)
+        cursor = _file_row(connection, after, owner)  # a page may end on a file that has since emptied
         conditions.append(f"(created_at, id) {comparison} (?, ?)")
         parameters.extend((cursor.created_at, cursor.id))
     sql = (
