@@ -4,8 +4,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8080
 
-.PHONY: install serve test check lint format typecheck pytest bench clean
+.PHONY: install serve test check lint format typecheck pytest bench dist clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fusillade needs Python 3.11 or newer: set PYTHON=python3.11")'
@@ -16,14 +18,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# `fusillade serve` on ./fusillade.db, http://127.0.0.1:8080, with the fake upstream in the same process: every
-# model goes to it. A demo: for real upstreams, route models in a configuration file (docs/configuration.md).
+# `fusillade serve` on ./fusillade.db, http://$(HOST):$(PORT) (default 127.0.0.1:8080; `make serve PORT=9000`),
+# with the fake upstream in the same process: every model goes to it. A demo: for real upstreams, route models in
+# a configuration file (docs/configuration.md).
 serve: install
-	$(PY) -m fusillade serve --mock-upstream
+	$(PY) -m fusillade serve --mock-upstream --host $(HOST) --port $(PORT)
 
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 format: install
 	$(PY) -m ruff format .
@@ -43,5 +47,10 @@ bench: install
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/upload_memory.py
 
+# The sdist and the wheel in dist/ (tests/packaging builds them too, and installs the wheel in a clean virtualenv).
+dist: install
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache dist build

@@ -1,0 +1,645 @@
+"""The deployment recipes, checked without Docker, systemd or Kubernetes: every `fusillade` command line they
+hold is read by the CLI's own parser, every file they name exists, the configuration they give loads, their
+health checks ask real routes, and their stop timeouts leave the daemon its shutdown grace.
+
+Covers the Dockerfile and .dockerignore, deploy/compose.yaml with deploy/fusillade.toml, deploy/systemd/*.service,
+the shell and YAML examples of docs/deploy.md and README.md, and `make serve`/`make lint`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from fusillade import app as composition
+from fusillade.api.app import create_app
+from fusillade.api.context import ApiContext
+from fusillade.config import Config, load_config
+from fusillade.mock_upstream import Behaviour, MockUpstream
+from tests.packaging.commands import UsageError, command_names, parse
+from tests.packaging.conftest import CHECKOUT, clean_environment
+from tests.support.processes import Processes
+
+pytestmark = pytest.mark.packaging
+
+DOCKERFILE = CHECKOUT / "Dockerfile"
+DOCKERIGNORE = CHECKOUT / ".dockerignore"
+COMPOSE = CHECKOUT / "deploy" / "compose.yaml"
+SYSTEMD_UNITS = sorted((CHECKOUT / "deploy" / "systemd").glob("*.service"))
+DOCUMENTS = [CHECKOUT / "docs" / "deploy.md", CHECKOUT / "README.md"]
+
+SHELL = {"FUSILLADE_ADMIN_KEY": "an-admin-key-from-the-shell"}
+"""The variables of the shell that runs `docker compose` or `docker run` in these tests."""
+HTTP_DRAIN = timedelta(seconds=composition.HTTP_SHUTDOWN_GRACE)
+DEFAULTS = load_config(None, environ={})
+
+
+def api_routes() -> set[str]:
+    """The paths the HTTP API answers GET on, from its OpenAPI schema. The app is built without a context: its
+    routes need one only when they are called."""
+    schema = create_app(cast(ApiContext, None)).openapi()
+    return {path for path, operations in schema["paths"].items() if "get" in operations}
+
+
+def mock_upstream_get_routes() -> set[str]:
+    router = MockUpstream(Behaviour()).make_app().router
+    return {route.resource.canonical for route in router.routes() if route.method == "GET" and route.resource}
+
+
+def seconds(duration: str) -> timedelta:
+    """A Compose or systemd duration: `45s`, `1m30s`, `2min`, or a number of seconds."""
+    units = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    if re.fullmatch(r"\d+(\.\d+)?", duration):
+        return timedelta(seconds=float(duration))
+    parts = re.findall(r"(\d+(?:\.\d+)?)([a-z]+)", duration)
+    assert "".join(number + unit for number, unit in parts) == duration, f"not a duration: {duration!r}"
+    return timedelta(seconds=sum(float(number) * units[unit] for number, unit in parts))
+
+
+def fusillade_arguments(argv: list[str]) -> list[str] | None:
+    """The arguments after the program of a `fusillade` command line (`fusillade`, `/opt/.../bin/fusillade`);
+    None when `argv` runs something else."""
+    if argv and (argv[0] == "fusillade" or argv[0].endswith("/bin/fusillade")):
+        return argv[1:]
+    return None
+
+
+def check_cli(argv: list[str]) -> Any:
+    """`argv` must run fusillade, with arguments its parser accepts; the parsed context."""
+    arguments = fusillade_arguments(argv)
+    assert arguments is not None, f"{argv} does not run fusillade"
+    try:
+        return parse(arguments)
+    except UsageError as error:
+        pytest.fail(f"`{shlex.join(argv)}` is refused by the CLI: {error.format_message()}", pytrace=False)
+
+
+def test_the_command_checker_refuses_what_the_cli_refuses() -> None:
+    for refused in (
+        ["serv"],
+        ["serve", "--hots", "0.0.0.0"],
+        ["daemon", "--metrics-port", "nine"],
+        ["keys", "mk"],
+    ):
+        with pytest.raises(UsageError):
+            parse(refused)
+    assert parse(["api", "--host", "0.0.0.0", "--port", "8080"]).params["port"] == 8080
+
+
+# ------------------------------------------------------------------------------------------ the Dockerfile
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [arguments for name, arguments in self.instructions if name == keyword]
+
+    def one(self, keyword: str) -> str:
+        [arguments] = self.all(keyword)
+        return arguments
+
+
+def dockerfile_stages(text: str) -> list[Stage]:
+    """The build stages of a Dockerfile: its instructions with continuation lines joined and comments left out,
+    `ARG` defaults substituted in `FROM`."""
+    logical: list[str] = []
+    current = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not stripped:
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        logical.append(current + stripped)
+        current = ""
+    assert current == "", "the Dockerfile ends in a continuation line"
+    arguments: dict[str, str] = {}
+    stages: list[Stage] = []
+    for instruction in logical:
+        keyword, _, rest = instruction.partition(" ")
+        keyword, rest = keyword.upper(), rest.strip()
+        if keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            arguments[name] = default
+        elif keyword == "FROM":
+            base = re.sub(r"\$\{(\w+)\}", lambda match: arguments[match.group(1)], rest.split()[0])
+            words = rest.split()
+            stages.append(Stage(base, words[2] if len(words) == 3 and words[1].upper() == "AS" else None))
+        else:
+            stages[-1].instructions.append((keyword, rest))
+    return stages
+
+
+def dockerfile_environment(stage: Stage) -> dict[str, str]:
+    environment: dict[str, str] = {}
+    for arguments in stage.all("ENV"):
+        for word in shlex.split(arguments):
+            name, equals, value = word.partition("=")
+            assert equals, f"ENV {arguments}: write NAME=value"
+            environment[name] = value
+    return environment
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context: the last matching rule wins, a rule on a
+    directory applies to everything under it."""
+    candidates = [str(parent) for parent in reversed(PurePosixPath(path).parents) if str(parent) != "."] + [path]
+    excluded = False
+    for line in DOCKERIGNORE.read_text().splitlines():
+        rule = line.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negated = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        if any(fnmatch(candidate, pattern) for candidate in candidates):
+            excluded = not negated
+    return excluded
+
+
+@pytest.fixture(scope="module")
+def image() -> Stage:
+    stages = dockerfile_stages(DOCKERFILE.read_text())
+    assert len(stages) >= 2, "a builder stage and the image"
+    return stages[-1]
+
+
+def test_the_image_runs_fusillade_serve_on_every_interface(image: Stage) -> None:
+    command = json.loads(image.one("CMD"))
+
+    context = check_cli(command)
+    assert context.info_name == "serve"
+    assert context.params["host"] == "0.0.0.0"
+    assert re.fullmatch(r"python:3\.1[1-3]-slim", image.base), image.base
+
+
+def test_the_image_keeps_its_sqlite_database_in_the_volume_as_a_user(image: Stage) -> None:
+    environment = dockerfile_environment(image)
+    config = load_config(None, environ=environment)
+    [volume] = json.loads(image.one("VOLUME"))
+    user = image.one("USER")
+
+    assert config.database_url == "sqlite:////data/fusillade.db"
+    assert PurePosixPath(config.database_url.removeprefix("sqlite:///")).parent == PurePosixPath(volume)
+    assert image.one("WORKDIR") == volume
+    assert re.fullmatch(r"\d+(:\d+)?", user) and int(user.split(":")[0]) != 0, f"USER {user}: numeric, not root"
+    assert image.one("EXPOSE") == str(config.server.port)
+
+
+def test_the_image_is_built_from_files_in_the_context(image: Stage) -> None:
+    stages = dockerfile_stages(DOCKERFILE.read_text())
+    builder_names = {stage.name for stage in stages[:-1]}
+    copied = [
+        source
+        for stage in stages
+        for arguments in stage.all("COPY")
+        if not arguments.startswith("--from")
+        for source in arguments.split()[:-1]
+    ]
+
+    assert copied, "the builder copies the sources"
+    for source in copied:
+        assert (CHECKOUT / source).exists(), source
+        assert not dockerignored(source), f"{source} is excluded by .dockerignore"
+    assert not dockerignored("src/fusillade/storage/sqlite/migrations/0001_initial.sql")
+    for unwanted in (".venv/bin/python", "fusillade.db", "tests/conftest.py", "src/fusillade/__pycache__/a.pyc"):
+        assert dockerignored(unwanted), f"{unwanted} would be sent to the Docker daemon"
+    mounted = re.findall(r"--mount=type=bind,from=(\w+)", " ".join(image.all("RUN")))
+    assert mounted and set(mounted) <= builder_names
+
+
+def healthcheck_code(image: Stage) -> str:
+    arguments = image.one("HEALTHCHECK")
+    command = json.loads(arguments[arguments.index("CMD ") + len("CMD ") :])
+    assert command[:2] == ["python", "-c"], "slim images have no curl: the check is Python's urllib"
+    return str(command[2])
+
+
+def test_the_image_healthcheck_asks_a_route_of_the_api(image: Stage) -> None:
+    paths = re.findall(r"'(/[\w/]*)'", healthcheck_code(image))
+
+    assert paths == ["/healthz"]
+    assert set(paths) <= api_routes()
+
+
+def healthcheck(code: str, port: str) -> subprocess.CompletedProcess[str]:
+    """The image's health check as Docker runs it, with the server's port in FUSILLADE_SERVER__PORT."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=clean_environment({"FUSILLADE_SERVER__PORT": port}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_the_image_healthcheck_passes_on_a_running_server_and_fails_without_one(
+    image: Stage, tmp_path: Path
+) -> None:
+    """The HEALTHCHECK command itself, run against `fusillade serve` on the port it is told, then after it
+    stopped."""
+    code = healthcheck_code(image)
+
+    async with Processes(tmp_path) as processes:
+        _, url = await processes.serve()
+        port = str(urlsplit(url).port)
+        passing = await asyncio.to_thread(healthcheck, code, port)
+        assert await processes.stop() == {"serve": 0}
+    failing = await asyncio.to_thread(healthcheck, code, port)
+
+    assert passing.returncode == 0, passing.stderr
+    assert failing.returncode != 0
+
+
+# ------------------------------------------------------------------------------------------------- Compose
+
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: str, shell: Mapping[str, str]) -> str:
+    """Compose's `${NAME}`, `${NAME:-default}` and `${NAME:?message}` with the variables of `shell`."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, operator, word = match.groups()
+        if shell.get(name):
+            return shell[name]
+        if operator and operator.endswith("?"):
+            raise AssertionError(f"compose refuses to start without ${name}: {word}")
+        return word or ""
+
+    return _INTERPOLATION.sub(replace, value)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def fusillade_services(compose: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if fusillade_arguments(list(service.get("command", []))) is not None
+    }
+
+
+def service_environment(service: Mapping[str, Any], shell: Mapping[str, str]) -> dict[str, str]:
+    """What the process sees: the image's ENV, under the service's `environment` (interpolated from `shell`)."""
+    image = dockerfile_environment(dockerfile_stages(DOCKERFILE.read_text())[-1])
+    own = {name: interpolate(str(value), shell) for name, value in (service.get("environment") or {}).items()}
+    return {**image, **own}
+
+
+def service_config(service: Mapping[str, Any], environment: Mapping[str, str]) -> Config:
+    """The configuration the service's process loads: the file FUSILLADE_CONFIG names, found through the
+    service's volumes on this machine, with the service's environment."""
+    named = environment.get("FUSILLADE_CONFIG")
+    path = None
+    if named is not None:
+        mounts = {target: source for source, target, *_ in (volume.split(":") for volume in service["volumes"])}
+        assert named in mounts, f"FUSILLADE_CONFIG={named} is not mounted"
+        path = COMPOSE.parent / mounts[named]
+    rest = {name: value for name, value in environment.items() if name != "FUSILLADE_CONFIG"}
+    return load_config(path, environ=rest)
+
+
+def command_port(service: Mapping[str, Any], option: str) -> int:
+    """The port a service's command listens on: its parsed `option` (`port`, `metrics_port`)."""
+    return int(check_cli(list(service["command"])).params[option])
+
+
+def test_compose_runs_the_fleet(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    commands = {
+        name: check_cli(list(service["command"])).info_name
+        for name, service in fusillade_services(compose).items()
+    }
+
+    assert commands == {"migrate": "migrate", "api": "api", "daemon": "daemon", "mock-upstream": "mock-upstream"}
+    assert services["daemon"]["deploy"]["replicas"] == 2
+    assert services["postgres"]["image"] == "postgres:16"
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    for name in ("api", "daemon"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+@pytest.mark.parametrize("service_name", ["migrate", "api", "daemon", "mock-upstream"])
+def test_every_compose_command_is_accepted_by_the_cli(compose: dict[str, Any], service_name: str) -> None:
+    check_cli(list(compose["services"][service_name]["command"]))
+
+
+def test_compose_names_only_files_that_exist(compose: dict[str, Any]) -> None:
+    named = 0
+    for service in compose["services"].values():
+        build = service.get("build")
+        if build is not None:
+            context = (COMPOSE.parent / build["context"]).resolve()
+            assert (context / build.get("dockerfile", "Dockerfile")).is_file()
+            named += 1
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (COMPOSE.parent / source).exists(), volume
+                named += 1
+    assert named >= 2
+
+
+@pytest.mark.parametrize("service_name", ["migrate", "api", "daemon"])
+def test_the_mounted_configuration_loads_with_the_compose_environment(
+    compose: dict[str, Any], service_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    services = compose["services"]
+    environment = service_environment(services[service_name], SHELL)
+
+    config = service_config(services[service_name], environment)
+
+    assert not [record for record in caplog.records if record.levelname == "WARNING"], caplog.text
+    database = urlsplit(config.database_url)
+    postgres = services["postgres"]["environment"]
+    assert (database.scheme, database.hostname, database.port) == ("postgresql", "postgres", 5432)
+    assert (database.username, database.password) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"])
+    assert database.path == f"/{postgres['POSTGRES_DB']}"
+    if service_name == "api":
+        # It listens on 0.0.0.0: without a key it would refuse to start.
+        assert config.admin_key(environment) == SHELL["FUSILLADE_ADMIN_KEY"]
+    if service_name == "daemon":
+        default = config.route_for("any-model")
+        assert default is not None
+        upstream = urlsplit(default.base_url)
+        assert upstream.hostname in services, f"{default.base_url}: no such service"
+        assert upstream.port == command_port(services[upstream.hostname], "port")
+
+
+def test_compose_refuses_to_start_the_api_without_an_admin_key(compose: dict[str, Any]) -> None:
+    with pytest.raises(AssertionError, match="FUSILLADE_ADMIN_KEY"):
+        service_environment(compose["services"]["api"], {})
+
+
+def test_compose_stop_grace_periods_cover_the_shutdown(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    daemon_config = service_config(services["daemon"], service_environment(services["daemon"], SHELL))
+
+    assert seconds(services["daemon"]["stop_grace_period"]) > daemon_config.daemon.shutdown_grace
+    assert seconds(services["api"]["stop_grace_period"]) > HTTP_DRAIN
+
+
+def healthcheck_url(service: Mapping[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    [url] = re.findall(r"http://[^'\"\s]+", " ".join(test))
+    return str(url)
+
+
+def test_compose_healthchecks_ask_what_each_process_serves(compose: dict[str, Any], image: Stage) -> None:
+    services = compose["services"]
+    daemon, mock = (
+        urlsplit(healthcheck_url(services["daemon"])),
+        urlsplit(healthcheck_url(services["mock-upstream"])),
+    )
+
+    assert daemon.port == command_port(services["daemon"], "metrics_port") and daemon.path == "/metrics"
+    assert mock.port == command_port(services["mock-upstream"], "port")
+    assert mock.path in mock_upstream_get_routes()
+    # The api keeps the image's HEALTHCHECK, which asks port 8080 unless FUSILLADE_SERVER__PORT says otherwise.
+    assert "healthcheck" not in services["api"]
+    assert "'8080'" in healthcheck_code(image) and command_port(services["api"], "port") == 8080
+    assert services["migrate"]["healthcheck"] == {"disable": True}
+
+
+# ------------------------------------------------------------------------------------------------- systemd
+
+
+def unit_entries(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) of every line of a systemd unit, in order (keys may repeat)."""
+    section, entries = "", []
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        if stripped.startswith("["):
+            section = stripped.strip("[]")
+            continue
+        key, equals, value = stripped.partition("=")
+        assert equals, f"{path.name}: {line!r}"
+        entries.append((section, key.strip(), value.strip()))
+    return entries
+
+
+def specifiers(value: str) -> str:
+    """The instance specifiers of a template unit, for instance 1."""
+    return value.replace("%i", "1").replace("%I", "1")
+
+
+def test_there_are_units_for_serve_and_for_api_and_daemons() -> None:
+    names = {path.name for path in SYSTEMD_UNITS}
+
+    assert names == {"fusillade.service", "fusillade-api.service", "fusillade-daemon@.service"}
+
+
+@pytest.mark.parametrize("unit", SYSTEMD_UNITS, ids=lambda path: path.name)
+def test_systemd_units_run_fusillade_commands_that_parse_and_stop_in_time(unit: Path) -> None:
+    entries = unit_entries(unit)
+    service = {key: value for section, key, value in entries if section == "Service"}
+    environment = dict(
+        value.split("=", 1) for section, key, value in entries if section == "Service" and key == "Environment"
+    )
+    commands = [
+        shlex.split(specifiers(value)) for section, key, value in entries if key in ("ExecStart", "ExecStartPre")
+    ]
+
+    contexts = [check_cli(command) for command in commands]
+    load_config(None, environ={name: value for name, value in environment.items() if name != "FUSILLADE_CONFIG"})
+    started = contexts[-1].info_name
+    needed = {"serve": DEFAULTS.daemon.shutdown_grace + HTTP_DRAIN, "api": HTTP_DRAIN}.get(
+        started, DEFAULTS.daemon.shutdown_grace
+    )
+    assert seconds(service["TimeoutStopSec"]) > needed
+    assert service["User"] == "fusillade" and service["Restart"] == "on-failure"
+    assert {section for section, _, _ in entries} == {"Unit", "Service", "Install"}
+
+
+# ------------------------------------------------------------------------------------- docs and README
+
+
+def code_blocks(path: Path, *languages: str) -> Iterator[str]:
+    for match in re.finditer(r"^```(\w*)\n(.*?)^```", path.read_text(), re.MULTILINE | re.DOTALL):
+        if match.group(1) in languages:
+            yield match.group(2)
+
+
+def shell_commands(block: str) -> Iterator[list[str]]:
+    """The simple commands of a shell block: continuation lines joined, comments dropped, split at `&&`, `|`,
+    `;` and `&`."""
+    for line in block.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        command: list[str] = []
+        for token in lexer:
+            if token and set(token) <= set("&|;()<>"):
+                if command:
+                    yield command
+                command = []
+            else:
+                command.append(token)
+        if command:
+            yield command
+
+
+def documented_fusillade_commands(path: Path) -> Iterator[list[str]]:
+    """Every `fusillade COMMAND ...` of the document's shell blocks, also inside `docker run`, `docker exec`,
+    `sudo ...`: from the program to the end of the simple command."""
+    names = command_names()
+    for block in code_blocks(path, "bash", "sh", "shell", "console"):
+        for command in shell_commands(block):
+            for index, word in enumerate(command[:-1]):
+                following = command[index + 1]
+                is_program = word == "fusillade" or word.endswith("/bin/fusillade")
+                if is_program and re.fullmatch(r"[a-z][a-z-]*", following) and following != "fusillade":
+                    assert following in names, f"{path.name}: `{shlex.join(command)}`: no command {following!r}"
+                    yield ["fusillade", *command[index + 1 :]]
+                    break
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_documented_commands_are_accepted_by_the_cli(
+    document: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands = list(documented_fusillade_commands(document))
+    # `run FILE` wants an existing file: the examples' files, empty, in a directory of the test's own.
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        for word in command:
+            if word.endswith(".jsonl"):
+                (tmp_path / word).touch()
+
+    for command in commands:
+        check_cli(command)
+    assert len(commands) >= 4, commands
+
+
+def docker_runs(path: Path) -> Iterator[list[str]]:
+    for block in code_blocks(path, "bash"):
+        for command in shell_commands(block):
+            if command[:2] == ["docker", "run"]:
+                yield command
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
+def test_documented_docker_runs_of_the_server_give_it_an_admin_key(document: Path, image: Stage) -> None:
+    """The image's server listens on 0.0.0.0, where it refuses to start without a key."""
+    servers = 0
+    for command in docker_runs(document):
+        arguments = (
+            fusillade_arguments(command[command.index("fusillade", 2) + 1 :]) or json.loads(image.one("CMD"))[1:]
+        )
+        if check_cli(["fusillade", *arguments]).info_name not in ("serve", "api"):
+            continue
+        servers += 1
+        given = [command[index + 1] for index, word in enumerate(command) if word in ("-e", "--env")]
+        environment = {**dockerfile_environment(image)}
+        for assignment in given:
+            name, equals, value = assignment.partition("=")
+            environment[name] = value if equals else SHELL[name]
+        # The configuration file such a command mounts is the reader's own: only the variables are checked.
+        environment.pop("FUSILLADE_CONFIG", None)
+        config = load_config(None, environ=environment)
+        assert config.admin_key(environment) == SHELL["FUSILLADE_ADMIN_KEY"], shlex.join(command)
+    assert servers >= 1
+
+
+def manifests() -> list[dict[str, Any]]:
+    documents: list[dict[str, Any]] = []
+    for block in code_blocks(CHECKOUT / "docs" / "deploy.md", "yaml"):
+        documents.extend(document for document in yaml.safe_load_all(block) if document)
+    return documents
+
+
+def pod_spec(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(manifest["spec"]["template"]["spec"])
+
+
+def test_kubernetes_examples_run_commands_that_parse_with_probes_on_real_routes(image: Stage) -> None:
+    routes, probes, kinds = api_routes(), [], []
+    uid = int(image.one("USER").split(":")[0])
+    for manifest in manifests():
+        kinds.append(manifest["kind"])
+        spec = pod_spec(manifest)
+        for container in spec["containers"]:
+            started = check_cli([*container["command"], *container.get("args", [])]).info_name
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if probe in container:
+                    path = container[probe]["httpGet"]["path"]
+                    assert path in routes, f"{probe} asks {path}, not a route of the API"
+                    probes.append((probe, path))
+            if started in ("serve", "daemon", "api"):
+                needed = {"serve": DEFAULTS.daemon.shutdown_grace + HTTP_DRAIN, "api": HTTP_DRAIN}.get(
+                    started, DEFAULTS.daemon.shutdown_grace
+                )
+                grace = timedelta(seconds=spec["terminationGracePeriodSeconds"])
+                assert grace > needed, f"{manifest['metadata']['name']}: {grace} leaves too little to stop"
+                assert spec["securityContext"]["runAsUser"] == uid
+    assert sorted(kinds) == ["Deployment", "Deployment", "Job"]
+    assert ("livenessProbe", "/healthz") in probes and ("readinessProbe", "/readyz") in probes
+
+
+@pytest.mark.parametrize("document", [*DOCUMENTS, CHECKOUT / "docs" / "operations.md"], ids=lambda path: path.name)
+def test_documents_link_to_files_that_exist(document: Path) -> None:
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", document.read_text())
+    local = [target for target in targets if not re.match(r"\w+://", target)]
+
+    missing = [target for target in local if not (document.parent / target).exists()]
+    assert missing == []
+    assert local
+
+
+# ------------------------------------------------------------------------------------------------ Makefile
+
+
+def make_dry_run(*arguments: str) -> list[str]:
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-n", *arguments],
+        cwd=CHECKOUT,
+        # HOST and PORT of the caller's environment would be taken as the Makefile's defaults.
+        env={name: value for name, value in clean_environment().items() if name not in ("HOST", "PORT")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("variables", "host", "port"), [((), "127.0.0.1", 8080), (("PORT=9000",), "127.0.0.1", 9000)]
+)
+def test_make_serve_takes_a_port(variables: tuple[str, ...], host: str, port: int) -> None:
+    [line] = [line for line in make_dry_run("serve", *variables) if " -m fusillade serve" in line]
+    words = shlex.split(line)
+
+    context = check_cli(["fusillade", *words[words.index("fusillade") + 1 :]])
+
+    assert (context.params["host"], context.params["port"], context.params["mock_upstream"]) == (host, port, True)
+
+
+def test_make_lint_runs_hadolint_on_the_dockerfile() -> None:
+    assert any(re.search(r"hadolint Dockerfile$", line) for line in make_dry_run("lint"))
