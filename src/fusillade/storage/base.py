@@ -17,11 +17,11 @@ Rules that hold for every method:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
-from fusillade.domain import ids, models, states
+from fusillade.domain import ids, models, served, states
 
 SortOrder = Literal["asc", "desc"]
 DEFAULT_DATABASE_TIMEOUT = timedelta(seconds=30)
@@ -38,11 +38,17 @@ class FileStore(Protocol):
         templates: AsyncIterable[models.TemplateInput] | Iterable[models.TemplateInput],
         size_bytes: int,
         expires_at: datetime | None = None,
+        record_model: Callable[[str], bool] | None = None,
     ) -> models.File:
         """Store an input file (purpose `batch`) and its request templates, inserted in chunks inside ONE
         transaction. If iterating `templates` raises (e.g. the validator found bad lines), the transaction
         is rolled back, nothing is stored, and the exception propagates unchanged. An empty iterable is
-        rejected with `ValidationError`. Memory stays flat: templates are consumed as a stream."""
+        rejected with `ValidationError`. Memory stays flat: templates are consumed as a stream.
+
+        `record_model`: the file's distinct models it accepts (those going to the default route) are recorded
+        as seen by `owner` in the same transaction, as `served.SeenModels` gathers them (at most
+        `served.SEEN_PER_FILE`, none longer than `served.MAX_SEEN_LENGTH`); a model the owner already has keeps
+        its first time. See `list_models_seen`."""
         ...
 
     async def get_file(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> models.File:
@@ -77,6 +83,16 @@ class FileStore(Protocol):
         - error file: the batch's failed and canceled requests, in completion order.
         Output and error files grow while the batch runs; a request appears in exactly one of them, once,
         after it reached a terminal state."""
+        ...
+
+
+class SeenModelStore(Protocol):
+    async def list_models_seen(
+        self, *, owner: models.OwnerScope, model: str | None = None, limit: int = served.SEEN_LISTED
+    ) -> list[served.SeenModel]:
+        """The models recorded for `owner` by `create_file(record_model=...)`: the `limit` most recently first
+        seen, newest first (then by name). `ALL_OWNERS`: every owner's, each model once with its earliest time.
+        `model`: that model alone (an empty list if it was never recorded)."""
         ...
 
 
@@ -206,6 +222,11 @@ class RequestQueue(Protocol):
         """Requests this daemon has claimed or is processing whose batch is being cancelled."""
         ...
 
+    async def in_flight_by_model(self) -> dict[str, int]:
+        """Requests claimed or processing, per model, across every daemon (models with none are left out); read
+        from the in-flight index, whose size is what is in flight, not the queue's."""
+        ...
+
     async def pending_models(self) -> list[str]:
         """The models that have pending requests, sorted (one index probe per model, however many requests):
         a daemon with a default route learns from it which models to claim for."""
@@ -282,7 +303,9 @@ class RetentionStore(Protocol):
         ...
 
 
-class Storage(FileStore, BatchStore, RequestQueue, DaemonRegistry, KeyStore, RetentionStore, Protocol):
+class Storage(
+    FileStore, SeenModelStore, BatchStore, RequestQueue, DaemonRegistry, KeyStore, RetentionStore, Protocol
+):
     """Everything a backend provides, plus its lifecycle."""
 
     async def migrate(self) -> list[str]:

@@ -38,6 +38,11 @@ WITH RECURSIVE found(model) AS (
 SELECT model FROM found WHERE model IS NOT NULL
 """
 
+# Read from requests_in_flight (model, daemon_id), which holds the in-flight rows alone.
+_IN_FLIGHT_BY_MODEL = """
+SELECT model, count(*) AS in_flight FROM requests WHERE state = 'in_flight' GROUP BY model
+"""
+
 _HELD_REQUESTS = """
 SELECT id FROM requests WHERE state = 'in_flight' AND daemon_id = $1 ORDER BY id
 """
@@ -162,3 +167,7 @@ async def held_requests(connection: Connection, daemon_id: ids.DaemonId) -> list
 
 async def pending_models(connection: Connection) -> list[str]:
     return [row["model"] for row in await connection.fetch(_PENDING_MODELS)]
+
+
+async def in_flight_by_model(connection: Connection) -> dict[str, int]:
+    return {row["model"]: row["in_flight"] for row in await connection.fetch(_IN_FLIGHT_BY_MODEL)}

@@ -8,12 +8,12 @@ transaction.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from fusillade import clock as clocks
 from fusillade import errors
-from fusillade.domain import ids, lines, models, states
+from fusillade.domain import ids, lines, models, served, states
 from fusillade.storage import base, migrate
 from fusillade.storage.postgres import (
     batches,
@@ -22,6 +22,7 @@ from fusillade.storage.postgres import (
     files,
     keys,
     lifecycle,
+    models_seen,
     queue,
     retention,
     schema,
@@ -82,9 +83,11 @@ class PostgresStorage:
         templates: AsyncIterable[models.TemplateInput] | Iterable[models.TemplateInput],
         size_bytes: int,
         expires_at: datetime | None = None,
+        record_model: Callable[[str], bool] | None = None,
     ) -> models.File:
         now = self._clock.now()
         file_id = ids.new_file_id()
+        seen = served.SeenModels(record_model) if record_model is not None else None
         try:
             async with self._db.transaction() as connection:
                 count = 0
@@ -93,8 +96,13 @@ class PostgresStorage:
                     async for chunk in chunks:
                         await files.insert_templates(connection, file_id, chunk)
                         count += len(chunk)
+                        if seen is not None:
+                            for template in chunk:
+                                seen.add(template.model)
                 if count == 0:
                     raise files.empty_file_error()
+                if seen is not None and seen.models:
+                    await models_seen.record_seen(connection, owner=owner, found=seen.models, now=now)
                 file = models.File(
                     id=file_id,
                     owner=owner,
@@ -115,6 +123,12 @@ class PostgresStorage:
     async def get_file(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> models.File:
         async with self._db.connection() as connection:
             return await files.fetch_file(connection, file_id, owner)
+
+    async def list_models_seen(
+        self, *, owner: models.OwnerScope, model: str | None = None, limit: int = served.SEEN_LISTED
+    ) -> list[served.SeenModel]:
+        async with self._db.connection() as connection:
+            return await models_seen.list_seen(connection, owner=owner, model=model, limit=limit)
 
     async def list_files(
         self,
@@ -278,6 +292,10 @@ class PostgresStorage:
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         async with self._db.connection() as connection:
             return await queue.cancelling_requests(connection, daemon_id)
+
+    async def in_flight_by_model(self) -> dict[str, int]:
+        async with self._db.connection() as connection:
+            return await queue.in_flight_by_model(connection)
 
     async def pending_models(self) -> list[str]:
         async with self._db.connection() as connection:

@@ -149,6 +149,12 @@ WITH RECURSIVE found(model) AS (
 SELECT model FROM found WHERE model IS NOT NULL
 """
 
+# The condition of `requests_in_flight_model` (0001_initial.sql): the index alone answers.
+SELECT_IN_FLIGHT_BY_MODEL = """
+SELECT model, count(*) FROM requests INDEXED BY requests_in_flight_model
+WHERE claimed_at IS NOT NULL AND finished_at IS NULL GROUP BY model
+"""
+
 SELECT_DAEMON_STATUS = "SELECT status FROM daemons WHERE id = ?"
 DEAD_DAEMON_CLAIM = (
     "Daemon {} was declared dead (its requests may have been reclaimed by others); it may not claim any more."
@@ -405,3 +411,7 @@ def held_requests(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> li
 
 def pending_models(connection: sqlite3.Connection) -> list[str]:
     return [str(row[0]) for row in connection.execute(SELECT_PENDING_MODELS)]
+
+
+def in_flight_by_model(connection: sqlite3.Connection) -> dict[str, int]:
+    return {str(model): int(count) for model, count in connection.execute(SELECT_IN_FLIGHT_BY_MODEL)}

@@ -9,16 +9,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import sqlite3
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 
 from fusillade import clock as clocks
 from fusillade import errors
-from fusillade.domain import ids, models, states
+from fusillade.domain import ids, models, served, states
 from fusillade.storage import base
-from fusillade.storage.sqlite import batches, daemons, files, keys, migration, queue, retention
+from fusillade.storage.sqlite import batches, daemons, files, keys, migration, models_seen, queue, retention
 from fusillade.storage.sqlite import connection as connections
 
 TEMPLATE_CHUNK_ROWS: Final = 2000
@@ -60,9 +60,11 @@ class SqliteStorage:
         templates: AsyncIterable[models.TemplateInput] | Iterable[models.TemplateInput],
         size_bytes: int,
         expires_at: datetime | None = None,
+        record_model: Callable[[str], bool] | None = None,
     ) -> models.File:
         file_id = ids.new_file_id()
         count = 0
+        seen = served.SeenModels(record_model) if record_model is not None else None
         async with (
             self._database.write_transaction() as transaction,
             contextlib.aclosing(_as_async(templates)) as items,
@@ -70,6 +72,8 @@ class SqliteStorage:
             chunk: list[models.TemplateInput] = []
             async for item in items:
                 chunk.append(item)
+                if seen is not None:
+                    seen.add(item.model)
                 if len(chunk) >= TEMPLATE_CHUNK_ROWS:
                     await transaction.run(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
                     count += len(chunk)
@@ -82,6 +86,8 @@ class SqliteStorage:
                     "The file is empty: upload at least one request line.",
                     errors=[errors.LineError(0, "The file contains no request lines.")],
                 )
+            if seen is not None and seen.models:
+                await transaction.run(functools.partial(models_seen.record_seen, owner=owner, found=seen.models))
             return await transaction.run(
                 functools.partial(
                     files.insert_input_file,
@@ -96,6 +102,13 @@ class SqliteStorage:
 
     async def get_file(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> models.File:
         return await self._database.read(lambda connection: files.get_file(connection, file_id, owner))
+
+    async def list_models_seen(
+        self, *, owner: models.OwnerScope, model: str | None = None, limit: int = served.SEEN_LISTED
+    ) -> list[served.SeenModel]:
+        return await self._database.read(
+            functools.partial(models_seen.list_seen, owner=owner, model=model, limit=limit)
+        )
 
     async def list_files(
         self,
@@ -252,6 +265,9 @@ class SqliteStorage:
 
     async def cancelling_requests(self, daemon_id: ids.DaemonId) -> list[ids.RequestId]:
         return await self._database.read(lambda connection: queue.cancelling_requests(connection, daemon_id))
+
+    async def in_flight_by_model(self) -> dict[str, int]:
+        return await self._database.read(queue.in_flight_by_model)
 
     async def pending_models(self) -> list[str]:
         return await self._database.read(queue.pending_models)
