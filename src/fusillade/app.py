@@ -25,6 +25,7 @@ import logging
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from datetime import UTC, datetime
 
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -32,8 +33,9 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from fusillade import __version__, errors
 from fusillade.api.app import create_app
 from fusillade.api.context import ApiContext
-from fusillade.config import Config, ConfigWatcher, RouteSection
+from fusillade.config import DEFAULT_ROUTE_MODEL, Config, ConfigWatcher, RouteSection
 from fusillade.daemon import Daemon, run_until_signalled
+from fusillade.domain.served import ServedModels
 from fusillade.metrics import DaemonMetrics
 from fusillade.mock_upstream import Behaviour, MockUpstream
 from fusillade.service import Service
@@ -65,6 +67,7 @@ class Routing:
         self.on_change: Callable[[Mapping[str, Route], Route | None], None] | None = None
         """Called with the new table and default route whenever they change (the daemon's `replace_routes`)."""
         self._routes, self._default = _resolve(config)
+        self._served = served_models(config)
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -79,12 +82,27 @@ class Routing:
         """Whether requests for `model` can be sent somewhere (an upload checks this for every line)."""
         return model in self._routes or self._default is not None
 
+    def served(self) -> ServedModels:
+        """The models served now, without their upstreams: what uploads are checked against and `GET /v1/models`
+        lists (`ServedModels.describe()` names them for a no-route message)."""
+        return self._served
+
     def replace(self, config: Config) -> None:
         """Use a new configuration (a reload); raises `InvalidConfiguration` (and keeps the old one) when a
         route's key variable is not set."""
         self._routes, self._default = _resolve(config)
+        self._served = served_models(config, previous=self._served)
         if self.on_change is not None:
             self.on_change(self.routes, self._default)
+
+
+def served_models(config: Config, *, previous: ServedModels | None = None) -> ServedModels:
+    """The models `config` serves (reads no secret): each model with a route of its own, since now or since
+    `previous` had it, and whether a default route takes the others. `served_models(config).describe()` is
+    `served models: a, b, c (and 4 more)`, the list a no-route message gives."""
+    names = [name for name in config.models if name != DEFAULT_ROUTE_MODEL]
+    # No model is called "" (model names are not empty): only the default route routes it.
+    return ServedModels.of(names, default_route=config.has_route(""), now=datetime.now(UTC), previous=previous)
 
 
 def _resolve(config: Config) -> tuple[dict[str, Route], Route | None]:
@@ -202,6 +220,7 @@ async def serve(
             logger.warning("Demo mode: models without a route of their own go to the fake upstream %s.", fake.url)
         live = _LiveConfig(config)
         routing = Routing(config) if with_daemon else None
+        served = routing.served if routing is not None else live.served
         storage = await factory.open_storage(config.database_url, database_timeout=config.database_timeout)
         stack.push_async_callback(storage.close)
         registry = new_registry()
@@ -212,7 +231,7 @@ async def serve(
         service = Service(
             storage,
             limits=config.upload_limits(),
-            model_allowed=routing.accepts if routing is not None else live.has_route,
+            served_models=served,
             spool_directory=config.uploads.spool_directory,
             notify_work=daemon.notify_work if daemon is not None else _nothing,
         )
@@ -242,7 +261,7 @@ async def serve(
                 routing.replace(newer)
             if daemon is not None:
                 daemon.replace_settings(newer.daemon_settings())
-            live.config = newer
+            live.replace(newer)
             service.replace_limits(newer.upload_limits())
 
         await stack.enter_async_context(_watching(config, apply))
@@ -270,13 +289,18 @@ def _no_overlay(config: Config) -> Config:
 
 
 class _LiveConfig:
-    """The configuration in force in an API-only process (a reload replaces it)."""
+    """The configuration in force in an API-only process (a reload replaces it), and the models it serves."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._served = served_models(config)
 
-    def has_route(self, model: str) -> bool:
-        return self.config.has_route(model)
+    def replace(self, config: Config) -> None:
+        self.config = config
+        self._served = served_models(config, previous=self._served)
+
+    def served(self) -> ServedModels:
+        return self._served
 
 
 def _nothing() -> None:

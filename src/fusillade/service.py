@@ -29,7 +29,7 @@ from typing import IO, Final
 
 from fusillade import clock as clocks
 from fusillade import errors
-from fusillade.domain import ids, jsonl, models, states
+from fusillade.domain import ids, jsonl, models, served, states
 from fusillade.storage import base
 
 RETRY_WINDOW: Final = timedelta(minutes=10)
@@ -64,9 +64,13 @@ _Fingerprint = tuple[str, ids.FileId, str, str, frozenset[tuple[str, str]] | Non
 class Service:
     """Use cases on one `Storage`.
 
-    `limits` and `model_allowed` are read at each upload, so a configuration reload takes effect with
-    `replace_limits` (and a `model_allowed` that reads the current routing table). `notify_work` is called after
-    a batch is created or its failed requests are retried, so that a daemon in this process claims at once.
+    `served_models` gives the routing table in force (`served.ServedModels`); it is read at each upload and each
+    models listing, so a configuration reload takes effect at once. It decides which models an upload accepts,
+    which of them are recorded for the uploading owner (those going to the default route), what the message of a
+    model without a route lists, and what `list_models` shows. `model_allowed` alone (without `served_models`)
+    only decides which models are accepted, and nothing is recorded or listed; one of the two is required.
+    `limits` are read at each upload too (`replace_limits`). `notify_work` is called after a batch is created or
+    its failed requests are retried, so that a daemon in this process claims at once.
     """
 
     def __init__(
@@ -74,14 +78,18 @@ class Service:
         storage: base.Storage,
         *,
         limits: jsonl.Limits,
-        model_allowed: Callable[[str], bool],
+        model_allowed: Callable[[str], bool] | None = None,
+        served_models: Callable[[], served.ServedModels] | None = None,
         spool_directory: Path | None = None,
         notify_work: Callable[[], None] = lambda: None,
         clock: clocks.Clock | None = None,
     ) -> None:
+        if model_allowed is None and served_models is None:
+            raise ValueError("A Service needs served_models (or model_allowed) to check the models of uploads.")
         self._storage = storage
         self._limits = limits
         self._model_allowed = model_allowed
+        self._served_models = served_models
         self._spool_directory = spool_directory
         self._notify_work = notify_work
         self._clock = clock or clocks.SystemClock()
@@ -126,10 +134,15 @@ class Service:
     async def _store(
         self, owner: str, filename: str, chunks: AsyncIterator[bytes], size: int, limits: jsonl.Limits
     ) -> models.File:
-        templates = jsonl.validate(chunks, limits, model_allowed=self._model_allowed)
+        routing = self._served_models() if self._served_models is not None else None
+        templates = jsonl.validate(chunks, limits, model_allowed=self._model_allowed, served=routing)
         try:
             return await self._storage.create_file(
-                owner=owner, filename=filename, templates=templates, size_bytes=size
+                owner=owner,
+                filename=filename,
+                templates=templates,
+                size_bytes=size,
+                record_model=routing.to_default_route if routing is not None and routing.default_route else None,
             )
         except InvalidParameter:
             raise
@@ -156,6 +169,33 @@ class Service:
     async def open_file_content(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> AsyncIterator[bytes]:
         """The file's JSONL as a stream of chunks; `NotFound` is raised here, before any byte."""
         return await self._storage.open_file_content(file_id, owner=owner)
+
+    # ----------------------------------------------------------------------------------------- models
+
+    async def list_models(self, *, owner: models.OwnerScope) -> list[served.ListedModel]:
+        """The models served to `owner`: every model with a route of its own, and with a default route, the models
+        it serves that `owner`'s uploads named (`ALL_OWNERS`: every owner's; at most `served.SEEN_LISTED`, the most
+        recently first seen)."""
+        if self._served_models is None:
+            return []
+        routing = self._served_models()
+        seen = await self._storage.list_models_seen(owner=owner) if routing.default_route else []
+        return routing.listing(seen)
+
+    async def get_model(self, model: str, *, owner: models.OwnerScope) -> served.ListedModel:
+        """`model` as `list_models` shows it to `owner` (it may be older than the listing's bound); `NotFound`
+        when it is not served to `owner`, whatever the name (too long, odd characters)."""
+        routing = self._served_models() if self._served_models is not None else None
+        found = None
+        if routing is not None:
+            seen = None
+            if routing.to_default_route(model) and served.can_be_seen(model):
+                recorded = await self._storage.list_models_seen(owner=owner, model=model, limit=1)
+                seen = recorded[0] if recorded else None
+            found = routing.find(model, seen)
+        if found is None:
+            raise errors.NotFound(f"The model {_quoted(model)} does not exist or you do not have access to it.")
+        return found
 
     # ---------------------------------------------------------------------------------------- batches
 
@@ -275,6 +315,11 @@ def _file_too_large(max_bytes: int) -> InvalidParameter:
         f"The file is larger than {size}, the limit; nothing was stored.",
         errors=[errors.LineError(0, reason)],
     )
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    """`text` quoted for a message, cut to `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 def _clean_filename(filename: str) -> str:

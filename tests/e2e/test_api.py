@@ -686,7 +686,7 @@ async def test_unknown_paths_and_malformed_ids_answer_the_error_envelope(
 ) -> None:
     client = Client(http, api, alice)
 
-    status, _, body = await client.call("GET", "/v1/models")
+    status, _, body = await client.call("GET", "/v1/fine_tuning/jobs")
     assert status == 404
     assert_error(body, code="not_found")
     status, _, body = await client.call("GET", "/v1/batches/batch_req_" + "0" * 32)

@@ -138,6 +138,7 @@ async def test_api_and_daemon_as_separate_processes_share_the_database(tmp_path:
         try:
             async with AsyncOpenAI(base_url=f"{url}/v1", api_key="local") as sdk:
                 assert len(await run_batch(sdk, request_lines(6))) == 6
+                assert [model.id async for model in sdk.models.list()] == ["demo"]  # the API process's routes
             async with (
                 aiohttp.ClientSession() as http,
                 http.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,

@@ -19,7 +19,7 @@ from fusillade.storage import base
 from fusillade.upstream.client import UpstreamClient
 from tests.integration.conftest import routes_for, running
 from tests.support import factories, polling
-from tests.support.api_server import FlakyStorage, create_key, running_api
+from tests.support.api_server import FlakyStorage, create_key, routed, running_api
 
 CHAT: Final = "/v1/chat/completions"
 
@@ -189,3 +189,39 @@ async def test_an_sdk_retry_after_a_5xx_on_create_leaves_one_batch(storage: base
     assert flaky.lose_create_answers == 0, "the first create did commit and answer 503"
     assert listed == [batch.id]
     assert batch.request_counts is not None and batch.request_counts.total == 3
+
+
+async def test_the_sdk_lists_and_retrieves_models_and_reads_the_no_route_refusal(storage: base.Storage) -> None:
+    llama = "meta-llama/Llama-3.1-8B-Instruct"
+    with_default = routed("model-a", llama, default_route=True)
+    routing = [with_default]
+    async with running_api(storage, served_models=lambda: routing[0]) as api:
+        alice = await create_key(storage, "alice")
+        bob = await create_key(storage, "bob")
+        async with (
+            AsyncOpenAI(base_url=api.base_url, api_key=alice, max_retries=0) as alice_sdk,
+            AsyncOpenAI(base_url=api.base_url, api_key=bob, max_retries=0) as bob_sdk,
+        ):
+            private = request_lines(1).replace(b'"model-a"', b'"org/alice-fine-tune"')
+            await alice_sdk.files.create(file=("private.jsonl", private), purpose="batch")
+            alice_models = [model async for model in alice_sdk.models.list()]
+            bob_models = [model.id async for model in bob_sdk.models.list()]
+            retrieved = await alice_sdk.models.retrieve(llama)
+            own = await alice_sdk.models.retrieve("org/alice-fine-tune")
+            with pytest.raises(openai.NotFoundError) as hidden:
+                await bob_sdk.models.retrieve("org/alice-fine-tune")
+            with pytest.raises(openai.NotFoundError):
+                await alice_sdk.models.retrieve("gpt-9")
+
+            routing[0] = routed("model-a", llama)  # reloaded without the default route
+            with pytest.raises(openai.BadRequestError) as refused:
+                await bob_sdk.files.create(file=("late.jsonl", private), purpose="batch")
+
+    assert [model.id for model in alice_models] == [llama, "model-a", "org/alice-fine-tune"]
+    assert {(model.object, model.owned_by) for model in alice_models} == {("model", "fusillade")}
+    assert bob_models == [llama, "model-a"]
+    assert (retrieved.id, retrieved.created) == (llama, int(with_default.routes[llama].timestamp()))
+    assert own.id == "org/alice-fine-tune"
+    assert own.created == next(model.created for model in alice_models if model.id == own.id)
+    assert hidden.value.code == "not_found"
+    assert "served models: meta-llama/Llama-3.1-8B-Instruct, model-a." in refused.value.message

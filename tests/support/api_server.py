@@ -8,6 +8,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from fusillade import errors, keys
 from fusillade.api import ApiContext, create_app
-from fusillade.domain import jsonl, models
+from fusillade.domain import jsonl, models, served
 from fusillade.service import Service
 from fusillade.storage import base
 from tests.support import polling
@@ -56,21 +57,29 @@ async def create_key(storage: base.Storage, owner: str, *, admin: bool = False) 
     return new.key
 
 
+def routed(*names: str, default_route: bool = False, now: datetime | None = None) -> served.ServedModels:
+    """A routing table of `names` (each routed since `now`, default: now), with or without a default route."""
+    return served.ServedModels.of(names, default_route=default_route, now=now or datetime.now(UTC))
+
+
 def make_context(
     storage: base.Storage,
     *,
     limits: jsonl.Limits = jsonl.DEFAULT_LIMITS,
-    model_allowed: Callable[[str], bool] = ROUTED_MODELS.__contains__,
+    served_models: Callable[[], served.ServedModels] | None = None,
     spool_directory: Path | None = None,
     notify_work: Callable[[], None] = lambda: None,
     admin_key: str | None = ADMIN_KEY,
     open_owner: str | None = None,
     registry: CollectorRegistry | None = None,
 ) -> ApiContext:
+    """An API context on `storage`; `served_models` (default: `ROUTED_MODELS`, no default route) is read at each
+    upload and listing, so a test may change what it returns."""
+    default = routed(*ROUTED_MODELS)
     service = Service(
         storage,
         limits=limits,
-        model_allowed=model_allowed,
+        served_models=served_models or (lambda: default),
         spool_directory=spool_directory,
         notify_work=notify_work,
     )

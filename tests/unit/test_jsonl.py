@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusillade import errors
-from fusillade.domain import jsonl, models
+from fusillade.domain import jsonl, models, served
 
 CHAT = "/v1/chat/completions"
 
@@ -33,13 +34,14 @@ async def collect(
     chunks: AsyncIterator[bytes] | Iterable[bytes],
     limits: jsonl.Limits = jsonl.DEFAULT_LIMITS,
     model_allowed: Callable[[str], bool] | None = None,
+    routing: served.ServedModels | None = None,
 ) -> tuple[list[models.TemplateInput], errors.ValidationError | None]:
     """Every template yielded, and the ValidationError raised at the end (if any)."""
     if not isinstance(chunks, AsyncIterator):
         chunks = from_list(list(chunks))
     templates = []
     try:
-        async for template in jsonl.validate(chunks, limits, model_allowed=model_allowed):
+        async for template in jsonl.validate(chunks, limits, model_allowed=model_allowed, served=routing):
             templates.append(template)
     except errors.ValidationError as exc:
         return templates, exc
@@ -248,6 +250,23 @@ async def test_a_custom_id_taken_by_a_bad_line_is_still_taken() -> None:
 async def test_model_without_a_route_is_rejected() -> None:
     found = await reasons(line("a", body={"model": "nope"}), model_allowed=lambda model: model == "m")
     assert found == [(1, "model 'nope' has no route configured on this server; use a model it serves.")]
+
+
+async def test_the_first_line_without_a_route_names_the_served_models() -> None:
+    routing = served.ServedModels.of(
+        [f"model-{index:02}" for index in range(23)], default_route=False, now=datetime.now(UTC)
+    )
+    names = ", ".join(f"model-{index:02}" for index in range(20))
+    lines = [("a", "gpt-9"), ("b", "model-01"), ("c", "x")]
+    data = b"".join(line(custom_id, body={"model": model}) for custom_id, model in lines)
+    templates, error = await collect(jsonl.iterate_chunks(data), routing=routing)
+
+    assert [template.custom_id for template in templates] == ["b"]  # served.accepts decides
+    assert error is not None
+    assert [(item.line, item.reason) for item in error.errors] == [
+        (1, f"model 'gpt-9' has no route configured on this server; served models: {names} (and 3 more)."),
+        (3, "model 'x' has no route configured on this server; the served models are named on line 1."),
+    ]
 
 
 async def test_good_lines_are_yielded_before_the_final_error() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -14,7 +14,7 @@ import pytest
 
 from fusillade import clock as clocks
 from fusillade import errors
-from fusillade.domain import jsonl, models
+from fusillade.domain import jsonl, models, served
 from fusillade.service import RETRY_WINDOW, InvalidParameter, Service
 from fusillade.storage import base
 from tests.support import backends, factories
@@ -256,3 +256,109 @@ async def test_retry_failed_wakes_the_daemon_only_when_requests_moved(
     assert wakeups.count == 1
     assert await service.retry_failed(batch.id, owner=OWNER) == 0
     assert wakeups.count == 1
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+class Routing:
+    """A routing table the test replaces, as a configuration reload does."""
+
+    def __init__(self, clock: clocks.ManualClock, *names: str, default_route: bool) -> None:
+        self.clock = clock
+        self.table = served.ServedModels.of(names, default_route=default_route, now=clock.now())
+
+    def replace(self, *names: str, default_route: bool) -> None:
+        self.table = served.ServedModels.of(
+            names, default_route=default_route, now=self.clock.now(), previous=self.table
+        )
+
+    def __call__(self) -> served.ServedModels:
+        return self.table
+
+
+def listed(found: list[served.ListedModel]) -> list[tuple[str, datetime, bool]]:
+    return [(model.name, model.created_at, model.default_route) for model in found]
+
+
+async def test_models_of_the_default_route_are_recorded_at_upload_and_listed_to_their_owner_only(
+    storage: base.Storage, clock: clocks.ManualClock
+) -> None:
+    routing = Routing(clock, "model-a", default_route=True)
+    service = Service(storage, limits=jsonl.DEFAULT_LIMITS, served_models=routing, clock=clock)
+    loaded = clock.now()
+    clock.advance(timedelta(minutes=1))
+    uploaded_at = clock.now()
+    data = line("1", model="model-a") + line("2", model="alice-secret-project") + line("3", model="org/tuned")
+
+    await service.upload_file(owner="alice", filename="in.jsonl", chunks=in_chunks(data, 64))
+
+    assert listed(await service.list_models(owner="alice")) == [
+        ("model-a", loaded, False),
+        ("alice-secret-project", uploaded_at, True),
+        ("org/tuned", uploaded_at, True),
+    ]
+    assert listed(await service.list_models(owner="bob")) == [("model-a", loaded, False)]
+    assert [model.name for model in await service.list_models(owner=models.ALL_OWNERS)] == [
+        "model-a",
+        "alice-secret-project",
+        "org/tuned",
+    ]
+    found = await service.get_model("org/tuned", owner="alice")
+    assert (found.name, found.created_at, found.default_route) == ("org/tuned", uploaded_at, True)
+    assert (await service.get_model("model-a", owner="bob")).created_at == loaded
+    with pytest.raises(errors.NotFound):
+        await service.get_model("alice-secret-project", owner="bob")
+
+
+async def test_the_listing_follows_the_routing_table_in_force(
+    storage: base.Storage, clock: clocks.ManualClock
+) -> None:
+    routing = Routing(clock, "model-a", default_route=True)
+    service = Service(storage, limits=jsonl.DEFAULT_LIMITS, served_models=routing, clock=clock)
+    await service.upload_file(owner="alice", filename="in.jsonl", chunks=in_chunks(line("1", model="later"), 64))
+    loaded = clock.now()
+    clock.advance(timedelta(minutes=1))
+
+    # A reload: a new route, and no default route any more.
+    routing.replace("model-a", "model-b", default_route=False)
+
+    assert listed(await service.list_models(owner="alice")) == [
+        ("model-a", loaded, False),
+        ("model-b", clock.now(), False),
+    ]
+    with pytest.raises(errors.NotFound):
+        await service.get_model("later", owner="alice")
+    with pytest.raises(InvalidParameter) as caught:
+        await service.upload_file(owner="alice", filename="in.jsonl", chunks=in_chunks(line("1", model="x"), 64))
+    assert [item.reason for item in caught.value.errors] == [
+        "model 'x' has no route configured on this server; served models: model-a, model-b."
+    ]
+
+
+async def test_an_unknown_or_odd_model_is_not_found(storage: base.Storage, clock: clocks.ManualClock) -> None:
+    service = Service(
+        storage, limits=jsonl.DEFAULT_LIMITS, served_models=Routing(clock, "model-a", default_route=True)
+    )
+
+    for name in ["missing", "", "x" * 100_000, "nul\x00inside", "lone \ud800", "../../etc/passwd", "%2F"]:
+        with pytest.raises(errors.NotFound):
+            await service.get_model(name, owner="alice")
+
+
+async def test_without_a_default_route_no_model_is_recorded(
+    storage: base.Storage, clock: clocks.ManualClock
+) -> None:
+    service = Service(
+        storage, limits=jsonl.DEFAULT_LIMITS, served_models=Routing(clock, "model-a", default_route=False)
+    )
+
+    await service.upload_file(owner="alice", filename="in.jsonl", chunks=in_chunks(line("1"), 64))
+
+    assert await storage.list_models_seen(owner=models.ALL_OWNERS) == []
+    assert [model.name for model in await service.list_models(owner="alice")] == ["model-a"]
+
+
+def test_a_service_needs_to_know_which_models_it_accepts(storage: base.Storage) -> None:
+    with pytest.raises(ValueError, match="served_models"):
+        Service(storage, limits=jsonl.DEFAULT_LIMITS)

@@ -7,12 +7,13 @@ from fastapi import FastAPI
 from fusillade import __version__
 from fusillade.api.context import ApiContext
 from fusillade.api.errors import install_error_handlers
-from fusillade.api.routes import batches, files, health
+from fusillade.api.routes import batches, files, health, models
 
 DESCRIPTION = """\
-OpenAI-compatible Batch API (`/v1/files`, `/v1/batches`) on your own upstreams: point the official `openai` SDK's
-`base_url` here. Extras: `GET /v1/batches/{id}/requests`, `POST /v1/batches/{id}/retry`, `/healthz`, `/readyz`,
-`/metrics`. Authenticate with `Authorization: Bearer <key>` (keys from `fusillade keys create`)."""
+OpenAI-compatible Batch API (`/v1/files`, `/v1/batches`, `/v1/models`) on your own upstreams: point the official
+`openai` SDK's `base_url` here. Extras: `GET /v1/batches/{id}/requests`, `POST /v1/batches/{id}/retry`,
+`/healthz`, `/readyz`, `/metrics`. Authenticate with `Authorization: Bearer <key>` (keys from
+`fusillade keys create`)."""
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -22,5 +23,6 @@ def create_app(context: ApiContext) -> FastAPI:
     install_error_handlers(app)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(models.router)
     app.include_router(health.router)
     return app

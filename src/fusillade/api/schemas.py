@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from fusillade.domain import ids, models, states
+from fusillade.domain import ids, models, served, states
 
 
 def unix(moment: datetime | None) -> int | None:
@@ -275,6 +275,35 @@ class BatchList(ListEnvelope):
 
 class RequestList(ListEnvelope):
     data: list[RequestObject]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+OWNED_BY: Final = "fusillade"
+"""`owned_by` of every model: never the upstream's host, which would tell internal addresses."""
+
+
+class ModelObject(WireModel):
+    """One model the server serves (`GET /v1/models`, `GET /v1/models/{model}`), as OpenAI shapes it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    """A model with a route of its own: when this process first had the route; a model of the default route:
+    when an upload of the caller's owner first named it."""
+    owned_by: str = OWNED_BY
+
+    @classmethod
+    def of(cls, model: served.ListedModel) -> ModelObject:
+        return cls(id=model.name, created=int(model.created_at.timestamp()))
+
+
+class ModelList(WireModel):
+    """OpenAI's models list: every served model in one page (no cursor)."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -27,6 +27,7 @@ import orjson
 
 from fusillade import errors
 from fusillade.domain import models
+from fusillade.domain.served import ServedModels
 
 SUPPORTED_URLS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/moderations"}
@@ -79,15 +80,20 @@ async def validate(
     limits: Limits = DEFAULT_LIMITS,
     *,
     model_allowed: Callable[[str], bool] | None = None,
+    served: ServedModels | None = None,
 ) -> AsyncIterator[models.TemplateInput]:
     """Yield one `TemplateInput` per good line, in file order, as the stream is read.
 
     Raises `errors.ValidationError` (with `errors` = the bad lines, at most `limits.max_errors` of them and
     then a line-0 summary) after the last chunk if any line was bad or the file holds no request, and at
     once when the file goes over `limits.max_lines` or `limits.max_bytes`. `model_allowed`, if given, says
-    whether the server routes a model; a line whose model it refuses is bad.
+    whether the server routes a model; a line whose model it refuses is bad. `served`, if given, is the routing
+    table in force: it decides in place of a missing `model_allowed`, and the first line with a model it does
+    not serve names the served models (`ServedModels.describe`; the next such lines refer to that line).
     """
-    scan = _Scan(limits, model_allowed)
+    if model_allowed is None and served is not None:
+        model_allowed = served.accepts
+    scan = _Scan(limits, model_allowed, served)
     async for lines in _split_lines(chunks, limits.max_bytes):
         for line in lines:
             if isinstance(line, int):
@@ -153,9 +159,14 @@ def _chunk_lines(chunk: bytes, position: int, found: list[bytes | int]) -> bytes
 class _Scan:
     """The state of one validation: line numbers, custom_ids seen, bad lines found so far."""
 
-    def __init__(self, limits: Limits, model_allowed: Callable[[str], bool] | None) -> None:
+    def __init__(
+        self, limits: Limits, model_allowed: Callable[[str], bool] | None, served: ServedModels | None
+    ) -> None:
         self.limits = limits
         self.model_allowed = model_allowed
+        self.served = served
+        self.served_named_on: int | None = None
+        """The line whose message names the served models (the first line with a model without a route)."""
         self.line_number = 0
         self.requests = 0
         self.first_line_of_seen: dict[str, int] = {}
@@ -244,7 +255,7 @@ class _Scan:
         if control:
             return f"body.model contains the control character {control.group()!r}; a model name cannot."
         if self.model_allowed is not None and not self.model_allowed(model):
-            return f"model {_show(model)} has no route configured on this server; use a model it serves."
+            return self._no_route(model)
         try:
             stored_body = orjson.dumps(body).decode()
         except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper than it writes)
@@ -257,6 +268,15 @@ class _Scan:
             model=model,
             body=stored_body,
         )
+
+    def _no_route(self, model: str) -> str:
+        unrouted = f"model {_show(model)} has no route configured on this server"
+        if self.served is None:
+            return f"{unrouted}; use a model it serves."
+        if self.served_named_on is None:
+            self.served_named_on = self.line_number
+            return f"{unrouted}; {self.served.describe()}."
+        return f"{unrouted}; the served models are named on line {self.served_named_on}."
 
     def _check_custom_id(self, custom_id: Any) -> str | None:
         if not isinstance(custom_id, str) or not custom_id:
