@@ -64,11 +64,12 @@ def test_keys_commands_explain_bad_arguments(tmp_path: Path) -> None:
 def test_status_of_an_empty_database(tmp_path: Path) -> None:
     result = fusillade("status", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "No routes: the configuration serves no model." in result.stdout
     assert "No batches yet." in result.stdout
     assert "No daemon has run on this database yet." in result.stdout
 
     as_json = json.loads(fusillade("status", "--json", cwd=tmp_path).stdout)
-    assert as_json == {"database_url": "sqlite:///./fusillade.db", "batches": [], "daemons": []}
+    assert as_json == {"database_url": "sqlite:///./fusillade.db", "routes": [], "batches": [], "daemons": []}
 
 
 def test_version_and_mock_upstream_help(tmp_path: Path) -> None:

@@ -1,22 +1,31 @@
-"""`fusillade status`: the latest batches with their progress, and the daemons with their heartbeats, read
-straight from the database (every owner's batches: it is an operator's view)."""
+"""`fusillade status`: the routes of the configuration with the requests in flight on each, the latest batches
+with their progress, and the daemons with their heartbeats, read straight from the database (every owner's
+batches: it is an operator's view). An upstream is shown as its host and port only: the rest of its URL may hold
+a secret."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fusillade.cli import common
+from fusillade.config import DEFAULT_ROUTE_MODEL, Config
 from fusillade.domain import ids, models, states
 from fusillade.storage.base import Storage
 
+_ROUTE_COLUMNS = ("model", "upstream", "limit", "in flight")
 _BATCH_COLUMNS = ("batch", "owner", "status", "done", "failed", "in flight", "created")
 _DAEMON_COLUMNS = ("daemon", "host:pid", "status", "in flight", "heartbeat", "started")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +33,22 @@ class Snapshot:
     batches: list[models.Batch]
     daemons: list[models.Daemon]
     daemon_total: int
+    in_flight: dict[str, int]
+    """Requests in flight per model, across every daemon."""
     now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRow:
+    model: str
+    """The model, or `*` for the default route."""
+    upstream: str
+    """`host:port` of the upstream."""
+    concurrency: int
+    """The route's limit (the default route's: per model)."""
+    in_flight: int
+    """Requests in flight on this route across every daemon (the default route's: of every model without a
+    route of its own)."""
 
 
 def status(
@@ -33,19 +57,23 @@ def status(
     config: common.ConfigOption = None,
     database_url: common.DatabaseUrlOption = None,
 ) -> None:
-    """Show the latest batches with their progress and the daemons with their heartbeats."""
+    """Show the routes with the requests in flight on each, the latest batches with their progress and the
+    daemons with their heartbeats."""
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
     snapshot = common.execute(common.using_storage(settings.database_url, lambda storage: _read(storage, limit)))
     stale_after = settings.daemon.stale_after
+    routes = route_rows(settings, snapshot.in_flight)
     if as_json:
         document = {
             "database_url": settings.redacted()["database_url"],
+            "routes": [dataclasses.asdict(route) for route in routes],
             "batches": [_batch_json(batch) for batch in snapshot.batches],
             "daemons": [_daemon_json(daemon, snapshot.now, stale_after) for daemon in snapshot.daemons],
         }
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
     common.stdout.print(f"Database: {settings.redacted()['database_url']}", highlight=False, markup=False)
+    common.stdout.print(_route_table(routes))
     common.stdout.print(_batch_table(snapshot))
     common.stdout.print(_daemon_table(snapshot, stale_after))
 
@@ -53,10 +81,45 @@ def status(
 async def _read(storage: Storage, limit: int) -> Snapshot:
     batches = await storage.list_batches(owner=models.ALL_OWNERS, limit=limit)
     daemons = await storage.list_daemons()
-    return Snapshot(list(batches.items), daemons[:limit], len(daemons), datetime.now(UTC))
+    in_flight = await storage.in_flight_by_model()
+    return Snapshot(list(batches.items), daemons[:limit], len(daemons), in_flight, datetime.now(UTC))
+
+
+def route_rows(config: Config, in_flight: Mapping[str, int]) -> list[RouteRow]:
+    """The configuration's routes in model order, then the default route (`*`) if there is one, each with what
+    is in flight on it."""
+    own = {name: section for name, section in config.models.items() if name != DEFAULT_ROUTE_MODEL}
+    rows = [
+        RouteRow(name, upstream_address(section.base_url), section.concurrency, in_flight.get(name, 0))
+        for name, section in sorted(own.items())
+    ]
+    default = config.default_route or config.models.get(DEFAULT_ROUTE_MODEL)
+    if default is not None:
+        others = sum(count for model, count in in_flight.items() if model not in own)
+        rows.append(RouteRow(DEFAULT_ROUTE_MODEL, upstream_address(default.base_url), default.concurrency, others))
+    return rows
+
+
+def upstream_address(base_url: str) -> str:
+    """`host:port` of an upstream URL (`[v6]:port` for an IPv6 address), the scheme's port when none is
+    written; never its path, which may hold a secret."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or "?"
+    port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ------------------------------------------------------------------------------------------------- tables
+
+
+def _route_table(routes: list[RouteRow]) -> Table | str:
+    if not routes:
+        return "No routes: the configuration serves no model."
+    table = common.table("Routes (in flight: across every daemon)", *_ROUTE_COLUMNS)
+    for route in routes:
+        limit = f"{route.concurrency:,}" + (" per model" if route.model == DEFAULT_ROUTE_MODEL else "")
+        table.add_row(escape(route.model), escape(route.upstream), limit, f"{route.in_flight:,}")
+    return table
 
 
 def _batch_table(snapshot: Snapshot) -> Table | str:

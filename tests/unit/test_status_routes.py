@@ -1,0 +1,43 @@
+"""The routes table of `fusillade status`: an upstream shown as host and port only, the default route last with
+what is in flight for the models without a route of their own."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusillade.cli.status import RouteRow, route_rows, upstream_address
+from fusillade.config import Config, RouteSection
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://api.openai.com/v1", "api.openai.com:443"),
+        ("http://10.0.0.5:8000/tenant/sk-secret-in-path/v1", "10.0.0.5:8000"),
+        ("http://[::1]:9000/v1", "[::1]:9000"),
+        ("http://upstream.internal", "upstream.internal:80"),
+    ],
+)
+def test_an_upstream_is_shown_as_its_host_and_port(url: str, shown: str) -> None:
+    assert upstream_address(url) == shown
+
+
+def test_routes_in_model_order_then_the_default_route_with_the_rest_in_flight() -> None:
+    config = Config(
+        models={
+            "b": RouteSection(base_url="http://b.internal:8001/v1", concurrency=4),
+            "a": RouteSection(base_url="https://a.internal/v1"),
+            "*": RouteSection(base_url="http://default.internal:9000", concurrency=2),
+        }
+    )
+
+    rows = route_rows(config, {"a": 3, "unlisted-1": 2, "unlisted-2": 1})
+
+    assert rows == [
+        RouteRow("a", "a.internal:443", 16, 3),
+        RouteRow("b", "b.internal:8001", 4, 0),
+        RouteRow("*", "default.internal:9000", 2, 3),
+    ]
+    assert route_rows(Config(), {"orphan": 1}) == []
+    default_only = Config(default_route=RouteSection(base_url="http://d:1"))
+    assert route_rows(default_only, {"orphan": 1}) == [RouteRow("*", "d:1", 16, 1)]
