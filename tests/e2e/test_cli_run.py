@@ -146,6 +146,7 @@ async def test_run_rejects_a_bad_file_with_line_numbers_and_exits_2(
     assert "bad.jsonl:2: The line is not valid JSON" in result.stderr
     assert "bad.jsonl:4: url '/v1/embeddings' differs from the first line's" in result.stderr
     assert "model 'other' (1 lines: 3) has no route: add --model-route other=http://HOST:PORT" in result.stderr
+    assert "  Served models: demo.\n" in result.stderr
     assert not (tmp_path / "bad.output.jsonl").exists()
     assert upstream.stats.requests_total == 0
 

@@ -47,9 +47,10 @@ def run(
         typer.Option(
             "--model-route",
             "-m",
-            metavar=ROUTE_SYNTAX,
-            help="Where a model's requests go (repeatable); MODEL '*' is the route of every other model. Adds "
-            "to or replaces the configuration's routes; key-env names the variable that holds the key.",
+            metavar="ROUTE",
+            help=f"Where a model's requests go (repeatable): ROUTE is {ROUTE_SYNTAX}; MODEL '*' is the route "
+            "of every other model. Adds to or replaces the configuration's routes; key-env names the variable "
+            "that holds the key.",
             show_default=False,
         ),
     ] = None,
@@ -109,13 +110,14 @@ def run(
     ] = progress.LINE_INTERVAL,
     config: common.ConfigOption = None,
 ) -> None:
-    """Run a batch file here and write its results; re-run to resume.
+    """Run a batch file here and write its results.
 
     Checks the whole file first, then sends its requests with a live progress bar on a terminal (a plain line
     every few seconds in a log or a pipe), and writes the output and error files when the batch is done. Run
     the same command again after a crash or Ctrl-C and it continues where it stopped.
     """
-    from fusillade.cli import local_run  # with fusillade.app and the HTTP stack: only when a run starts
+    from fusillade import app  # with the HTTP stack: only when a run starts
+    from fusillade.cli import local_run
 
     # Warnings (a failing database, a crashed loop) print above the progress bar, not through it.
     logging.basicConfig(
@@ -142,9 +144,9 @@ def run(
             )
         )
     except local_run.InvalidInput as exc:
-        _invalid_input(input, exc, exc.unrouted)
+        _invalid_input(input, exc, exc.unrouted, served=app.served_models(settings).describe())
     except errors.ValidationError as exc:
-        _invalid_input(input, exc, [])
+        _invalid_input(input, exc, [], served="")
     except errors.ConfigurationError as exc:
         common.fail(str(exc), common.ExitCode.INVALID)
     except errors.FusilladeError as exc:
@@ -208,8 +210,9 @@ def _describe(error: ErrorDetails) -> str:
 
 
 def _invalid_input(
-    path: Path, error: errors.ValidationError, unrouted: Sequence[local_run.UnroutedModel]
+    path: Path, error: errors.ValidationError, unrouted: Sequence[local_run.UnroutedModel], *, served: str
 ) -> NoReturn:
+    """Every bad line, then each model without a route and, once, the models that are served."""
     common.stderr.print(f"[bold red]error:[/] {path} cannot be run; nothing was sent.", highlight=False)
     for line in error.errors[:_SHOWN_ERRORS]:
         where = f"{path}:{line.line}" if line.line else str(path)
@@ -224,6 +227,8 @@ def _invalid_input(
             highlight=False,
             markup=False,
         )
+    if unrouted:
+        common.stderr.print(f"  {served[:1].upper()}{served[1:]}.", highlight=False, markup=False)
     raise typer.Exit(common.ExitCode.INVALID)
 
 

@@ -52,13 +52,18 @@ class RouteRow:
 
 
 def status(
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Most batches and daemons shown.")] = 20,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", metavar="N", min=1, help="Most batches and daemons shown.")
+    ] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     config: common.ConfigOption = None,
     database_url: common.DatabaseUrlOption = None,
 ) -> None:
-    """Show the routes with the requests in flight on each, the latest batches with their progress and the
-    daemons with their heartbeats."""
+    """Show the routes, the latest batches and the daemons.
+
+    Reads the database directly, every owner's batches: an operator's view. Routes come with the requests in
+    flight on each (across daemons), batches with their progress, daemons with their heartbeats.
+    """
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
     snapshot = common.execute(common.using_storage(settings.database_url, lambda storage: _read(storage, limit)))
     stale_after = settings.daemon.stale_after

@@ -199,11 +199,12 @@ def mock_upstream(
         ),
     ] = False,
 ) -> None:
-    """Run a fake OpenAI-compatible upstream, for demos, load and failure tests.
+    """Run a fake OpenAI-compatible upstream.
 
-    It answers POST /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/responses, as JSON or as
-    server-sent events when the request asks for a stream. GET /stats shows what it received; POST /reset
-    clears that. It prints its URL on the first line of stdout and stops on SIGTERM or Ctrl-C.
+    For demos, load and failure tests. It answers POST /v1/chat/completions, /v1/completions, /v1/embeddings
+    and /v1/responses, as JSON or as server-sent events when the request asks for a stream. GET /stats shows
+    what it received; POST /reset clears that. It prints its URL on the first line of stdout and stops on
+    SIGTERM or Ctrl-C.
     """
     try:
         behaviour = Behaviour(
