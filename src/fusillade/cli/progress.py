@@ -61,6 +61,25 @@ class Display(Protocol):
         """Stop showing progress (idempotent)."""
 
 
+class _Shown:
+    """A display as a context manager: `start` on entering, `stop` on leaving."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Show the first state."""
+
+    def stop(self) -> None:
+        """Stop showing progress (idempotent)."""
+
+
 # ------------------------------------------------------------------------------------------ the figures
 
 
@@ -221,7 +240,7 @@ class _FittedLine:
         yield self._render(options.max_width)
 
 
-class BarProgress:
+class BarProgress(_Shown):
     """The bar, on a terminal."""
 
     def __init__(
@@ -232,14 +251,8 @@ class BarProgress:
         line = _FittedLine(lambda width: bar_line(name, self._figures.snapshot, width))
         self._live = Live(line, console=console, refresh_per_second=5, redirect_stdout=False)
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         self._live.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def update(self, counts: models.RequestCounts, *, in_flight: int, retries: int) -> None:
         self._figures.update(counts, in_flight=in_flight, retries=retries)
@@ -255,7 +268,7 @@ class BarProgress:
 # ------------------------------------------------------------------------------------- in a file or pipe
 
 
-class LineProgress:
+class LineProgress(_Shown):
     """A plain line every `interval` seconds (and at the start and the end), for logs and pipes."""
 
     def __init__(
@@ -275,14 +288,8 @@ class LineProgress:
         self._last_line: float | None = None
         self._stopped = False
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
         self._print()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def update(self, counts: models.RequestCounts, *, in_flight: int, retries: int) -> None:
         self._figures.update(counts, in_flight=in_flight, retries=retries)
@@ -302,28 +309,17 @@ class LineProgress:
         self.note(self._figures.snapshot.line(self._name))
 
 
-class NoProgress:
+class NoProgress(_Shown):
     """`--quiet`: notes only."""
 
     def __init__(self, console: Console) -> None:
         self._console = console
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        pass
 
     def update(self, counts: models.RequestCounts, *, in_flight: int, retries: int) -> None:
         pass
 
     def note(self, message: str) -> None:
         self._console.print(message, highlight=False, markup=False, soft_wrap=True)
-
-    def stop(self) -> None:
-        pass
 
 
 def for_console(
