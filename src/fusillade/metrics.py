@@ -1,39 +1,78 @@
 """Prometheus metrics of the daemon. Each `DaemonMetrics` registers its instruments on the registry it is
 given, so a test (or a process running two daemons) can keep its own; the HTTP API exposes the registry.
 
-Label values are bounded: models come from the routing table, outcomes and reasons from fixed sets. Owners
-and custom ids never become labels."""
+Every label value comes from the operator's configuration or from a fixed set, never from what a tenant wrote,
+so `/metrics` shows no tenant's string and its size does not grow with the tenants' input:
+
+- `model`: a model with a route of its own (`[models."NAME"]`) keeps its name; every model served by the default
+  route is `*` (`DEFAULT_ROUTE_LABEL`);
+- `code` (of a retried attempt): `timeout`, `connection_error`, `stream_error`, `upstream_error`, `http_404`,
+  `http_408`, `http_429`, `http_500`, `http_502`, `http_503`, `http_504`, `http_5xx` (any other 5xx),
+  `http_other`, `other` (`code_label`);
+- `outcome`, `result`, `task`: fixed sets named in each metric's help.
+
+Owners, custom ids and the names of models without a route of their own never become labels."""
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fusillade.upstream import classify
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _DATABASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _SIZE_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 250, 500, 1000)
 
 
+DEFAULT_ROUTE_LABEL: Final = "*"
+"""The `model` label of every model served by the default route (as `[models."*"]` names that route)."""
+
 _OUTCOMES = ("completed", "failed", "canceled")
 _RESULTS = ("success", "retriable", "permanent", "expired")
+_CODES: Final = frozenset(
+    {
+        classify.TIMEOUT,
+        classify.CONNECTION_ERROR,
+        classify.STREAM_ERROR,
+        classify.UPSTREAM_ERROR,
+        *(f"http_{status}" for status in (404, 408, 429, 500, 502, 503, 504)),
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelMetrics:
-    """The per-request instruments of one model, labelled once (a label lookup per request would cost more
+    """The per-request instruments of one `model` label, labelled once (a label lookup per request would cost more
     than the update itself)."""
 
-    in_flight: Gauge
     finished: dict[str, Counter]
     """By outcome: completed, failed, canceled."""
     latency: dict[str, Histogram]
     """By result: success, retriable, permanent, expired."""
 
 
+def code_label(code: str | None) -> str:
+    """The `code` label of a retried attempt's error code: one of a fixed set (see the module's table)."""
+    if code is None:
+        return "other"
+    if code in _CODES:
+        return code
+    if code.startswith("http_5"):
+        return "http_5xx"
+    return "http_other" if code.startswith("http_") else "other"
+
+
 class DaemonMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._models: dict[str, ModelMetrics] = {}
+        self._routed: frozenset[str] = frozenset()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests_finished = Counter(
@@ -49,9 +88,8 @@ class DaemonMetrics:
             ["model", "code"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "fusillade_requests_in_flight", "Requests this daemon is working on, by model.", ["model"], registry=r
-        )
+        self.in_flight = _InFlight(self.label)
+        r.register(self.in_flight)
         self.upstream_latency = Histogram(
             "fusillade_upstream_latency_seconds",
             "Duration of upstream calls, by model and result (success, retriable, permanent).",
@@ -109,13 +147,62 @@ class DaemonMetrics:
             registry=r,
         )
 
+    def use_routes(self, models: Iterable[str]) -> None:
+        """The models with a route of their own (they keep their name as `model` label; every other model is
+        labelled `DEFAULT_ROUTE_LABEL`). Called by the daemon with its routing table, and on every change."""
+        self._routed = frozenset(models)
+
+    def label(self, model: str) -> str:
+        """The `model` label of requests for `model`."""
+        return model if model in self._routed else DEFAULT_ROUTE_LABEL
+
     def model(self, name: str) -> ModelMetrics:
-        found = self._models.get(name)
+        """The per-request instruments of requests for the model `name` (shared by every model of a label)."""
+        label = self.label(name)
+        found = self._models.get(label)
         if found is None:
             found = ModelMetrics(
-                in_flight=self.in_flight.labels(name),
-                finished={outcome: self.requests_finished.labels(name, outcome) for outcome in _OUTCOMES},
-                latency={result: self.upstream_latency.labels(name, result) for result in _RESULTS},
+                finished={outcome: self.requests_finished.labels(label, outcome) for outcome in _OUTCOMES},
+                latency={result: self.upstream_latency.labels(label, result) for result in _RESULTS},
             )
-            self._models[name] = found
+            self._models[label] = found
         return found
+
+    def retried(self, model: str, code: str | None) -> None:
+        self.retries.labels(self.label(model), code_label(code)).inc()
+
+    def paused(self, model: str) -> None:
+        self.lane_pauses.labels(self.label(model)).inc()
+
+    def count_in_flight(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Read the requests in flight per model from `source` when scraped (the daemon's lanes)."""
+        self.in_flight.source = source
+
+
+class _InFlight(Collector):
+    """`fusillade_requests_in_flight{model}`, read from the daemon's lanes at each scrape and summed per label;
+    a label seen once stays, at 0, so that its series does not vanish between calls."""
+
+    def __init__(self, label: Callable[[str], str]) -> None:
+        self.source: Callable[[], Mapping[str, int]] = dict
+        self._label = label
+        self._seen: set[str] = set()
+
+    def collect(self) -> Iterator[Metric]:
+        counts: Tally[str] = Tally()
+        for model, count in self.source().items():
+            counts[self._label(model)] += count
+        self._seen.update(counts)
+        family = self._family()
+        for label in sorted(self._seen):
+            family.add_metric([label], counts[label])
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "fusillade_requests_in_flight", "Requests this daemon is working on, by model.", labels=["model"]
+        )

@@ -84,6 +84,8 @@ class Daemon:
         self.metrics = metrics or DaemonMetrics()
         self._version = version
         self._lanes = Lanes(routes, default_route)
+        self.metrics.use_routes(routes)
+        self.metrics.count_in_flight(self._lanes.models_in_flight)
         self._discover = default_route is not None
         self._discovered_at = 0.0
         self._daemon_id: ids.DaemonId | None = None
@@ -98,7 +100,6 @@ class Daemon:
         self._claim_wanted = True
         self._uncertain = False
         """A claim failed without a clear answer (see `_release_orphans`)."""
-        self._gauged_models: set[str] = set()
         self._batch_headers: dict[ids.BatchId, dict[str, str]] = {}
         self._settings_listeners: list[Callable[[DaemonSettings], None]] = []
 
@@ -122,6 +123,7 @@ class Daemon:
         """New routing table (limits, upstreams, the route of models without their own); applies to the next
         claim and the next calls."""
         self._lanes.replace_routes(routes, default_route)
+        self.metrics.use_routes(routes)
         self._discover = default_route is not None
         self._want_claim()
 
@@ -380,11 +382,6 @@ class Daemon:
 
     def _start(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
         self._lanes.started(request)
-        if request.model not in self._gauged_models:  # the gauge reads the lane when scraped
-            self._gauged_models.add(request.model)
-            self.metrics.model(request.model).in_flight.set_function(
-                functools.partial(self._lanes.in_flight, request.model)
-            )
         settings = self._settings
         headers = {"traceparent": traceparent(request)} if settings.traceparent else None
         self._tasks[request.id] = asyncio.create_task(self._run_request(request, executor, headers))

@@ -258,7 +258,7 @@ class RequestExecutor:
     def _pause_lane(self, model: str, retry_after: timedelta | None) -> None:
         pause = retry_after if retry_after is not None else self._settings.rate_limit_pause
         if self._lanes.pause(model, time.monotonic() + pause.total_seconds()):
-            self._metrics.lane_pauses.labels(model).inc()
+            self._metrics.paused(model)
             self._on_lane_paused()
 
     def _count(self, request: models.ClaimedRequest, decision: Decision, written: WriteResult) -> None:
@@ -267,7 +267,7 @@ class RequestExecutor:
             return
         write = decision.write
         if isinstance(write, models.Reschedule):
-            self._metrics.retries.labels(request.model, write.code or "").inc()
+            self._metrics.retried(request.model, write.code)
             assert decision.retry_at is not None
             self._on_retry_scheduled(decision.retry_at)
         elif isinstance(write, models.Complete):

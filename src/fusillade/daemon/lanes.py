@@ -113,5 +113,8 @@ class Lanes:
             return sum(self._in_flight.values())
         return self._in_flight[model]
 
+    def models_in_flight(self) -> dict[str, int]:
+        return dict(self._in_flight)
+
     def owners_in_flight(self) -> dict[str, int]:
         return dict(self._owners)
