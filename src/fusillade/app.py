@@ -28,12 +28,13 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
 
 import uvicorn
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from fusillade import __version__, errors
-from fusillade.api.app import create_app
+from fusillade.api.app import create_app, create_metrics_app
 from fusillade.api.context import ApiContext
-from fusillade.config import DEFAULT_ROUTE_MODEL, Config, ConfigWatcher, RouteSection
+from fusillade.api.server import HttpLimits, ServerConfig
+from fusillade.config import DEFAULT_ROUTE_MODEL, Config, ConfigWatcher, RouteSection, ServerSection
 from fusillade.daemon import Daemon, run_until_signalled
 from fusillade.domain.served import ServedModels
 from fusillade.metrics import DaemonMetrics
@@ -54,6 +55,7 @@ MOCK_UPSTREAM_CONCURRENCY = 64
 """Limit of the route to the fake upstream of `fusillade serve --mock-upstream`."""
 
 _NO_KEYS_ADVICE = "create a key with `fusillade keys create --owner NAME`"
+_LISTEN_SETTING = "--host/--port ([server] host and port in the configuration)"
 
 
 # -------------------------------------------------------------------------------------------- routing
@@ -172,17 +174,27 @@ class _Server(uvicorn.Server):
         self.ready.set()
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, setting: str = _LISTEN_SETTING) -> socket.socket:
     """A listening TCP socket on `host:port` (port 0: a free one); `ConfigurationError` saying what to change
-    when the address cannot be used."""
+    (`setting`) when the address cannot be used."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         raise errors.ConfigurationError(
             f"Cannot listen on {host}:{port} ({exc.strerror or exc}); choose another address or port with "
-            "--host/--port ([server] host and port in the configuration)."
+            f"{setting}."
         ) from None
+
+
+def http_limits(section: ServerSection) -> HttpLimits:
+    """What one client may make an HTTP server of this process hold (`[server]`)."""
+    return HttpLimits(
+        max_header_bytes=section.max_header_bytes,
+        max_headers=section.max_headers,
+        header_timeout=section.header_timeout.total_seconds(),
+        max_connections=section.max_connections,
+    )
 
 
 def url_of(listener: socket.socket) -> str:
@@ -242,17 +254,14 @@ async def serve(
             registry=registry,
             admin_key=admin_key,
             open_owner=await open_owner_for(storage, admin_key=admin_key, host=config.server.host),
+            metrics_key=config.metrics_key(),
         )
         listener = bind(config.server.host, config.server.port)
-        server = _Server(
-            uvicorn.Config(
-                create_app(context),
-                host=config.server.host,
-                port=config.server.port,
-                log_config=None,
-                timeout_graceful_shutdown=HTTP_SHUTDOWN_GRACE,
-                server_header=False,
-            )
+        limits = http_limits(config.server)
+        server = _Server(ServerConfig(create_app(context), limits=limits, graceful_shutdown=HTTP_SHUTDOWN_GRACE))
+        metrics_address = config.server.metrics_listen()
+        await stack.enter_async_context(
+            serving_metrics(registry, metrics_address, limits=limits, setting="[server] metrics_address")
         )
 
         def apply(newer: Config) -> None:
@@ -395,9 +404,11 @@ async def run_daemon(config: Config, *, metrics_address: tuple[str, int] | None 
     registry = new_registry()
     storage = await factory.open_storage(config.database_url, database_timeout=config.database_timeout)
     try:
-        if metrics_address is not None:
-            _serve_metrics(registry, metrics_address)
-        async with UpstreamClient() as client:
+        limits = http_limits(config.server)
+        async with (
+            serving_metrics(registry, metrics_address, limits=limits, setting="--metrics-host/--metrics-port"),
+            UpstreamClient() as client,
+        ):
             daemon = _new_daemon(storage, client, config, routing, registry)
 
             def apply(newer: Config) -> None:
@@ -410,12 +421,27 @@ async def run_daemon(config: Config, *, metrics_address: tuple[str, int] | None 
         await storage.close()
 
 
-def _serve_metrics(registry: CollectorRegistry, address: tuple[str, int]) -> None:
+@contextlib.asynccontextmanager
+async def serving_metrics(
+    registry: CollectorRegistry, address: tuple[str, int] | None, *, limits: HttpLimits, setting: str
+) -> AsyncIterator[None]:
+    """Serve `registry` at `http://ADDRESS/metrics`, without a key, while the block runs (nothing when `address`
+    is None). `ConfigurationError` naming `setting` when the address cannot be used."""
+    if address is None:
+        yield
+        return
     host, port = address
+    listener = bind(host, port, setting=setting)
+    server = _Server(ServerConfig(create_metrics_app(registry), limits=limits))
+    task = asyncio.create_task(server.serve(sockets=[listener]), name="fusillade-metrics")
+    ready = asyncio.create_task(server.ready.wait())
+    await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
     try:
-        start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        raise errors.ConfigurationError(
-            f"Cannot serve metrics on {host}:{port} ({exc.strerror or exc}); choose another --metrics-port."
-        ) from None
-    logger.info("Metrics on http://%s:%d/metrics.", host, port)
+        if not server.ready.is_set():
+            raise (await _outcome(task)) or RuntimeError("The metrics server stopped on its own.")
+        logger.info("Metrics on %s/metrics.", url_of(listener))
+        yield
+    finally:
+        server.should_exit = True
+        await _outcome(task)

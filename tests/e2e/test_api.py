@@ -4,6 +4,7 @@ status codes and headers, idempotent creates, tenancy, streamed downloads, refus
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -645,16 +646,39 @@ async def test_open_mode_serves_one_owner_whatever_the_key(
 
 
 async def test_health_readiness_and_metrics(
-    http: aiohttp.ClientSession, api: RunningApi, registry: CollectorRegistry
+    http: aiohttp.ClientSession, api: RunningApi, registry: CollectorRegistry, alice: str
 ) -> None:
     Counter("fusillade_test_events", "A metric of the test.", registry=registry).inc(3)
     anonymous = Client(http, api, None)
 
     assert (await anonymous.call("GET", "/healthz"))[::2] == (200, {"status": "ok"})
     assert (await anonymous.call("GET", "/readyz"))[::2] == (200, {"status": "ready"})
-    status, headers, text = await anonymous.call("GET", "/metrics")
-    assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    assert b"fusillade_test_events_total 3.0" in text
+    status, _, body = await anonymous.call("GET", "/metrics")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, _, body = await Client(http, api, alice).call("GET", "/metrics")
+    assert status == 403 and body["error"]["code"] == "permission_denied"
+    for admin in (ADMIN_KEY, await create_key(api.storage, "ops", admin=True)):
+        status, headers, text = await Client(http, api, admin).call("GET", "/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        assert b"fusillade_test_events_total 3.0" in text
+
+
+async def test_metrics_open_to_the_metrics_key_and_in_open_mode(
+    http: aiohttp.ClientSession, storage: base.Storage
+) -> None:
+    metrics_key = f"fus_metrics-{uuid.uuid4().hex}"
+    registry = CollectorRegistry()
+    Counter("fusillade_test_events", "A metric of the test.", registry=registry).inc()
+    async with running_api(storage, metrics_key=metrics_key, registry=registry) as api:
+        status, _, text = await Client(http, api, metrics_key).call("GET", "/metrics")
+        assert status == 200 and b"fusillade_test_events_total 1.0" in text
+        status, _, body = await Client(http, api, metrics_key).call("GET", "/v1/files")
+        assert status == 401, "the metrics key opened more than /metrics"
+        status, _, body = await Client(http, api, metrics_key + "x").call("GET", "/metrics")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    async with running_api(storage, admin_key=None, open_owner="local", registry=registry) as api:
+        status, _, text = await Client(http, api, None).call("GET", "/metrics")
+        assert status == 200 and b"fusillade_test_events_total 1.0" in text
 
 
 async def test_an_unavailable_database_answers_503_with_retry_after(

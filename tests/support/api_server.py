@@ -72,6 +72,7 @@ def make_context(
     admin_key: str | None = ADMIN_KEY,
     open_owner: str | None = None,
     registry: CollectorRegistry | None = None,
+    metrics_key: str | None = None,
 ) -> ApiContext:
     """An API context on `storage`; `served_models` (default: `ROUTED_MODELS`, no default route) is read at each
     upload and listing, so a test may change what it returns."""
@@ -89,6 +90,7 @@ def make_context(
         registry=registry or CollectorRegistry(),
         admin_key=admin_key,
         open_owner=open_owner,
+        metrics_key=metrics_key,
     )
 
 

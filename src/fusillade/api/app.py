@@ -1,8 +1,14 @@
-"""`create_app`: the FastAPI application of fusillade's HTTP API, on the parts an `ApiContext` holds."""
+"""`create_app`: the FastAPI application of fusillade's HTTP API, on the parts an `ApiContext` holds;
+`create_metrics_app`: the application of a listener that serves metrics alone."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from fusillade import __version__
 from fusillade.api.context import ApiContext
@@ -26,3 +32,13 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(models.router)
     app.include_router(health.router)
     return app
+
+
+def create_metrics_app(registry: CollectorRegistry) -> Starlette:
+    """`GET /metrics` of `registry`, without a key, and nothing else: for a listener apart from the API
+    (`[server] metrics_address`, `fusillade daemon --metrics-port`), on an address only Prometheus reaches."""
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])

@@ -8,6 +8,10 @@
 | a stored key                                | the key's owner              | that owner's objects |
 | no key, or a key that is unknown or revoked | 401                          |                      |
 
+`GET /metrics` shows figures of the whole fleet, so with keys it takes an admin key (the configured one, or a
+stored key with `admin`) or the configured metrics key, which opens nothing else; another owner's key gets 403
+(`authorize_metrics`). In open mode it is open, like everything else.
+
 Stored keys are looked up by their SHA-256 (`fusillade.keys.hash_key`) on every request, so a revoked key stops
 working at once. Keys are never logged.
 """
@@ -55,6 +59,23 @@ async def authenticate(request: Request) -> Principal:
             code="invalid_api_key",
         )
     return Principal(owner=found.owner, scope=models.ALL_OWNERS if found.admin else found.owner)
+
+
+async def authorize_metrics(request: Request) -> None:
+    """Let `request` read `/metrics` (see the module's docstring), else `ApiError` 401 or 403."""
+    context = context_of(request)
+    if context.open_owner is not None:
+        return
+    key = _bearer_key(request.headers.get("authorization"))
+    if context.metrics_key is not None and hmac.compare_digest(key.encode(), context.metrics_key.encode()):
+        return
+    if (await authenticate(request)).scope is not models.ALL_OWNERS:
+        raise ApiError(
+            403,
+            "Metrics show the figures of every owner: read them with an admin key or the metrics key "
+            "([auth] metrics_key_env), or at [server] metrics_address.",
+            code="permission_denied",
+        )
 
 
 def _bearer_key(header: str | None) -> str:

@@ -25,6 +25,8 @@ class ApiContext:
     open_owner: str | None = None
     """Open mode: every request acts as this owner, whatever key it sends (the server runs without keys, on
     loopback only). None: a valid bearer key is required."""
+    metrics_key: str | None = None
+    """A key from the configuration that may read `/metrics` and nothing else (compared in constant time)."""
 
 
 def context_of(request: Request) -> ApiContext:

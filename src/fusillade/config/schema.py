@@ -113,6 +113,21 @@ def _base_url(url: str) -> str:
     return url
 
 
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _listen_address(address: str) -> str:
+    hint = "write it HOST:PORT, such as 127.0.0.1:9100 or [::1]:9100"
+    host, separator, port = address.rpartition(":")
+    if not separator or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r} is not an address to listen on; {hint}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"{address!r}: an IPv6 address goes in brackets; {hint}")
+    return address
+
+
 def _database_url(url: str) -> str:
     # Never quote the URL back: it may carry a password.
     if url.startswith(SQLITE_PREFIX):
@@ -186,12 +201,29 @@ class Section(BaseModel):
 
 
 class ServerSection(Section):
-    """`[server]`: where the HTTP API listens (needs a restart to change)."""
+    """`[server]`: where the HTTP API listens, and what one client may make it hold (needs a restart to
+    change)."""
 
     host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
     """Address to listen on; `0.0.0.0` for every interface."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     """TCP port; 0 picks a free one."""
+    metrics_address: Annotated[str, AfterValidator(_listen_address)] | None = None
+    """`HOST:PORT` (`[::1]:9100` for IPv6) where `/metrics` is also served, without a key, apart from the API;
+    none: only at the API's `/metrics`."""
+    max_header_bytes: Annotated[ByteSize, Field(ge=1024)] = 64 * 1024
+    """Largest request line and headers of one request together; over it: 431."""
+    max_headers: Count = 100
+    """Most header fields in one request; over it: 431."""
+    header_timeout: PositiveDuration = timedelta(seconds=10)
+    """Longest time a client may take to send a request's line and headers, from its connection (or the first
+    byte of a further request on it); over it: 408, and the connection is closed."""
+    max_connections: Count = 1000
+    """Most connections open at once; a connection over it is answered 503 and closed."""
+
+    def metrics_listen(self) -> tuple[str, int] | None:
+        """`metrics_address` as (host, port), or None."""
+        return None if self.metrics_address is None else _split_address(self.metrics_address)
 
 
 class AuthSection(Section):
@@ -201,6 +233,9 @@ class AuthSection(Section):
     admin_key_env: EnvVarName | None = None
     """Name of an environment variable holding an admin API key (sees every owner's objects); none: no admin
     key from the environment."""
+    metrics_key_env: EnvVarName | None = None
+    """Name of an environment variable holding a key that may read `GET /metrics` and nothing else (for
+    Prometheus); none: only admin keys may read it (when the API has keys)."""
 
 
 class UploadsSection(Section):
@@ -491,6 +526,14 @@ class Config(BaseSettings):
         if name is None:
             return None
         return _read_variable(name, ("auth", "admin_key_env"), "the admin API key", environ)
+
+    def metrics_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The metrics-only key from the variable `auth.metrics_key_env` names; None when none is named. Raises
+        `InvalidConfiguration` when the named variable is unset or empty."""
+        name = self.auth.metrics_key_env
+        if name is None:
+            return None
+        return _read_variable(name, ("auth", "metrics_key_env"), "the key that reads /metrics", environ)
 
     # ------------------------------------------------------------------------------------- display
 

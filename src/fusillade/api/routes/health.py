@@ -1,16 +1,18 @@
-"""Probes and metrics, outside `/v1` and without authentication: `GET /healthz` (the process answers),
-`GET /readyz` (the database answers too), `GET /metrics` (Prometheus text format)."""
+"""Probes and metrics, outside `/v1`: `GET /healthz` (the process answers) and `GET /readyz` (the database
+answers too), without authentication; `GET /metrics` (Prometheus text format), with an admin or the metrics key
+when the API has keys (`auth.authorize_metrics`)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Final
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fusillade import errors
+from fusillade.api.auth import authorize_metrics
 from fusillade.api.context import context_of
 from fusillade.api.errors import RETRY_AFTER_SECONDS
 
@@ -38,6 +40,11 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (an admin or the metrics key when the API has keys)",
+    response_class=Response,
+    dependencies=[Depends(authorize_metrics)],
+)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(context_of(request).registry), media_type=CONTENT_TYPE_LATEST)
