@@ -106,6 +106,7 @@ def test_the_file_sets_every_section(tmp_path: Path) -> None:
         [uploads]
         max_lines = 10
         max_bytes = "1MiB"
+        max_line_bytes = "64KiB"
         [daemon]
         claim_batch_size = 7
         heartbeat_interval = "2s"
@@ -133,7 +134,7 @@ def test_the_file_sets_every_section(tmp_path: Path) -> None:
     assert config.source == path
     assert config.database_url == "postgresql://fusillade@db:5432/fusillade"
     assert (config.server.host, config.server.port) == ("0.0.0.0", 9000)
-    assert config.upload_limits() == jsonl.Limits(max_lines=10, max_bytes=1024 * 1024)
+    assert config.upload_limits() == jsonl.Limits(max_lines=10, max_bytes=1024 * 1024, max_line_bytes=64 * 1024)
     assert config.daemon_settings() == DaemonSettings(
         claim_batch_size=7,
         heartbeat_interval=timedelta(seconds=2),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -53,9 +55,15 @@ async def from_list(chunks: list[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def reasons(data: bytes, **options: Any) -> list[tuple[int, str]]:
-    """The (line, reason) pairs of the ValidationError that `data` must raise."""
-    _, error = await collect(jsonl.iterate_chunks(data), **options)
+async def reasons(data: bytes, *, chunks: int = 65536, **options: Any) -> list[tuple[int, str]]:
+    """The (line, reason) pairs of the ValidationError that `data`, read in `chunks`-byte chunks, must raise."""
+    return await reasons_of(jsonl.iterate_chunks(data, chunks), **options)
+
+
+async def reasons_of(
+    chunks: AsyncIterator[bytes], limits: jsonl.Limits = jsonl.DEFAULT_LIMITS, **options: Any
+) -> list[tuple[int, str]]:
+    _, error = await collect(chunks, limits, **options)
     assert error is not None, "the file was expected to be rejected"
     return [(item.line, item.reason) for item in error.errors]
 
@@ -89,13 +97,79 @@ async def test_good_lines_become_templates_in_order() -> None:
     ]
 
 
-async def test_body_is_stored_as_compact_json() -> None:
-    data = (
-        b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",\t"body": { "model" : "m" , "n": 1 }}'
+async def test_the_body_is_stored_exactly_as_written() -> None:
+    body = (
+        b'{ "model" : "m" , "n": 18446744073709551616, "tiny": 1e-99999, "s": "\\u00e9\\n", "z": 1.50, "a": [] }'
     )
+    data = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",\t"body": ' + body + b" }\r\n"
     templates, error = await collect([data])
     assert error is None
-    assert templates[0].body == '{"model":"m","n":1}'
+    assert templates[0].body == body.decode(), "numbers, escapes, key order and spacing unchanged"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        b'{"body": BODY, "custom_id": "a", "method": "POST", "url": "/v1/chat/completions"}',
+        b'{"custom_id": "a", "extra": {"body": {"model": "decoy"}}, "body": BODY, "method": "POST", "url": "URL"}',
+        b'{"custom_id": "a", "body": {"model": "first"}, "method": "POST", "url": "URL", "body": BODY}',
+        b'{"custom_id": "a", "method": "POST", "url": "URL", "body": {"model": "first"}, "bod\\u0079": BODY}',
+        b'  {"custom_id":"a","method":"POST","url":"URL","note":[1,{"x":"}"}],"body":BODY}  ',
+    ],
+    ids=["body first", "decoy key", "body twice", "escaped key", "array before"],
+)
+async def test_the_body_a_json_reader_keeps_is_the_one_stored(layout: bytes) -> None:
+    body = b'{"model": "m", "text": "a \\"quoted\\" } and ] brackets", "big": 123456789012345678901234567890}'
+    data = layout.replace(b"BODY", body).replace(b"URL", CHAT.encode())
+    templates, error = await collect([data])
+    assert error is None, error.errors if error else None
+    assert templates[0].body == body.decode()
+    assert templates[0].model == "m"
+
+
+async def test_a_body_with_a_lone_surrogate_escape_is_refused() -> None:
+    data = line("a").replace(b'"model":"m"', b'"model":"m","x":"\\ud800"')
+    assert [number for number, _ in await reasons(data)] == [1]
+
+
+async def test_a_line_over_the_line_limit_is_refused_without_being_kept() -> None:
+    limits = jsonl.Limits(max_line_bytes=100)
+    long_line = line("long", body={"model": "m", "text": "x" * 200})
+    data = line("a") + long_line + line("b") + long_line.rstrip(b"\n")
+    for chunk_size in (7, 64, 150, len(data)):
+        found = await reasons(data, limits=limits, chunks=chunk_size)
+        assert [number for number, _ in found] == [2, 4], chunk_size
+        assert "longer than 100 bytes, the limit for one request line" in found[0][1]
+    exactly = line("c", body={"model": "m", "t": "x" * (100 - len(line("c", body={"model": "m", "t": ""})) + 1)})
+    templates, error = await collect(jsonl.iterate_chunks(exactly, 9), limits)
+    assert error is None and len(templates) == 1, "a line of exactly max_line_bytes (line end excluded) is good"
+
+
+async def test_memory_is_bounded_by_the_line_limit_not_by_the_line() -> None:
+    megabyte = 2**20
+
+    async def one_long_line() -> AsyncIterator[bytes]:
+        yield b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", "t": "'
+        for _ in range(40):
+            yield b"x" * megabyte  # a new chunk each time, as a stream's are
+        yield b'"}}\n' + line("b")
+
+    tracemalloc.start()
+    try:
+        templates, error = await collect(one_long_line(), jsonl.Limits(max_line_bytes=2 * megabyte))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert error is not None and [item.line for item in error.errors] == [1]
+    assert [template.custom_id for template in templates] == ["b"], "the lines after it are still read"
+    assert peak < 6 * megabyte, f"{peak / megabyte:.1f} MiB held for a 40 MiB line with a 2 MiB limit"
+
+
+async def test_a_model_name_over_256_characters_is_refused() -> None:
+    ok = line("a", body={"model": "m" * 256})
+    too_long = line("b", body={"model": "m" * 257})
+    found = await reasons(ok + too_long, model_allowed=lambda model: True)
+    assert found == [(2, "body.model is 257 characters long; a model name has at most 256.")]
 
 
 async def test_crlf_line_endings_and_missing_final_newline_are_accepted() -> None:
@@ -384,6 +458,7 @@ async def test_a_file_of_exactly_max_bytes_is_accepted() -> None:
     [
         {"max_lines": 0},
         {"max_bytes": 0},
+        {"max_line_bytes": 0},
         {"max_custom_id_length": 0},
         {"max_errors": -1},
         {"allowed_urls": frozenset()},
@@ -505,9 +580,43 @@ def test_chunking_does_not_change_the_outcome(data: bytes, chunk_sizes: list[int
     st.lists(st.integers(1, 30), min_size=1, max_size=4),
     st.integers(1, 4),
     st.integers(1, 3),
+    st.integers(1, 120),
 )
 def test_chunking_does_not_change_the_outcome_under_tight_limits(
-    data: bytes, chunk_sizes: list[int], max_lines: int, max_errors: int
+    data: bytes, chunk_sizes: list[int], max_lines: int, max_errors: int, max_line_bytes: int
 ) -> None:
-    limits = jsonl.Limits(max_lines=max_lines, max_errors=max_errors)
+    limits = jsonl.Limits(max_lines=max_lines, max_errors=max_errors, max_line_bytes=max_line_bytes)
     assert run(data, chunk_sizes, limits) == run(data, limits=limits)
+
+
+def written(value: Any, style: int) -> str:
+    """`value` as JSON text in one of a few writers' styles (spacing, indentation, escapes)."""
+    if style == 0:
+        return orjson.dumps(value).decode()
+    if style == 1:
+        return json.dumps(value, indent=2).replace("\n", " ")  # ASCII escapes, spaces, but one line
+    return json.dumps(value, separators=(" ,", " : "), ensure_ascii=False)
+
+
+big_numbers = st.sampled_from(["18446744073709551616", "-1e-99999", "1.000", "12345678901234567890123", "0.1e2"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bodies,
+    st.integers(0, 2),
+    st.permutations(["custom_id", "method", "url", "body", "note"]),
+    json_values,
+    big_numbers,
+)
+def test_the_stored_body_is_the_text_of_the_line(
+    body: dict[str, Any], style: int, order: list[str], note: Any, number: str
+) -> None:
+    body_text = written(body, style)
+    body_text = body_text[:-1] + (", " if len(body) else "") + f'"number": {number}' + "}"
+    values = {"custom_id": '"r"', "method": '"POST"', "url": f'"{CHAT}"', "body": body_text}
+    values["note"] = written(note, style)
+    data = ("{" + ", ".join(f'"{key}": {values[key]}' for key in order) + "}\n").encode()
+    templates, failure = run(data)
+    assert failure is None, failure
+    assert templates[0].body == body_text

@@ -245,12 +245,15 @@ class UploadsSection(Section):
     """Most request lines in one file."""
     max_bytes: ByteSize = jsonl.DEFAULT_LIMITS.max_bytes
     """Largest file, in bytes or as a size such as "200MiB"."""
+    max_line_bytes: ByteSize = jsonl.DEFAULT_LIMITS.max_line_bytes
+    """Longest request line (its line end excluded); a longer line is refused, and an upload never holds more
+    of one line in memory than this."""
     spool_directory: Annotated[Path, AfterValidator(_existing_directory)] | None = None
     """Existing directory where uploads are buffered while they are validated; none: the system's temporary
     directory."""
 
     def limits(self) -> jsonl.Limits:
-        return jsonl.Limits(max_lines=self.max_lines, max_bytes=self.max_bytes)
+        return jsonl.Limits(max_lines=self.max_lines, max_bytes=self.max_bytes, max_line_bytes=self.max_line_bytes)
 
 
 class RetrySection(Section):

@@ -5,11 +5,15 @@ Each line must be one JSON object:
     {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", ...}}
 
 `validate` reads the file chunk by chunk and yields a `TemplateInput` for every good line as soon as it is
-read, so memory stays flat whatever the file size: only the unfinished last line of a chunk and the set of
-custom_ids seen so far (bounded by `Limits.max_lines`) are kept. When the stream ends, if any line was bad,
-it raises `errors.ValidationError` listing the bad lines by number; a consumer stores the yielded templates
-inside a transaction, so that raise rolls the whole upload back. Going over the line or byte limit raises
-at once, without reading the rest of the file.
+read, so memory stays flat whatever the file size: only the unfinished last line of a chunk (at most
+`Limits.max_line_bytes`: a longer line is dropped as it streams by, and reported) and the set of custom_ids seen
+so far (bounded by `Limits.max_lines`) are kept. When the stream ends, if any line was bad, it raises
+`errors.ValidationError` listing the bad lines by number; a consumer stores the yielded templates inside a
+transaction, so that raise rolls the whole upload back. Going over the line count or byte limit raises at once,
+without reading the rest of the file.
+
+A template's `body` is the line's `body` exactly as written (its bytes, validated as JSON, never re-serialised),
+so that the upstream gets what the user wrote: numbers beyond 64 bits, escapes and key order unchanged.
 
 Blank lines are accepted only at the end of the file (editors often add one); unknown top-level keys are
 ignored, as OpenAI does; a UTF-8 byte order mark at the start of the file is skipped (Windows editors write
@@ -26,7 +30,7 @@ from typing import Any
 import orjson
 
 from fusillade import errors
-from fusillade.domain import models
+from fusillade.domain import json_spans, models, served
 from fusillade.domain.served import ServedModels
 
 SUPPORTED_URLS = frozenset(
@@ -41,6 +45,30 @@ _SHOWN_CHARACTERS = 60
 """Values quoted back in messages are cut to this many characters."""
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 """Not allowed in a custom_id or a model name: a newline or NUL there breaks logs, headers and PostgreSQL text."""
+MAX_MODEL_LENGTH = served.MAX_SEEN_LENGTH
+"""Characters of a model name (the names the server records for the default route are as long at most)."""
+MAX_BODY_DEPTH = 254
+"""Levels of objects and arrays in a body, the body itself counted (what JSON writers such as orjson write)."""
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_BODY_LAST = re.compile(
+    rb"[ \t\r]*+\{((?:[ \t\r]*+"
+    + _STRING
+    + rb"[ \t\r]*+:[ \t\r]*+(?:"
+    + _STRING
+    + rb"|[-+.0-9A-Za-z]++)[ \t\r]*+,)*?)"
+    rb'[ \t\r]*+"body"[ \t\r]*+:[ \t\r]*+',
+    re.DOTALL,
+)
+"""The usual line up to its body's value: members whose values are strings or scalars, then `"body":`. When the
+body is also the last member, the line is read as two small JSON documents, without locating the body's end."""
+
+
+class _TooLong:
+    """A line longer than `Limits.max_line_bytes`, in the stream of lines: its bytes were dropped."""
+
+
+_TOO_LONG = _TooLong()
+_CLOSE_BRACE = ord("}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,6 +78,8 @@ class Limits:
     max_lines: int = 50_000
     """Request lines (blank lines are not counted)."""
     max_bytes: int = 200 * 1024 * 1024
+    max_line_bytes: int = 10 * 1024 * 1024
+    """Bytes of one line, its line end excluded: a longer line is refused, and never held whole in memory."""
     max_custom_id_length: int = 512
     """In characters."""
     max_errors: int = 100
@@ -57,7 +87,7 @@ class Limits:
     allowed_urls: frozenset[str] = SUPPORTED_URLS
 
     def __post_init__(self) -> None:
-        for name in ("max_lines", "max_bytes", "max_custom_id_length", "max_errors"):
+        for name in ("max_lines", "max_bytes", "max_line_bytes", "max_custom_id_length", "max_errors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits.{name} must be at least 1, not {getattr(self, name)}.")
         if not self.allowed_urls:
@@ -85,8 +115,9 @@ async def validate(
     """Yield one `TemplateInput` per good line, in file order, as the stream is read.
 
     Raises `errors.ValidationError` (with `errors` = the bad lines, at most `limits.max_errors` of them and
-    then a line-0 summary) after the last chunk if any line was bad or the file holds no request, and at
-    once when the file goes over `limits.max_lines` or `limits.max_bytes`. `model_allowed`, if given, says
+    then a line-0 summary) after the last chunk if any line was bad (a line longer than `limits.max_line_bytes`
+    is one) or the file holds no request, and at once when the file goes over `limits.max_lines` or
+    `limits.max_bytes`. `model_allowed`, if given, says
     whether the server routes a model; a line whose model it refuses is bad. `served`, if given, is the routing
     table in force: it decides in place of a missing `model_allowed`, and the first line with a model it does
     not serve names the served models (`ServedModels.describe`; the next such lines refer to that line).
@@ -94,26 +125,36 @@ async def validate(
     if model_allowed is None and served is not None:
         model_allowed = served.accepts
     scan = _Scan(limits, model_allowed, served)
-    async for lines in _split_lines(chunks, limits.max_bytes):
+    async for lines in _split_lines(chunks, limits.max_bytes, limits.max_line_bytes):
         for line in lines:
             if isinstance(line, int):
                 scan.skip_blank_lines(line)
                 continue
+            if line is _TOO_LONG:
+                scan.too_long()
+                continue
+            assert isinstance(line, bytes)
             template = scan.read(line)
             if template is not None:
                 yield template
     scan.finish()
 
 
-async def _split_lines(chunks: AsyncIterable[bytes], max_bytes: int) -> AsyncIterator[list[bytes | int]]:
+async def _split_lines(
+    chunks: AsyncIterable[bytes], max_bytes: int, max_line_bytes: int
+) -> AsyncIterator[list[bytes | int | _TooLong]]:
     """Yield the complete lines of each chunk (without their `\\n`), and at the end the last line if the file
-    does not end with a newline. Only the unfinished last line is kept between chunks.
+    does not end with a newline. Only the unfinished last line is kept between chunks, and only while it is at
+    most `max_line_bytes` long: past that its bytes are dropped as they come, and the line comes as `_TOO_LONG`.
 
     A run of blank lines comes as its count (an int): a file of newlines then costs a few C calls per chunk
     instead of Python work per line.
     """
     total = 0
     unfinished: list[bytes] = []
+    unfinished_size = 0
+    skipping = False
+    """The line being read is longer than the limit: its bytes are dropped up to its end."""
     async for chunk in chunks:
         if not chunk:
             continue
@@ -122,19 +163,32 @@ async def _split_lines(chunks: AsyncIterable[bytes], max_bytes: int) -> AsyncIte
             raise _file_too_large(max_bytes)
         end = chunk.find(b"\n")
         if end < 0:
-            # A line longer than a chunk: collect its parts and join them once, not once per chunk.
-            unfinished.append(chunk)
+            if not skipping:
+                # A line longer than a chunk: collect its parts and join them once, not once per chunk.
+                unfinished_size += len(chunk)
+                if unfinished_size > max_line_bytes:
+                    unfinished, unfinished_size, skipping = [], 0, True
+                else:
+                    unfinished.append(chunk)
             continue
-        unfinished.append(chunk[:end])
-        found: list[bytes | int] = [b"".join(unfinished)]
-        tail = _chunk_lines(chunk, end + 1, found)
-        unfinished = [tail] if tail else []
+        found: list[bytes | int | _TooLong]
+        if skipping or unfinished_size + end > max_line_bytes:
+            found = [_TOO_LONG]
+        else:
+            unfinished.append(chunk[:end])
+            found = [b"".join(unfinished)]
+        tail = _chunk_lines(chunk, end + 1, found, max_line_bytes)
+        skipping = len(tail) > max_line_bytes
+        unfinished = [tail] if tail and not skipping else []
+        unfinished_size = len(tail) if not skipping else 0
         yield found
-    if unfinished:
+    if skipping:
+        yield [_TOO_LONG]
+    elif unfinished:
         yield [b"".join(unfinished)]
 
 
-def _chunk_lines(chunk: bytes, position: int, found: list[bytes | int]) -> bytes:
+def _chunk_lines(chunk: bytes, position: int, found: list[bytes | int | _TooLong], max_line_bytes: int) -> bytes:
     """Append the complete lines of `chunk` from `position` on to `found`; return the unfinished rest."""
     while True:
         content = _NOT_BLANK.search(chunk, position)
@@ -152,7 +206,7 @@ def _chunk_lines(chunk: bytes, position: int, found: list[bytes | int]) -> bytes
         end = chunk.find(b"\n", content.start())
         if end < 0:
             return chunk[start:]
-        found.append(chunk[start:end])
+        found.append(chunk[start:end] if end - start <= max_line_bytes else _TOO_LONG)
         position = end + 1
 
 
@@ -184,17 +238,31 @@ class _Scan:
             if self.blank_since is None:
                 self.blank_since = self.line_number
             return None
+        self._count_request()
+        outcome = self._check(line)
+        if isinstance(outcome, str):
+            self._reject(self.line_number, outcome)
+            return None
+        return outcome
+
+    def too_long(self) -> None:
+        """Note a line longer than `Limits.max_line_bytes` (a bad request line; its content was not kept)."""
+        self.line_number += 1
+        self._count_request()
+        limit = self.limits.max_line_bytes
+        self._reject(
+            self.line_number,
+            f"The line is longer than {_size(limit)}, the limit for one request line; shorten its body "
+            "(such as inline images) or ask the operator to raise [uploads] max_line_bytes.",
+        )
+
+    def _count_request(self) -> None:
         if self.blank_since is not None:
             self._reject_blank_run(self.blank_since, self.line_number)
             self.blank_since = None
         self.requests += 1
         if self.requests > self.limits.max_lines:
             raise self._too_many_lines()
-        outcome = self._check(line)
-        if isinstance(outcome, str):
-            self._reject(self.line_number, outcome)
-            return None
-        return outcome
 
     def skip_blank_lines(self, count: int) -> None:
         """Note `count` blank lines (errors only if a request line follows them)."""
@@ -238,9 +306,10 @@ class _Scan:
 
     def _check(self, line: bytes) -> models.TemplateInput | str:
         """The line's template, or the first reason it is bad."""
-        parsed = _parse(line)
-        if isinstance(parsed, str):
-            return parsed
+        read = _parse(line)
+        if isinstance(read, str):
+            return read
+        parsed, body_start, body_end = read
         custom_id = parsed.get("custom_id", _MISSING)
         problem = self._check_custom_id(custom_id) or _check_target(parsed, self.limits)
         if problem:
@@ -251,22 +320,23 @@ class _Scan:
         model = body.get("model", _MISSING)
         if not isinstance(model, str) or not model:
             return _wrong("body.model", model, "a non-empty string naming the model")
+        if len(model) > MAX_MODEL_LENGTH:
+            return f"body.model is {len(model)} characters long; a model name has at most {MAX_MODEL_LENGTH}."
         control = _CONTROL_CHARACTER.search(model)
         if control:
             return f"body.model contains the control character {control.group()!r}; a model name cannot."
         if self.model_allowed is not None and not self.model_allowed(model):
             return self._no_route(model)
-        try:
-            stored_body = orjson.dumps(body).decode()
-        except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper than it writes)
-            return "body is nested too deeply (over 254 levels of objects and arrays)."
+        brackets = line.count(b"{", body_start, body_end) + line.count(b"[", body_start, body_end)
+        if brackets > MAX_BODY_DEPTH and json_spans.value_span(line, body_start)[1] > MAX_BODY_DEPTH:
+            return f"body is nested too deeply (over {MAX_BODY_DEPTH} levels of objects and arrays)."
         return models.TemplateInput(
             line_number=self.line_number,
             custom_id=custom_id,
             method="POST",
             url=parsed["url"],
             model=model,
-            body=stored_body,
+            body=str(memoryview(line)[body_start:body_end], "utf-8"),
         )
 
     def _no_route(self, model: str) -> str:
@@ -299,8 +369,12 @@ class _Scan:
         return None
 
 
-def _parse(line: bytes) -> dict[str, Any] | str:
-    """The line's JSON object, or why it is not one."""
+def _parse(line: bytes) -> tuple[dict[str, Any], int, int] | str:
+    """The line's JSON object, and where its `body` is written (`line[start:end]`, empty when there is none);
+    or why the line is not a JSON object."""
+    fast = _parse_body_last(line)
+    if fast is not None:
+        return fast
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
@@ -314,7 +388,36 @@ def _parse(line: bytes) -> dict[str, Any] | str:
             f"The line is {_describe(value)}, not a JSON object; each line must be an object with custom_id, "
             "method, url and body."
         )
-    return value
+    found = json_spans.object_at(line)
+    body = found.last("body") if found is not None else None
+    return (value, body.start, body.end) if body is not None else (value, 0, 0)
+
+
+def _parse_body_last(line: bytes) -> tuple[dict[str, Any], int, int] | None:
+    """The usual line, `{"custom_id": "…", "method": "POST", "url": "…", "body": {…}}` (keys in any order, the
+    body last), read as two JSON documents: the members before the body, and the body itself; None for any other
+    line (or an invalid one), which the general path reads."""
+    head = _BODY_LAST.match(line)
+    if head is None:
+        return None
+    start = head.end()
+    close = _end_of_content(line, len(line)) - 1
+    if close < start or line[close] != _CLOSE_BRACE:
+        return None
+    members = head.group(1)
+    try:
+        value = orjson.loads(b"{" + members[:-1] + b"}") if members else {}
+        value["body"] = orjson.loads(line[start:close])  # fails unless the body ends the object
+    except orjson.JSONDecodeError:
+        return None
+    return value, start, _end_of_content(line, close)
+
+
+def _end_of_content(line: bytes, end: int) -> int:
+    """`end` moved back over the JSON whitespace before it."""
+    while end > 0 and line[end - 1] in _JSON_WHITESPACE:
+        end -= 1
+    return end
 
 
 def _check_target(parsed: dict[str, Any], limits: Limits) -> str | None:
@@ -367,8 +470,13 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
+def _size(limit: int) -> str:
+    """`10,485,760 bytes (10 MiB)`"""
+    return f"{limit:,} bytes" + (f" ({limit // 2**20} MiB)" if limit % 2**20 == 0 else "")
+
+
 def _file_too_large(max_bytes: int) -> errors.ValidationError:
-    size = f"{max_bytes:,} bytes" + (f" ({max_bytes // 2**20} MiB)" if max_bytes % 2**20 == 0 else "")
+    size = _size(max_bytes)
     reason = f"The file is larger than {size}, the limit; split it into smaller files."
     return errors.ValidationError(
         f"The file is larger than {size}, the limit; nothing was stored.",
