@@ -12,8 +12,10 @@ when the custom id is safe in a header (printable ASCII without surrounding spac
 then the caller's extra headers (batch metadata, `traceparent`), which cannot replace those. Redirects are not
 followed.
 
-Streaming: when the route streams and the path is chat completions, completions or responses, the body gets
-`"stream": true` (plus `"stream_options": {"include_usage": true}` except for responses). Any 2xx answer with
+The body is sent as stored: the bytes the user wrote in the input line. Streaming: when the route streams and
+the path is chat completions, completions or responses, the body gets `"stream": true` (plus
+`"stream_options": {"include_usage": true}` except for responses), spliced in without re-serialising the user's
+fields (`stream_request`). Any 2xx answer with
 `Content-Type: text/event-stream` on those paths is read as SSE and reassembled (`reassemble`), so the stored
 body always has the non-streaming shape.
 
@@ -33,12 +35,11 @@ from types import TracebackType
 from typing import Self
 
 import aiohttp
-import orjson
 import yarl
 
 from fusillade.clock import Clock, SystemClock
 from fusillade.domain import ids, models
-from fusillade.upstream import classify, reassemble, sse
+from fusillade.upstream import classify, reassemble, sse, stream_request
 from fusillade.upstream.outcome import Outcome, Retriable, Success
 from fusillade.upstream.routes import PhaseTimeouts, Route
 
@@ -129,8 +130,8 @@ class UpstreamClient:
         new_reassembler = _reassembler_factory(request.url)
         body: bytes
         if route.stream and new_reassembler is not None:
-            streaming_body = _streaming_body(
-                request.body, usage=new_reassembler is not reassemble.ResponsesReassembler
+            streaming_body = stream_request.streaming_body(
+                request.body.encode(), usage=new_reassembler is not reassemble.ResponsesReassembler
             )
             if streaming_body is None:
                 outcome = classify.invalid_request("a streamed request needs a JSON object body")
@@ -363,22 +364,6 @@ def _aiohttp_timeout(timeouts: PhaseTimeouts) -> aiohttp.ClientTimeout:
     """aiohttp times the connection itself (it knows when connecting ends); the other phases are ours."""
     connect = None if timeouts.connect is None else timeouts.connect.total_seconds()
     return aiohttp.ClientTimeout(total=None, sock_connect=connect)
-
-
-def _streaming_body(body: str, *, usage: bool) -> bytes | None:
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(document, dict):
-        return None
-    document["stream"] = True
-    if usage:
-        options = document.get("stream_options")
-        document["stream_options"] = (
-            {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
-        )
-    return orjson.dumps(document)
 
 
 def _headers(request: models.ClaimedRequest, route: Route, extra: Mapping[str, str] | None) -> dict[str, str]:
