@@ -128,7 +128,7 @@ class Service:
         with handle:
             size = (await asyncio.to_thread(path.stat)).st_size
             if size > limits.max_bytes:
-                raise _file_too_large(limits.max_bytes)
+                raise file_too_large(limits.max_bytes)
             return await self._store(owner, _clean_filename(path.name), _read(handle), size, limits)
 
     async def _store(
@@ -291,7 +291,7 @@ async def _spool(chunks: AsyncIterable[bytes], spool: IO[bytes], max_bytes: int)
     async for chunk in chunks:
         size += len(chunk)
         if size > max_bytes:
-            raise _file_too_large(max_bytes)
+            raise file_too_large(max_bytes)
         pending.append(chunk)
         pending_size += len(chunk)
         if pending_size >= SPOOL_WRITE_BYTES:
@@ -307,7 +307,8 @@ async def _read(handle: IO[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _file_too_large(max_bytes: int) -> InvalidParameter:
+def file_too_large(max_bytes: int) -> InvalidParameter:
+    """The refusal of an upload larger than `max_bytes` (param `file`, line 0)."""
     size = f"{max_bytes:,} bytes" + (f" ({max_bytes // 2**20} MiB)" if max_bytes % 2**20 == 0 else "")
     reason = f"The file is larger than {size}, the limit; split it into smaller files."
     return InvalidParameter(
@@ -344,6 +345,8 @@ def _check_spec(spec: models.BatchSpec, limits: jsonl.Limits) -> None:
         raise InvalidParameter(
             "Idempotency-Key", f"The Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} characters long."
         )
+    if key is not None and (problem := _text_problem(key)):
+        raise InvalidParameter("Idempotency-Key", f"The Idempotency-Key contains {problem}.")
 
 
 def _check_metadata(metadata: Mapping[str, str]) -> None:
@@ -360,8 +363,21 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
             raise InvalidParameter(
                 "metadata", f"metadata value of {key!r} is longer than {MAX_METADATA_VALUE_LENGTH} characters."
             )
-        if "\x00" in key or "\x00" in value:  # PostgreSQL cannot store it; refused on SQLite too, alike
-            raise InvalidParameter("metadata", f"metadata pair {key[:20]!r} contains a NUL character (\\u0000).")
+        for text in (key, value):
+            if problem := _text_problem(text):  # PostgreSQL cannot store these; refused on SQLite too, alike
+                raise InvalidParameter("metadata", f"metadata pair {key[:20]!r} contains {problem}.")
+
+
+def _text_problem(text: str) -> str | None:
+    """Why `text` cannot be stored as text (in PostgreSQL as in SQLite), or None: a NUL character, or a lone
+    surrogate (a JSON escape such as `\\ud800` that no character follows up)."""
+    if "\x00" in text:
+        return "a NUL character (\\u0000)"
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate ({text[exc.start]!r}), which is not a character: use valid Unicode text"
+    return None
 
 
 def _frozen_metadata(metadata: Mapping[str, str] | None) -> frozenset[tuple[str, str]] | None:

@@ -1,6 +1,9 @@
 """`POST /v1/files` read as a stream: a multipart/form-data body whose `file` part is handed on chunk by chunk
 (to the service, which spools it to disk), never gathered in memory.
 
+A body whose `Content-Length` says that its file is over the byte limit is refused before any of it is read
+(`check_declared_size`); a body without one is refused as soon as the file passes the limit.
+
 The official SDK sends `purpose` first and `file` last; curl sends the parts in the order given. Both work: the
 file's chunks flow while it arrives, the other parts are small text fields kept in memory (bounded), and the
 stream of chunks raises `InvalidParameter` (so nothing is stored) if, once the whole body has been read,
@@ -17,7 +20,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from fusillade.service import DEFAULT_FILENAME, InvalidParameter
+from fusillade.service import DEFAULT_FILENAME, InvalidParameter, file_too_large
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -26,6 +29,19 @@ FILE_PART: Final = "file"
 PURPOSE: Final = "batch"
 MAX_FIELD_BYTES: Final = 64 * 1024
 MAX_FIELDS: Final = 32
+FORM_ALLOWANCE: Final = MAX_FIELDS * MAX_FIELD_BYTES + 64 * 1024
+"""Bytes a multipart body may hold besides its file: the other fields at their largest, and the parts' headers."""
+
+
+def check_declared_size(content_length: str | None, max_bytes: int) -> None:
+    """Refuse (`InvalidParameter`, param `file`) a body whose `Content-Length` is larger than a file of
+    `max_bytes` and the rest of a form can make it, before any of it is read."""
+    if (
+        content_length is not None
+        and content_length.isdigit()
+        and int(content_length) > max_bytes + FORM_ALLOWANCE
+    ):
+        raise file_too_large(max_bytes)
 
 
 class MultipartUpload:

@@ -17,7 +17,12 @@ from fusillade.domain import ids, models, states
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=schemas.ERROR_RESPONSES)
 
 
-@router.post("", response_model=schemas.BatchObject, summary="Create a batch")
+@router.post(
+    "",
+    response_model=schemas.BatchObject,
+    summary="Create a batch",
+    responses={413: {"model": schemas.ErrorEnvelope, "description": "The body is larger than 1 MiB."}},
+)
 async def create_batch(
     request: Request,
     caller: Caller,

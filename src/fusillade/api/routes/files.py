@@ -12,7 +12,7 @@ from fusillade.api import schemas
 from fusillade.api.auth import Caller
 from fusillade.api.context import context_of
 from fusillade.api.errors import ApiError
-from fusillade.api.uploads import MultipartUpload
+from fusillade.api.uploads import MultipartUpload, check_declared_size
 from fusillade.domain import ids, states
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=schemas.ERROR_RESPONSES)
@@ -41,8 +41,10 @@ UPLOAD_BODY = {
 @router.post("", response_model=schemas.FileObject, summary="Upload a batch input file", openapi_extra=UPLOAD_BODY)
 async def upload_file(request: Request, caller: Caller) -> schemas.FileObject:
     """multipart/form-data with `purpose=batch` and `file` (JSONL). The file is streamed to disk and checked
-    line by line; a bad file is refused with every bad line's number (400), and nothing is stored."""
+    line by line; a bad file is refused with every bad line's number (400), and nothing is stored. A body whose
+    `Content-Length` is over the file size limit is refused (400) before it is read."""
     service = context_of(request).service
+    check_declared_size(request.headers.get("content-length"), service.limits.max_bytes)
     upload = MultipartUpload(request.headers.get("content-type"), request.stream().__aiter__())
     try:
         filename = await upload.open_file()

@@ -41,11 +41,17 @@ def translated_errors() -> Iterator[None]:
     except asyncpg.exceptions.ClientConfigurationError as exc:
         raise errors.ConfigurationError(f"The PostgreSQL connection URL is invalid: {_describe(exc)}") from exc
     except asyncpg.exceptions.DataError as exc:  # a value the driver cannot send: retrying will not help
-        raise errors.StorageError(f"The database driver rejected a value: {_describe(exc)}") from exc
+        # Its message quotes the value (user data, which no log may hold): only its kind is kept.
+        raise errors.StorageError(f"The database driver rejected a value: {_kind(exc)}") from exc
     except _UNAVAILABLE as exc:
         raise errors.StorageUnavailable(f"The database is unavailable: {_describe(exc)}") from exc
     except asyncpg.PostgresError as exc:
         raise errors.StorageError(f"The database reported an error: {_describe(exc)}") from exc
+
+
+def _kind(exc: BaseException) -> str:
+    sqlstate = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__} (SQLSTATE {sqlstate})" if sqlstate else type(exc).__name__
 
 
 def _describe(exc: BaseException) -> str:
