@@ -166,6 +166,57 @@ async def test_retry_failed_reopens_the_batch(storage: base.Storage, clock: cloc
     assert sorted(item.id for item in await factories.claim(storage, daemon)) == sorted([first, second])
 
 
+async def test_a_retry_replaces_the_result_files_its_owner_deleted(
+    storage: base.Storage, clock: clocks.ManualClock
+) -> None:
+    batch = await factories.create_batch(storage, count=4)
+    daemon = await factories.run_to_completion(storage, batch, failing=2)
+    assert await storage.finalize_batches() == [batch.id]
+    await storage.delete_file(batch.output_file_id, owner="alice")
+    await storage.delete_file(batch.error_file_id, owner="alice")
+
+    clock.advance(SECOND)
+    assert await storage.retry_failed(batch.id, owner="alice") == 2
+    retried = await storage.get_batch(batch.id, owner="alice")
+    assert retried.output_file_id != batch.output_file_id and retried.error_file_id != batch.error_file_id
+    output = await storage.get_file(retried.output_file_id, owner="alice")
+    assert (output.purpose, output.created_at, output.batch_id) == (
+        states.FilePurpose.BATCH_OUTPUT,
+        clock.now(),
+        batch.id,
+    )
+    assert output.filename == f"batch_{batch.id.hex}_output.jsonl"
+    assert output.request_count == 2, "the new output file holds the batch's results, the earlier ones too"
+    with pytest.raises(errors.NotFound):  # empty until a request fails again, like any error file
+        await storage.get_file(retried.error_file_id, owner="alice")
+    for deleted in (batch.output_file_id, batch.error_file_id):
+        with pytest.raises(errors.NotFound):
+            await storage.get_file(deleted, owner="alice")
+
+    first, second = (item.id for item in await factories.claim(storage, daemon))
+    await factories.complete(storage, daemon, [first])
+    await factories.fail(storage, daemon, [second])
+    assert await storage.finalize_batches() == [batch.id]
+    assert len(await factories.read_lines(storage, retried.output_file_id)) == 3
+    [error_line] = await factories.read_lines(storage, retried.error_file_id)
+    assert error_line["error"]["code"] == "timeout"
+    listed = {file.id for file in (await storage.list_files(owner="alice")).items}
+    assert {retried.output_file_id, retried.error_file_id} <= listed
+    assert not {batch.output_file_id, batch.error_file_id} & listed
+
+    # Only the deleted one is replaced; a retry that moves nothing replaces nothing.
+    await storage.delete_file(retried.error_file_id, owner="alice")
+    assert await storage.retry_failed(batch.id, owner="alice") == 1
+    again = await storage.get_batch(batch.id, owner="alice")
+    assert again.output_file_id == retried.output_file_id
+    assert again.error_file_id not in (retried.error_file_id, batch.error_file_id)
+    await storage.delete_file(again.output_file_id, owner="alice")
+    [last] = await factories.claim(storage, daemon)
+    await factories.complete(storage, daemon, [last.id])
+    assert await storage.retry_failed(batch.id, owner="alice") == 0
+    assert (await storage.get_batch(batch.id, owner="alice")).output_file_id == again.output_file_id
+
+
 async def test_retry_failed_without_failures_changes_nothing(storage: base.Storage) -> None:
     batch = await factories.create_batch(storage, count=2)
     await factories.run_to_completion(storage, batch)

@@ -266,3 +266,42 @@ async def test_no_empty_result_file_is_listed(
     assert all(file.bytes > 0 for file in listed)
     purposes = {file.id: file.purpose for file in listed}
     assert (purposes[good.output_file_id], purposes[bad.error_file_id]) == ("batch_output", "batch_error")
+
+
+async def test_a_retry_after_its_result_files_were_deleted_gives_new_reachable_ones(
+    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
+) -> None:
+    """The user deleted the batch's output and error files, then retried its failed requests: the batch points at
+    new files, which the SDK downloads; the deleted ones stay 404."""
+    upstream.behaviour = Behaviour(faults_by_custom_id={"req-2": [HttpError(400)], "req-3": [HttpError(400)]})
+    async with (
+        running(storage, client, routes_for(upstream, {"model-a": 4})) as daemon,
+        running_api(storage, notify_work=daemon.notify_work) as api,
+    ):
+        key = await create_key(storage, "alice")
+        async with AsyncOpenAI(base_url=api.base_url, api_key=key, max_retries=0) as sdk:
+            uploaded = await sdk.files.create(file=("requests.jsonl", request_lines(4)), purpose="batch")
+            created = await sdk.batches.create(input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h")
+
+            async def completed() -> openai.types.Batch | None:
+                current = await sdk.batches.retrieve(created.id)
+                return current if current.status == "completed" else None
+
+            first = await polling.until(completed, within=30, message="the batch to complete")
+            assert first.output_file_id is not None and first.error_file_id is not None
+            for file_id in (first.output_file_id, first.error_file_id):
+                assert (await sdk.files.delete(file_id)).deleted
+
+            # The faults were used up: the retried requests succeed this time.
+            retried = await sdk.post(f"/batches/{created.id}/retry", cast_to=openai.types.Batch)
+            assert retried.status == "in_progress"
+            done = await polling.until(completed, within=30, message="the retried batch to complete")
+            assert done.request_counts is not None
+            assert (done.request_counts.completed, done.request_counts.failed) == (4, 0)
+            assert done.output_file_id not in (None, first.output_file_id)
+            assert done.error_file_id is None, "the new error file has no line: it does not show"
+            output = parsed_lines((await sdk.files.content(done.output_file_id)).content)
+            with pytest.raises(openai.NotFoundError):
+                await sdk.files.content(first.output_file_id)
+
+    assert sorted(line["custom_id"] for line in output) == ["req-1", "req-2", "req-3", "req-4"]

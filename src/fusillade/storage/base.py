@@ -130,7 +130,10 @@ class BatchStore(Protocol):
     async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
         """Put the batch's failed requests back to pending (attempt 0, errors and responses cleared) and
         reopen the batch (`finalizing_at`/`completed_at` cleared). Returns how many. A cancelling,
-        cancelled or expired batch raises `StateConflict`."""
+        cancelled or expired batch raises `StateConflict`. When requests moved, an output or error file of the
+        batch that its owner deleted is replaced by a new one (a new id, `created_at` now) holding the batch's
+        results of its kind, the earlier ones too: the batch's `output_file_id`/`error_file_id` never point to a
+        deleted file after a retry."""
         ...
 
     async def delete_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> None:

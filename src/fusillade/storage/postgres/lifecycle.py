@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from fusillade import errors
-from fusillade.domain import ids, lines, models
+from fusillade.domain import ids, lines, models, states
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
@@ -55,6 +55,16 @@ WHERE r.batch_id = $1 AND r.state = 'failed'
 """
 
 _REOPEN = "UPDATE batches SET finalizing_at = NULL, completed_at = NULL WHERE id = $1"
+
+_DELETED_RESULT_FILES = "SELECT purpose FROM files WHERE id = ANY($1::uuid[]) AND deleted_at IS NOT NULL"
+
+_NEW_RESULT_FILE = """
+INSERT INTO files (id, owner, filename, purpose, batch_id, created_at)
+SELECT $1, owner, $3, $2, id, $4 FROM batches WHERE id = $5
+"""
+
+_POINT_TO_OUTPUT = "UPDATE batches SET output_file_id = $2 WHERE id = $1"
+_POINT_TO_ERRORS = "UPDATE batches SET error_file_id = $2 WHERE id = $1"
 
 _DELETE_RESULT_FILES = "UPDATE files SET deleted_at = COALESCE(deleted_at, $2) WHERE id = ANY($1::uuid[])"
 
@@ -165,7 +175,9 @@ def _finished_status(batch: asyncpg.Record) -> str:
     return "in_progress"
 
 
-async def retry_failed(connection: Connection, batch_id: ids.BatchId, owner: models.OwnerScope) -> int:
+async def retry_failed(
+    connection: Connection, batch_id: ids.BatchId, owner: models.OwnerScope, now: datetime
+) -> int:
     """Failed requests back to pending (inside a transaction); the number moved."""
     batch = await _lock_batch(connection, batch_id, owner)
     if any(batch[name] is not None for name in ("cancelling_at", "cancelled_at", "expired_at", "failed_at")):
@@ -177,7 +189,22 @@ async def retry_failed(connection: Connection, batch_id: ids.BatchId, owner: mod
     moved = _row_count(await connection.execute(_RETRY_FAILED, batch_id))
     if moved:
         await connection.execute(_REOPEN, batch_id)
+        await _replace_deleted_result_files(connection, batch_id, batch, now)
     return moved
+
+
+async def _replace_deleted_result_files(
+    connection: Connection, batch_id: ids.BatchId, batch: asyncpg.Record, now: datetime
+) -> None:
+    """Give the (locked) batch a new, empty output or error file in place of one its owner deleted, so that the
+    results of the requests it runs again are reachable; the deleted file stays deleted."""
+    deleted = await connection.fetch(_DELETED_RESULT_FILES, [batch["output_file_id"], batch["error_file_id"]])
+    for row in deleted:
+        output = row["purpose"] == states.FilePurpose.BATCH_OUTPUT.value
+        new_id = ids.new_file_id()
+        filename = f"batch_{batch_id.hex}_{'output' if output else 'error'}.jsonl"
+        await connection.execute(_NEW_RESULT_FILE, new_id, row["purpose"], filename, now, batch_id)
+        await connection.execute(_POINT_TO_OUTPUT if output else _POINT_TO_ERRORS, batch_id, new_id)
 
 
 async def delete_batch(

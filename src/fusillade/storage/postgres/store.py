@@ -208,8 +208,9 @@ class PostgresStorage:
             return await batches.fetch_batch(connection, batch_id, owner)
 
     async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
+        now = self._clock.now()
         async with self._db.transaction() as connection:
-            return await lifecycle.retry_failed(connection, batch_id, owner)
+            return await lifecycle.retry_failed(connection, batch_id, owner, now)
 
     async def delete_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> None:
         now = self._clock.now()

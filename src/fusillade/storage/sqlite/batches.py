@@ -275,6 +275,7 @@ def retry_failed(
     moved: int = connection.execute(RETRY_FAILED, (row.id,)).rowcount
     if moved:
         connection.execute(REOPEN_BATCH, (row.id,))
+        files.replace_deleted_result_files(connection, now, row)
     return moved
 
 

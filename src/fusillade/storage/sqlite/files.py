@@ -126,25 +126,51 @@ def insert_virtual_files(
     connection: sqlite3.Connection, *, batch_id: ids.BatchId, owner: str, created_at: int
 ) -> tuple[ids.FileId, ids.FileId]:
     """The output and error files of a new batch; returns their ids."""
-    output_id, error_id = ids.new_file_id(), ids.new_file_id()
-    for file_id, purpose, suffix in (
-        (output_id, states.FilePurpose.BATCH_OUTPUT, "output"),
-        (error_id, states.FilePurpose.BATCH_ERROR, "error"),
-    ):
-        row = records.FileRow(
-            id=file_id.bytes,
-            owner=owner,
-            filename=f"batch_{batch_id.hex}_{suffix}.jsonl",
-            purpose=purpose.value,
-            size_bytes=0,
-            request_count=0,
-            batch_id=batch_id.bytes,
-            created_at=created_at,
-            expires_at=None,
-            deleted_at=None,
+    return (
+        _insert_virtual_file(connection, batch_id, owner, states.FilePurpose.BATCH_OUTPUT, created_at),
+        _insert_virtual_file(connection, batch_id, owner, states.FilePurpose.BATCH_ERROR, created_at),
+    )
+
+
+def _insert_virtual_file(
+    connection: sqlite3.Connection, batch_id: ids.BatchId, owner: str, purpose: states.FilePurpose, created_at: int
+) -> ids.FileId:
+    file_id = ids.new_file_id()
+    suffix = "output" if purpose is states.FilePurpose.BATCH_OUTPUT else "error"
+    row = records.FileRow(
+        id=file_id.bytes,
+        owner=owner,
+        filename=f"batch_{batch_id.hex}_{suffix}.jsonl",
+        purpose=purpose.value,
+        size_bytes=0,
+        request_count=0,
+        batch_id=batch_id.bytes,
+        created_at=created_at,
+        expires_at=None,
+        deleted_at=None,
+    )
+    connection.execute(INSERT_FILE, row)
+    return file_id
+
+
+_RESULT_FILE_COLUMNS: Final = {
+    states.FilePurpose.BATCH_OUTPUT: "output_file_id",
+    states.FilePurpose.BATCH_ERROR: "error_file_id",
+}
+SELECT_DELETED_RESULT_FILES = "SELECT purpose FROM files WHERE id IN (?, ?) AND deleted_at IS NOT NULL"
+
+
+def replace_deleted_result_files(connection: sqlite3.Connection, now: datetime, batch: records.BatchRow) -> None:
+    """Give `batch` a new (empty) output or error file in place of one its owner deleted, so that the results
+    of requests it runs again are reachable; the deleted file stays deleted."""
+    deleted = connection.execute(SELECT_DELETED_RESULT_FILES, (batch.output_file_id, batch.error_file_id))
+    for (purpose,) in deleted.fetchall():
+        kind = states.FilePurpose(purpose)
+        batch_id = ids.BatchId(connections.to_uuid(batch.id))
+        new_id = _insert_virtual_file(connection, batch_id, batch.owner, kind, connections.to_micros(now))
+        connection.execute(
+            f"UPDATE batches SET {_RESULT_FILE_COLUMNS[kind]} = ? WHERE id = ?", (new_id.bytes, batch.id)
         )
-        connection.execute(INSERT_FILE, row)
-    return output_id, error_id
 
 
 # ------------------------------------------------------------------------------------------------ reads
