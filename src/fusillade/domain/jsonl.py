@@ -145,16 +145,14 @@ async def _split_lines(
 ) -> AsyncIterator[list[bytes | int | _TooLong]]:
     """Yield the complete lines of each chunk (without their `\\n`), and at the end the last line if the file
     does not end with a newline. Only the unfinished last line is kept between chunks, and only while it is at
-    most `max_line_bytes` long: past that its bytes are dropped as they come, and the line comes as `_TOO_LONG`.
+    most `max_line_bytes` long: past that its bytes are dropped as they come, and the line comes as `_TOO_LONG`
+    (a line of whitespace alone is blank, whatever its length, as it is within a chunk).
 
     A run of blank lines comes as its count (an int): a file of newlines then costs a few C calls per chunk
     instead of Python work per line.
     """
     total = 0
-    unfinished: list[bytes] = []
-    unfinished_size = 0
-    skipping = False
-    """The line being read is longer than the limit: its bytes are dropped up to its end."""
+    unfinished = _Unfinished(max_line_bytes)
     async for chunk in chunks:
         if not chunk:
             continue
@@ -163,29 +161,47 @@ async def _split_lines(
             raise _file_too_large(max_bytes)
         end = chunk.find(b"\n")
         if end < 0:
-            if not skipping:
-                # A line longer than a chunk: collect its parts and join them once, not once per chunk.
-                unfinished_size += len(chunk)
-                if unfinished_size > max_line_bytes:
-                    unfinished, unfinished_size, skipping = [], 0, True
-                else:
-                    unfinished.append(chunk)
+            unfinished.add(chunk)  # a line longer than a chunk: its parts are joined once, at its end
             continue
-        found: list[bytes | int | _TooLong]
-        if skipping or unfinished_size + end > max_line_bytes:
-            found = [_TOO_LONG]
-        else:
-            unfinished.append(chunk[:end])
-            found = [b"".join(unfinished)]
-        tail = _chunk_lines(chunk, end + 1, found, max_line_bytes)
-        skipping = len(tail) > max_line_bytes
-        unfinished = [tail] if tail and not skipping else []
-        unfinished_size = len(tail) if not skipping else 0
+        unfinished.add(chunk[:end])
+        found: list[bytes | int | _TooLong] = [unfinished.take()]
+        unfinished.add(_chunk_lines(chunk, end + 1, found, max_line_bytes))
         yield found
-    if skipping:
-        yield [_TOO_LONG]
-    elif unfinished:
-        yield [b"".join(unfinished)]
+    if not unfinished.empty:
+        yield [unfinished.take()]
+
+
+class _Unfinished:
+    """The parts of the line being read, while it is at most `limit` bytes long (or blank: whitespace alone is
+    kept as nothing)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._blank = True
+        self._too_long = False
+
+    @property
+    def empty(self) -> bool:
+        return self._size == 0
+
+    def add(self, part: bytes) -> None:
+        if not part:
+            return
+        self._size += len(part)
+        self._blank = self._blank and _NOT_BLANK.search(part) is None
+        if self._size <= self._limit:
+            self._parts.append(part)
+        else:
+            self._parts = []
+            self._too_long = not self._blank
+
+    def take(self) -> bytes | _TooLong:
+        """The line (its end was found), and start the next one."""
+        line: bytes | _TooLong = _TOO_LONG if self._too_long else b"".join(self._parts)
+        self._parts, self._size, self._blank, self._too_long = [], 0, True, False
+        return line
 
 
 def _chunk_lines(chunk: bytes, position: int, found: list[bytes | int | _TooLong], max_line_bytes: int) -> bytes:
@@ -382,6 +398,11 @@ def _parse(line: bytes) -> tuple[dict[str, Any], int, int] | str:
             line.decode()
         except UnicodeDecodeError as bad:
             return f"The line is not valid UTF-8 (byte {bad.start + 1} cannot be decoded); save the file as UTF-8."
+        if "surrogate" in exc.msg:
+            return (
+                f"The line holds a lone surrogate escape (such as \\ud800 without its pair) at column {exc.colno}: "
+                "it encodes no character; write the character itself, or both halves of its pair."
+            )
         return f"The line is not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object."
     if not isinstance(value, dict):
         return (
