@@ -400,8 +400,8 @@ def _parse(line: bytes) -> tuple[dict[str, Any], int, int] | str:
             return f"The line is not valid UTF-8 (byte {bad.start + 1} cannot be decoded); save the file as UTF-8."
         if "surrogate" in exc.msg:
             return (
-                f"The line holds a lone surrogate escape (such as \\ud800 without its pair) at column {exc.colno}: "
-                "it encodes no character; write the character itself, or both halves of its pair."
+                f"The line holds a lone surrogate escape (such as \\ud800 without its pair) at column "
+                f"{exc.colno}: it encodes no character; write the character itself, or both halves of its pair."
             )
         return f"The line is not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object."
     if not isinstance(value, dict):
