@@ -7,11 +7,15 @@ the file's model, waits for `/readyz`, then uploads the file as multipart/form-d
 aiohttp streaming it from disk, while a thread samples the server process's RSS (psutil) every 10 ms. After
 the upload, before the server is stopped, `VmHWM` of /proc/<pid>/status gives the kernel's high-water mark of
 its RSS (over the process's whole life, start-up included). Reported per backend, medians of `--runs` runs:
-RSS before the upload, peak RSS sampled during it, VmHWM, wall time of the upload; every upload must answer
-200. Goal: peak RSS under 200 MB.
+RSS before the upload, peak RSS sampled during it, RSS after it, VmHWM, wall time of the upload; every upload
+must answer 200. Goal: peak RSS under 200 MB.
+
+`--one-line`: the file is a single request line of about `--megabytes` (its body one long message), larger
+than the per-line limit (`[uploads] max_line_bytes`, kept at its default) but within the file limit: the server
+must refuse it (400) while holding no more of it than that limit. Goal: peak RSS under 200 MB there too.
 
     .venv/bin/python bench/upload_server_memory.py [--megabytes 200] [--lines 50000] [--runs 3]
-        [--backend sqlite]
+        [--backend sqlite] [--one-line]
 
 PostgreSQL: `$FUSILLADE_BENCH_POSTGRES_URL` (a server URL; a scratch database is created and dropped), default
 postgresql://postgres@127.0.0.1:5432/postgres.
@@ -56,6 +60,8 @@ class Result:
     seconds: float
     rss_before: int
     rss_peak: int
+    rss_after: int
+    """RSS once the upload has been answered (what the server keeps)."""
     vm_hwm: int
     samples: int
 
@@ -92,6 +98,14 @@ def vm_hwm_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def write_one_line(path: Path, megabytes: int) -> int:
+    """One request line of about `megabytes` MB (valid JSON: one long message)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * (megabytes * 1_000_000)}]}
+    line = {"custom_id": "one-long-line", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    path.write_bytes(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+    return path.stat().st_size
 
 
 def write_config(path: Path, database_url: str, spool: Path, size: int, lines: int) -> None:
@@ -158,7 +172,7 @@ async def upload(url: str, source: BinaryIO, filename: str) -> tuple[int, dict[s
         return response.status, await response.json(content_type=None)
 
 
-def one_run(backend: str, directory: Path, source: Path, lines: int) -> Result:
+def one_run(backend: str, directory: Path, source: Path, lines: int, expected: int = 200) -> Result:
     size = source.stat().st_size
     database_url, scratch = scratch_database(backend, directory)
     config, log = directory / "fusillade.toml", directory / "serve.log"
@@ -172,14 +186,15 @@ def one_run(backend: str, directory: Path, source: Path, lines: int) -> Result:
                 started = time.perf_counter()
                 status, body = asyncio.run(upload(url, file, source.name))
                 seconds = time.perf_counter() - started
+            after = server.memory_info().rss
             hwm = vm_hwm_bytes(process.pid)
         finally:
             stop_server(process)
     finally:
         drop_database(scratch)
-    if status != 200 or body.get("bytes") != size:
+    if status != expected or (status == 200 and body.get("bytes") != size):
         raise RuntimeError(f"the upload answered {status}: {json.dumps(body)[:2000]}\n{log.read_text()[-2000:]}")
-    return Result(status, seconds, before, max(sampler.peak, before), hwm, sampler.samples)
+    return Result(status, seconds, before, max(sampler.peak, before), after, hwm, sampler.samples)
 
 
 def megabytes(value: float) -> str:
@@ -192,28 +207,35 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=50_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--backend", choices=["sqlite", "postgres"], action="append")
+    parser.add_argument("--one-line", action="store_true", help="one line of --megabytes, over the line limit")
+    parser.add_argument("--expect", type=int, default=None, help="the HTTP status every upload must answer")
     arguments = parser.parse_args()
+    expected = arguments.expect or (400 if arguments.one_line else 200)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"machine: {machine.describe()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fusillade-upload-server-") as folder:
         directory = Path(folder)
         source = directory / "input.jsonl"
-        size = write_input(source, arguments.megabytes, arguments.lines)
-        print(f"input: {arguments.lines} lines, {size / 1e6:.1f} MB; runs: {arguments.runs}", flush=True)
+        if arguments.one_line:
+            size, lines = write_one_line(source, arguments.megabytes), 1
+        else:
+            size, lines = write_input(source, arguments.megabytes, arguments.lines), arguments.lines
+        print(f"input: {lines} lines, {size / 1e6:.1f} MB; runs: {arguments.runs}", flush=True)
         for backend in arguments.backend or ["sqlite", "postgres"]:
             results = []
             for _ in range(arguments.runs):
                 with tempfile.TemporaryDirectory(dir=directory) as run_folder:
-                    results.append(one_run(backend, Path(run_folder), source, arguments.lines))
+                    results.append(one_run(backend, Path(run_folder), source, lines, expected))
             peak = statistics.median(result.rss_peak for result in results)
             hwm = statistics.median(result.vm_hwm for result in results)
             before = statistics.median(result.rss_before for result in results)
+            after = statistics.median(result.rss_after for result in results)
             seconds = statistics.median(result.seconds for result in results)
             statuses = ", ".join(str(result.status) for result in results)
             print(
                 f"{backend:>8}: median peak RSS {megabytes(peak)} MB sampled, VmHWM {megabytes(hwm)} MB "
-                f"(before the upload {megabytes(before)} MB); median upload {seconds:.1f} s = "
-                f"{size / 1e6 / seconds:.0f} MB/s; HTTP {statuses}\n"
+                f"(before the upload {megabytes(before)} MB, after {megabytes(after)} MB); "
+                f"median upload {seconds:.1f} s = {size / 1e6 / seconds:.0f} MB/s; HTTP {statuses}\n"
                 f"          runs: peaks {', '.join(megabytes(result.rss_peak) for result in results)} MB, "
                 f"VmHWM {', '.join(megabytes(result.vm_hwm) for result in results)} MB, "
                 f"before {', '.join(megabytes(result.rss_before) for result in results)} MB, "

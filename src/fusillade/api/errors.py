@@ -7,6 +7,7 @@ with the status the SDK maps to its exception classes.
 | missing, deleted or another owner's object    | 404    | `not_found`                     | NotFoundError       |
 | action not allowed in the object's state      | 400    | `invalid_state`                 | BadRequestError     |
 | missing or unknown API key                    | 401    | `invalid_api_key`               | AuthenticationError |
+| a JSON body over `MAX_BODY_BYTES` (1 MiB)     | 413    | `request_too_large`             | APIStatusError      |
 | database unreachable or too slow              | 503    | `storage_unavailable`           | (retries first)     |
 | other database error                          | 500    | `storage_error`                 | (retries first)     |
 | anything else                                 | 500    | `internal_error`                | InternalServerError |
