@@ -29,7 +29,6 @@ _TO_NEXT_BRACKET: Final = re.compile(rb'(?:[^"\[\]{}]++|"[^"\\]*+(?:\\.[^"\\]*+)
 _OPEN: Final = frozenset(b"[{")
 _CLOSE: Final = frozenset(b"]}")
 _QUOTE: Final = ord('"')
-_CLOSE_BRACE: Final = ord("}")
 
 
 class Member(NamedTuple):
