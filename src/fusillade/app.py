@@ -41,7 +41,7 @@ from fusillade.metrics import DaemonMetrics
 from fusillade.mock_upstream import Behaviour, MockUpstream
 from fusillade.service import Service
 from fusillade.storage import factory
-from fusillade.storage.base import Storage
+from fusillade.storage.base import Storage, WritePriority
 from fusillade.upstream.client import UpstreamClient
 from fusillade.upstream.routes import Route
 
@@ -233,7 +233,11 @@ async def serve(
         live = _LiveConfig(config)
         routing = Routing(config) if with_daemon else None
         served = routing.served if routing is not None else live.served
-        storage = await factory.open_storage(config.database_url, database_timeout=config.database_timeout)
+        # Alone, the API's writes (uploads, batch creation) wait for the daemons' on a shared SQLite file.
+        priority = WritePriority.NORMAL if with_daemon else WritePriority.LOW
+        storage = await factory.open_storage(
+            config.database_url, database_timeout=config.database_timeout, write_priority=priority
+        )
         stack.push_async_callback(storage.close)
         registry = new_registry()
         daemon = None
@@ -402,7 +406,9 @@ async def run_daemon(config: Config, *, metrics_address: tuple[str, int] | None 
     Prometheus metrics over HTTP there (the HTTP API of another process cannot show them)."""
     routing = Routing(config)
     registry = new_registry()
-    storage = await factory.open_storage(config.database_url, database_timeout=config.database_timeout)
+    storage = await factory.open_storage(
+        config.database_url, database_timeout=config.database_timeout, write_priority=WritePriority.HIGH
+    )
     try:
         limits = http_limits(config.server)
         async with (

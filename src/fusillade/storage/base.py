@@ -17,6 +17,7 @@ Rules that hold for every method:
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Literal, Protocol
@@ -24,6 +25,22 @@ from typing import Literal, Protocol
 from fusillade.domain import ids, models, served, states
 
 SortOrder = Literal["asc", "desc"]
+
+
+class WritePriority(enum.Enum):
+    """How one process's writes take turns with other processes' on a shared SQLite file (PostgreSQL, whose
+    writers do not wait for each other, ignores it). SQLite lets one writer in at a time and lets waiting
+    writers poll, so a process that writes back to back (an API storing uploads) would starve one that needs
+    short, frequent turns (a daemon committing results)."""
+
+    NORMAL = "normal"
+    """Takes its turn as SQLite gives it (a one-shot command, `fusillade run`, tests)."""
+    HIGH = "high"
+    """Announces each write; LOW writers wait until it is done (the daemon)."""
+    LOW = "low"
+    """Before each write, waits for the HIGH writes announced (the API)."""
+
+
 DEFAULT_DATABASE_TIMEOUT = timedelta(seconds=30)
 """Longest wait for a networked database (connecting, a pooled connection, any one statement): the
 configuration's `database_timeout`."""

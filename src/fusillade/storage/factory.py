@@ -32,15 +32,17 @@ async def open_storage(
     clock: Clock | None = None,
     migrate: bool = True,
     database_timeout: timedelta = DEFAULT_DATABASE_TIMEOUT,
+    write_priority: base.WritePriority = base.WritePriority.NORMAL,
 ) -> base.Storage:
     """Open (and by default migrate) the database at `url`: `sqlite:///PATH` or `postgresql://…`.
     `database_timeout` (PostgreSQL): a database that does not answer within it, even one silent after a network
-    cut, fails the call with `StorageUnavailable` (see `PostgresStorage.connect`)."""
+    cut, fails the call with `StorageUnavailable` (see `PostgresStorage.connect`). `write_priority` (SQLite):
+    how this process's writes take turns with other processes' (`base.WritePriority`)."""
     store: base.Storage
     if url.startswith(SQLITE_PREFIX):
         from fusillade.storage.sqlite.store import SqliteStorage
 
-        store = await SqliteStorage.open(sqlite_path(url), clock=clock)
+        store = await SqliteStorage.open(sqlite_path(url), clock=clock, write_priority=write_priority)
     elif url.startswith(POSTGRES_PREFIXES):
         from fusillade.storage.postgres.store import PostgresStorage
 

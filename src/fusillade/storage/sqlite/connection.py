@@ -4,13 +4,15 @@ conversions between Python values and SQLite columns.
 Every operation runs as ONE function in the right thread (one thread hop per call): writes in the single writer
 thread inside `BEGIN IMMEDIATE … COMMIT`, reads on a pooled reader connection inside a deferred transaction (a
 consistent WAL snapshot). Several processes may open the same file; WAL, `busy_timeout` and `BEGIN IMMEDIATE`
-make their writers take turns.
+make their writers take turns, and `WriteTurns` lets a daemon's short writes go before an API's bulk ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import queue
 import secrets
 import sqlite3
@@ -25,11 +27,17 @@ from typing import Final, TypeVar
 
 from fusillade import clock as clocks
 from fusillade import errors
+from fusillade.storage.base import WritePriority
 
 T = TypeVar("T")
 
 MINIMUM_SQLITE_VERSION: Final = (3, 35)
 BUSY_TIMEOUT_MS: Final = 10_000
+TURNS_SUFFIX: Final = "-writers"
+"""The file beside the database (`fusillade.db-writers`) whose lock orders writers of different priorities."""
+BUSY_POLL_S: Final = 0.0005
+"""How often a HIGH writer asks again for the write lock: SQLite's own busy handler sleeps up to 100 ms between
+tries, longer than the gaps between a LOW writer's transactions."""
 WRITER_CACHE_KIB: Final = 32_768
 READER_CACHE_KIB: Final = 8_192
 STATEMENT_CACHE_SIZE: Final = 512
@@ -145,11 +153,14 @@ def check_version() -> None:
         )
 
 
-def connect(path: Path, *, writer: bool, wait: bool = True) -> sqlite3.Connection:
+def connect(
+    path: Path, *, writer: bool, wait: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit) with fusillade's pragmas. `wait=False`: a
     writer that never waits for another connection's lock (SQLITE_BUSY at once) and never checkpoints the WAL
-    itself: the event loop's own connection (see `Database.write_on_loop`)."""
-    busy_timeout_ms = BUSY_TIMEOUT_MS if wait else 0
+    itself: the event loop's own connection (see `Database.write_on_loop`). `busy_timeout_ms=0`: SQLite never
+    waits for a lock; the caller polls (`WriteTurns.begin`)."""
+    busy_timeout_ms = busy_timeout_ms if wait else 0
     connection = sqlite3.connect(
         path,
         isolation_level=None,
@@ -183,10 +194,89 @@ def _rollback_if_open(connection: sqlite3.Connection) -> None:
         connection.execute("ROLLBACK")
 
 
-def _transaction(connection: sqlite3.Connection, clock: clocks.Clock, operation: WriteOperation[T]) -> T:
-    """`operation` in one `BEGIN IMMEDIATE` transaction of `connection`."""
-    connection.execute("BEGIN IMMEDIATE")
-    return _commit_after(connection, clock, operation)
+class WriteTurns:
+    """Turns between the writing processes of one SQLite file, by `WritePriority`, kept with `flock` on a file
+    beside the database. A HIGH writer holds that lock exclusively from before it asks SQLite for the write lock
+    until it commits; a LOW writer takes it shared and lets it go before each of its transactions, so it waits
+    while a HIGH write is announced or under way, and a HIGH writer waits at most for the LOW transaction already
+    running. `flock` locks belong to an open file, not to a process: stores of one process do not merge them.
+    Blocking calls run in the writer thread, never on the event loop."""
+
+    def __init__(self, path: Path, priority: WritePriority) -> None:
+        self.priority = priority
+        self._fd: int | None = None
+        if priority is not WritePriority.NORMAL:
+            self._fd = os.open(path.with_name(path.name + TURNS_SUFFIX), os.O_RDWR | os.O_CREAT, 0o600)
+
+    def begin(self, connection: sqlite3.Connection) -> None:
+        """Take this writer's turn and `BEGIN IMMEDIATE` (blocking). A HIGH writer's turn lasts until `end`."""
+        self.announce()
+        self.start(connection)
+
+    def announce(self) -> None:
+        """Wait for this writer's turn (blocking): a HIGH writer then holds it until `end`."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX if self.priority is WritePriority.HIGH else fcntl.LOCK_SH)
+            if self.priority is WritePriority.LOW:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def announce_nowait(self) -> bool:
+        """`announce` if this writer's turn is free now, else False (nothing taken): for the event loop."""
+        if self._fd is not None:
+            mode = fcntl.LOCK_EX if self.priority is WritePriority.HIGH else fcntl.LOCK_SH
+            try:
+                fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if self.priority is WritePriority.LOW:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return True
+
+    def start(self, connection: sqlite3.Connection) -> None:
+        """`BEGIN IMMEDIATE` in the turn announced (blocking); the turn ends if it fails."""
+        try:
+            if self.priority is WritePriority.HIGH:
+                _begin_polling(connection)
+            else:
+                connection.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.end()
+            raise
+
+    def end(self) -> None:
+        """End a HIGH writer's turn (after COMMIT or ROLLBACK)."""
+        if self._fd is not None and self.priority is WritePriority.HIGH:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _begin_polling(connection: sqlite3.Connection) -> None:
+    """`BEGIN IMMEDIATE`, asking again every `BUSY_POLL_S` while another connection writes, for up to
+    `BUSY_TIMEOUT_MS` (the connection itself does not wait: its busy timeout is 0)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if time.monotonic() >= deadline or not isinstance(wrap_error(exc), errors.StorageUnavailable):
+                raise
+        time.sleep(BUSY_POLL_S)
+
+
+def _transaction(
+    connection: sqlite3.Connection, clock: clocks.Clock, turns: WriteTurns, operation: WriteOperation[T]
+) -> T:
+    """`operation` in one `BEGIN IMMEDIATE` transaction of `connection`, in this writer's turn."""
+    turns.begin(connection)
+    try:
+        return _commit_after(connection, clock, operation)
+    finally:
+        turns.end()
 
 
 def _commit_after(connection: sqlite3.Connection, clock: clocks.Clock, operation: WriteOperation[T]) -> T:
@@ -225,9 +315,11 @@ class Database:
         readers: list[sqlite3.Connection],
         reader_executor: futures.ThreadPoolExecutor,
         loop_writer: sqlite3.Connection,
+        turns: WriteTurns,
     ) -> None:
         self.path = path
         self.clock = clock
+        self.turns = turns
         self.writer_connection = writer
         self._loop_writer = loop_writer
         self._writer_executor = writer_executor
@@ -240,7 +332,9 @@ class Database:
         self._closed = False
 
     @classmethod
-    async def open(cls, path: Path, *, clock: clocks.Clock, readers: int) -> Database:
+    async def open(
+        cls, path: Path, *, clock: clocks.Clock, readers: int, priority: WritePriority = WritePriority.NORMAL
+    ) -> Database:
         check_version()
         if readers < 1:
             raise errors.ConfigurationError("The SQLite store needs at least one reader connection.")
@@ -250,8 +344,14 @@ class Database:
             max_workers=readers, thread_name_prefix="fusillade-sqlite-reader"
         )
         opened: list[sqlite3.Connection] = []
+        turns: WriteTurns | None = None
+        # A HIGH writer polls for the write lock itself (`_begin_polling`): its connection must not wait.
+        busy_timeout_ms = 0 if priority is WritePriority.HIGH else BUSY_TIMEOUT_MS
         try:
-            writer = await loop.run_in_executor(writer_executor, _wrapped(lambda: connect(path, writer=True)))
+            turns = WriteTurns(path, priority)
+            writer = await loop.run_in_executor(
+                writer_executor, _wrapped(lambda: connect(path, writer=True, busy_timeout_ms=busy_timeout_ms))
+            )
             opened.append(writer)
             for _ in range(readers):
                 reader = await loop.run_in_executor(reader_executor, _wrapped(lambda: connect(path, writer=False)))
@@ -263,10 +363,12 @@ class Database:
         except BaseException:
             for connection in opened:
                 connection.close()
+            if turns is not None:
+                turns.close()
             writer_executor.shutdown(wait=False)
             reader_executor.shutdown(wait=False)
             raise
-        return cls(path, clock, writer, writer_executor, opened[1:-1], reader_executor, loop_writer)
+        return cls(path, clock, writer, writer_executor, opened[1:-1], reader_executor, loop_writer, turns)
 
     # ------------------------------------------------------------------------------------ thread hops
 
@@ -283,7 +385,7 @@ class Database:
         """Run `operation(connection, now)` as one `BEGIN IMMEDIATE` transaction in the writer thread."""
         connection = self.writer_connection
         async with self._write_lock:
-            return await self.in_writer(lambda: _transaction(connection, self.clock, operation))
+            return await self.in_writer(lambda: _transaction(connection, self.clock, self.turns, operation))
 
     async def write_on_loop(self, operation: WriteOperation[T]) -> T:
         """`write`, run on the event loop's thread when it can start at once: for short transactions on the hot
@@ -298,15 +400,25 @@ class Database:
         connection = self._loop_writer
         async with self._write_lock:
             self._check_open()
+            turns = self.turns
+            if not turns.announce_nowait():
+                # Another process's turn: wait for it in the writer thread, not on the loop.
+                writer = self.writer_connection
+                return await self.in_writer(lambda: _transaction(writer, self.clock, turns, operation))
             try:
                 connection.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
+                turns.end()  # not held across the hand-over: a cancelled hand-over would never give it back
                 failure = wrap_error(exc)
                 if not isinstance(failure, errors.StorageUnavailable):
                     raise failure from exc
                 # Locked by another process: wait for it in the writer thread, not on the loop.
-                return await self.in_writer(lambda: _transaction(self.writer_connection, self.clock, operation))
-            return _wrapped(lambda: _commit_after(connection, self.clock, operation))()
+                writer = self.writer_connection
+                return await self.in_writer(lambda: _transaction(writer, self.clock, turns, operation))
+            try:
+                return _wrapped(lambda: _commit_after(connection, self.clock, operation))()
+            finally:
+                turns.end()
 
     async def checkpoint(self) -> None:
         """Copy the WAL back into the database file as far as readers allow (`PRAGMA wal_checkpoint(PASSIVE)`),
@@ -323,17 +435,29 @@ class Database:
         clock = self.clock
 
         def begin() -> datetime:
-            connection.execute("BEGIN IMMEDIATE")
+            self.turns.begin(connection)
             return clock.now()
+
+        def commit() -> None:
+            try:
+                connection.execute("COMMIT")
+            finally:
+                self.turns.end()
+
+        def roll_back() -> None:
+            try:
+                _rollback_if_open(connection)
+            finally:
+                self.turns.end()
 
         async with self._write_lock:
             now = await self.in_writer(begin)
             try:
                 yield WriteTransaction(self, now)
-                await self.in_writer(lambda: connection.execute("COMMIT"))
+                await self.in_writer(commit)
             except BaseException:
                 # Shielded: a cancelled caller must not drop the rollback from the writer's queue.
-                await asyncio.shield(self.in_writer(lambda: _rollback_if_open(connection)))
+                await asyncio.shield(self.in_writer(roll_back))
                 raise
 
     async def read(self, operation: ReadOperation[T]) -> T:
@@ -370,3 +494,4 @@ class Database:
         self._reader_executor.shutdown(wait=True)
         for connection in [self.writer_connection, *self._readers, self._loop_writer]:
             connection.close()
+        self.turns.close()

@@ -32,10 +32,17 @@ class SqliteStorage:
         self._database = database
 
     @classmethod
-    async def open(cls, path: str | Path, *, clock: clocks.Clock | None = None, readers: int = 4) -> SqliteStorage:
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        clock: clocks.Clock | None = None,
+        readers: int = 4,
+        write_priority: base.WritePriority = base.WritePriority.NORMAL,
+    ) -> SqliteStorage:
         """Open (or create) the database file. Does not migrate: call `migrate()`."""
         database = await connections.Database.open(
-            Path(path), clock=clock or clocks.SystemClock(), readers=readers
+            Path(path), clock=clock or clocks.SystemClock(), readers=readers, priority=write_priority
         )
         return cls(database)
 
