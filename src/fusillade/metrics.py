@@ -131,6 +131,12 @@ class DaemonMetrics:
             "daemon was paused so long that the others may have taken the request over).",
             registry=r,
         )
+        self.fenced = Counter(
+            "fusillade_daemon_fenced",
+            "Times this daemon found itself declared dead (its heartbeats missed stale_after), dropped its calls "
+            "in flight and registered again.",
+            registry=r,
+        )
         self.rows_purged = Counter(
             "fusillade_rows_purged", "Rows of deleted batches and files removed for good.", registry=r
         )

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from fusillade import clock as clocks
-from fusillade.daemon import Daemon, DaemonFenced
+from fusillade.daemon import Daemon
 from fusillade.domain import models, states
 from fusillade.mock_upstream import Behaviour, FixedLatency, MockUpstream, UniformLatency
 from fusillade.storage import base
@@ -74,25 +74,55 @@ async def test_killed_database_connections_do_not_stop_the_daemon(
     assert failures > 0, "no database call failed: the connections were not killed while in use"
 
 
-async def test_a_daemon_declared_dead_stops_and_writes_nothing_more(
+def fenced_count(daemon: Daemon) -> float:
+    return sum(
+        sample.value
+        for metric in daemon.metrics.fenced.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def test_a_daemon_declared_dead_drops_its_calls_writes_nothing_more_and_registers_again(
     storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
 ) -> None:
     upstream.behaviour = Behaviour(latency=FixedLatency(30.0))
     batch = await factories.create_batch(storage, count=10)
     daemon = Daemon(storage, client, routes_for(upstream, {"model-a": 4}), settings=fast_settings())
     task = asyncio.create_task(daemon.run())
-    await polling.until(lambda: upstream.stats.in_flight == 4, message="calls hanging")
-    assert daemon.daemon_id is not None
-    await storage.mark_daemon_dead(daemon.daemon_id)
+    try:
+        await polling.until(lambda: upstream.stats.in_flight == 4, message="calls hanging")
+        first_life = daemon.daemon_id
+        assert first_life is not None
+        first_calls = set(upstream.stats.attempts_by_custom_id)
+        await storage.mark_daemon_dead(first_life)
 
-    with pytest.raises(DaemonFenced):
-        async with asyncio.timeout(5):
-            await task
-    await polling.until(lambda: upstream.stats.in_flight == 0, within=5, message="its calls aborted")
-    # The fenced daemon wrote no outcome for the calls it abandoned: they stay for a live daemon to run.
-    current = await storage.get_batch(batch.id, owner=models.ALL_OWNERS)
-    assert current.counts.terminal == 0
-    assert current.counts.active == 10
+        await polling.until(
+            lambda: fenced_count(daemon) == 1, within=5, message="the daemon to find it was fenced"
+        )
+        await polling.until(
+            lambda: daemon.daemon_id not in (None, first_life), within=5, message="a new registration"
+        )
+        # Its old calls were dropped unanswered; the reclaimed requests go out again under the new id.
+        await polling.until(
+            lambda: upstream.stats.in_flight == 4 and len(upstream.stats.attempts_by_custom_id) >= 4,
+            within=10,
+            message="calls of the second life",
+        )
+        assert not task.done()
+        current = await storage.get_batch(batch.id, owner=models.ALL_OWNERS)
+        assert current.counts.terminal == 0  # nothing written for the calls it abandoned
+        resent = {
+            custom_id for custom_id, arrivals in upstream.stats.attempts_by_custom_id.items() if len(arrivals) > 1
+        }
+        assert resent <= first_calls  # only what was in flight at the fencing can go out twice
+        daemons = {item.id: item for item in await storage.list_daemons()}
+        assert daemons[first_life].status is states.DaemonStatus.DEAD
+        assert daemons[daemon.daemon_id].status is states.DaemonStatus.RUNNING
+    finally:
+        daemon.stop()
+        async with asyncio.timeout(15):
+            await task  # an orderly stop: no exception
 
 
 class _FinalizeBug:
@@ -225,7 +255,7 @@ async def test_a_daemon_paused_past_stale_after_does_not_send_what_it_claimed_be
 ) -> None:
     """A claim answered after a pause longer than `stale_after` names requests the other daemons have since
     reclaimed and sent: starting them would send them twice and over the model's limit. They are given back
-    unsent, and the paused daemon, declared dead meanwhile, stops."""
+    unsent, and the paused daemon, declared dead meanwhile, registers again."""
     upstream.behaviour = Behaviour(latency=UniformLatency(0.02, 0.05))
     batch = await factories.create_batch(storage, count=24)
     routes = routes_for(upstream, {"model-a": 4})
@@ -238,9 +268,8 @@ async def test_a_daemon_paused_past_stale_after_does_not_send_what_it_claimed_be
             second.notify_work()
             done = await finished(storage, batch, within=30)
             paused.thaw()
-            with pytest.raises(DaemonFenced):
-                async with asyncio.timeout(10):
-                    await first_task
+            await polling.until(lambda: fenced_count(first) == 1, within=10, message="the paused daemon fenced")
+            assert not first_task.done()
     finally:
         paused.thaw()
         first_task.cancel()

@@ -12,8 +12,10 @@
 Survival rules:
 - A failing database call in any loop is logged, counted and retried with backoff; the loop goes on.
 - A loop that crashes (a bug) stops the daemon loudly: `run` raises it after the orderly stop below.
-- If the heartbeat finds this daemon declared dead (another daemon reclaimed its work), it stops at once and
-  writes nothing more: `run` raises `DaemonFenced`.
+- If the heartbeat (or a write) finds this daemon declared dead (its heartbeats missed `stale_after`: a long
+  pause, a database locked or away, and another daemon may have reclaimed its work), it drops its calls in
+  flight at once and writes nothing more under that id, then registers again under a new id and goes on:
+  the requests it had go back to pending through the usual reclaim and are sent again.
 - `stop()` (SIGTERM/SIGINT in the CLI): no more claims; in-flight calls get `shutdown_grace` to finish; the rest
   are aborted and released to pending; the tick loop commits the last writes; the daemon is marked dead.
 """
@@ -94,6 +96,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._maintenance_wake = asyncio.Event()
         self._stop = asyncio.Event()
+        """Set to end the current life: by `stop()`, or by a fencing (then cleared for the next life)."""
+        self._stop_requested = False
         self._retries_due: list[float] = []
         """When each rescheduled request falls due (monotonic), a heap: every one wakes a claim, not only the
         earliest (a later one forgotten would wait for the idle poll, or miss its batch's deadline)."""
@@ -136,14 +140,31 @@ class Daemon:
 
     def stop(self) -> None:
         """Ask for an orderly stop (safe to call from a signal handler via `loop.call_soon_threadsafe`)."""
+        self._stop_requested = True
         self._stop.set()
         self._wake.set()
 
     async def run(self) -> None:
-        """Run until `stop()`; raises `DaemonFenced` or a crashed loop's exception after stopping."""
-        daemon = await self._retrying("register", self._register)
-        if daemon is None:  # stopped before it could register
-            return
+        """Run until `stop()`; raises a crashed loop's exception after stopping. Declared dead by the others
+        (fenced), it registers again under a new id and goes on."""
+        while not self._stop_requested:
+            daemon = await self._retrying("register", self._register)
+            if daemon is None:  # stopped before it could register
+                return
+            try:
+                await self._run_as(daemon)
+                return
+            except DaemonFenced as fenced:
+                self.metrics.fenced.inc()
+                if self._stop_requested:
+                    return
+                logger.warning("%s Registering again to go on.", fenced)
+                self._stop.clear()
+                self._retries_due.clear()  # those requests are no longer this daemon's
+                self._claim_wanted, self._uncertain = True, False
+
+    async def _run_as(self, daemon: models.Daemon) -> None:
+        """One life of the daemon, under one id: until `stop()`, a crash, or `DaemonFenced`."""
         self._daemon_id = daemon.id
         logger.info("Daemon %s started (models: %s).", daemon.id, ", ".join(self._lanes.model_names) or "none")
         writes = PendingWrites(max_size=self._settings.commit_max_size, on_arrival=self._wake.set)
