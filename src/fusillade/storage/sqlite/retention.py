@@ -1,10 +1,13 @@
-"""Retention on SQLite: hard-delete what was soft-deleted, a bounded number of rows per call."""
+"""Retention on SQLite: hard-delete what was soft-deleted, and uploads abandoned by a crash, a bounded number of
+rows per call."""
 
 from __future__ import annotations
 
 import sqlite3
 from datetime import datetime
 from typing import Final
+
+from fusillade.storage.sqlite import uploads
 
 # In order; each step deletes at most the budget left by the previous ones.
 PURGE_STEPS: Final = (
@@ -61,4 +64,6 @@ def purge_deleted(connection: sqlite3.Connection, now: datetime, *, limit: int) 
         if deleted >= limit:
             break
         deleted += connection.execute(sql, (limit - deleted,)).rowcount
+    if deleted < limit:
+        deleted += uploads.purge_abandoned(connection, now, limit=limit - deleted)
     return deleted

@@ -6,6 +6,7 @@ the row mapping live in the role modules (`files`, `batches`, `queue`, `daemons`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import sqlite3
@@ -18,11 +19,22 @@ from fusillade import clock as clocks
 from fusillade import errors
 from fusillade.domain import ids, models, served, states
 from fusillade.storage import base
-from fusillade.storage.sqlite import batches, daemons, files, keys, migration, models_seen, queue, retention
+from fusillade.storage.sqlite import (
+    batches,
+    daemons,
+    files,
+    keys,
+    migration,
+    models_seen,
+    queue,
+    retention,
+    uploads,
+)
 from fusillade.storage.sqlite import connection as connections
 
-TEMPLATE_CHUNK_ROWS: Final = 2000
-"""Templates inserted per step of an upload (bounds the memory an upload holds)."""
+TEMPLATE_CHUNK_ROWS: Final = 1000
+"""Templates inserted per transaction of an upload (a few milliseconds of the write lock; bounds the memory an
+upload holds)."""
 
 
 class SqliteStorage:
@@ -69,43 +81,53 @@ class SqliteStorage:
         expires_at: datetime | None = None,
         record_model: Callable[[str], bool] | None = None,
     ) -> models.File:
+        """Stored in short transactions (`uploads`): the templates a chunk at a time while the rest is still being
+        read and validated, then the file row, which makes them visible. The write lock is never held while the
+        input is read, so daemons keep committing meanwhile. A failure removes what was stored."""
         file_id = ids.new_file_id()
         count = 0
         seen = served.SeenModels(record_model) if record_model is not None else None
-        async with (
-            self._database.write_transaction() as transaction,
-            contextlib.aclosing(_as_async(templates)) as items,
-        ):
-            chunk: list[models.TemplateInput] = []
-            async for item in items:
-                chunk.append(item)
-                if seen is not None:
-                    seen.add(item.model)
-                if len(chunk) >= TEMPLATE_CHUNK_ROWS:
-                    await transaction.run(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
+        await self._database.write(functools.partial(uploads.begin, file_id=file_id))
+        try:
+            async with contextlib.aclosing(_as_async(templates)) as items:
+                chunk: list[models.TemplateInput] = []
+                async for item in items:
+                    chunk.append(item)
+                    if seen is not None:
+                        seen.add(item.model)
+                    if len(chunk) >= TEMPLATE_CHUNK_ROWS:
+                        await self._database.write(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
+                        count += len(chunk)
+                        chunk = []
+                if chunk:
+                    await self._database.write(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
                     count += len(chunk)
-                    chunk = []
-            if chunk:
-                await transaction.run(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
-                count += len(chunk)
             if count == 0:
                 raise errors.ValidationError(
                     "The file is empty: upload at least one request line.",
                     errors=[errors.LineError(0, "The file contains no request lines.")],
                 )
-            if seen is not None and seen.models:
-                await transaction.run(functools.partial(models_seen.record_seen, owner=owner, found=seen.models))
-            return await transaction.run(
+            return await self._database.write(
                 functools.partial(
-                    files.insert_input_file,
+                    uploads.finish,
                     file_id=file_id,
                     owner=owner,
                     filename=filename,
                     size_bytes=size_bytes,
                     request_count=count,
                     expires_at=expires_at,
+                    seen=seen.models if seen is not None else (),
                 )
             )
+        except BaseException:
+            # Shielded: a cancelled upload still removes what it stored (else purge does, after an hour).
+            await asyncio.shield(self._abandon_upload(file_id))
+            raise
+
+    async def _abandon_upload(self, file_id: ids.FileId) -> None:
+        with contextlib.suppress(errors.StorageError):
+            while not await self._database.write(functools.partial(uploads.abandon_step, file_id=file_id)):
+                pass
 
     async def get_file(self, file_id: ids.FileId, *, owner: models.OwnerScope) -> models.File:
         return await self._database.read(lambda connection: files.get_file(connection, file_id, owner))
