@@ -22,17 +22,20 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import uvicorn
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from fusillade import __version__, errors
 from fusillade.api.app import create_app, create_metrics_app
-from fusillade.api.context import ApiContext
+from fusillade.api.context import ApiContext, MoreMetrics
 from fusillade.api.server import HttpLimits, ServerConfig
 from fusillade.config import DEFAULT_ROUTE_MODEL, Config, ConfigWatcher, RouteSection, ServerSection
 from fusillade.daemon import Daemon, run_until_signalled
@@ -42,6 +45,7 @@ from fusillade.mock_upstream import Behaviour, MockUpstream
 from fusillade.service import Service
 from fusillade.storage import factory
 from fusillade.storage.base import Storage, WritePriority
+from fusillade.supervision import DaemonProcess, watch_parent
 from fusillade.upstream.client import UpstreamClient
 from fusillade.upstream.routes import Route
 
@@ -202,10 +206,11 @@ def url_of(listener: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def new_registry() -> CollectorRegistry:
-    """A metrics registry with the process' own metrics (memory, CPU, open files)."""
+def new_registry(process_namespace: str = "") -> CollectorRegistry:
+    """A metrics registry with the process' own metrics (memory, CPU, open files), named `process_*`, or
+    `NAMESPACE_process_*` (the daemon process of `serve`, whose metrics the API shows beside its own)."""
     registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
+    ProcessCollector(namespace=process_namespace, registry=registry)
     return registry
 
 
@@ -216,42 +221,46 @@ async def serve(
     mock_upstream: bool = False,
     on_listening: Callable[[str], None] | None = None,
 ) -> None:
-    """Run the HTTP API (and, `with_daemon`, a daemon in the same event loop) until SIGTERM or SIGINT.
+    """Run the HTTP API (and, `with_daemon`, a daemon in a child process it supervises: `supervision`) until
+    SIGTERM or SIGINT.
 
     `mock_upstream`: also run the fake upstream here and send every model without a route of its own to it
     (demos). `on_listening` gets the API's base URL once it accepts connections. Raises
     `ConfigurationError` when the configuration cannot work (a key variable unset, an address in use, a
-    public address without API keys); raises a crashed daemon's error after stopping the rest.
+    public address without API keys); raises the daemon process's failure after stopping the rest.
     """
     async with contextlib.AsyncExitStack() as stack:
         overlay = _no_overlay
+        overlay_url = None
         if mock_upstream:
             fake = await stack.enter_async_context(MockUpstream(Behaviour()))
+            overlay_url = fake.url
             overlay = functools.partial(with_mock_upstream, url=fake.url)
             config = overlay(config)
             logger.warning("Demo mode: models without a route of their own go to the fake upstream %s.", fake.url)
         live = _LiveConfig(config)
-        routing = Routing(config) if with_daemon else None
-        served = routing.served if routing is not None else live.served
-        # Alone, the API's writes (uploads, batch creation) wait for the daemons' on a shared SQLite file.
-        priority = WritePriority.NORMAL if with_daemon else WritePriority.LOW
+        if with_daemon:
+            Routing(config)  # a route whose key variable is unset stops here, before anything starts
+        # The API's writes (uploads, batch creation) wait for the daemons' on a shared SQLite file.
         storage = await factory.open_storage(
-            config.database_url, database_timeout=config.database_timeout, write_priority=priority
+            config.database_url, database_timeout=config.database_timeout, write_priority=WritePriority.LOW
         )
         stack.push_async_callback(storage.close)
         registry = new_registry()
-        daemon = None
-        if routing is not None:
-            client = await stack.enter_async_context(UpstreamClient())
-            daemon = _new_daemon(storage, client, config, routing, registry)
+        daemon = (
+            DaemonProcess(config, overlay_url=overlay_url, log_level=logging.getLogger().getEffectiveLevel())
+            if with_daemon
+            else None
+        )
         service = Service(
             storage,
             limits=config.upload_limits(),
-            served_models=served,
+            served_models=live.served,
             spool_directory=config.uploads.spool_directory,
             notify_work=daemon.notify_work if daemon is not None else _nothing,
         )
         admin_key = config.admin_key()
+        more_metrics = daemon.metrics if daemon is not None else None
         context = ApiContext(
             storage=storage,
             service=service,
@@ -259,23 +268,22 @@ async def serve(
             admin_key=admin_key,
             open_owner=await open_owner_for(storage, admin_key=admin_key, host=config.server.host),
             metrics_key=config.metrics_key(),
+            more_metrics=more_metrics,
         )
         listener = bind(config.server.host, config.server.port)
         limits = http_limits(config.server)
         server = _Server(ServerConfig(create_app(context), limits=limits, graceful_shutdown=HTTP_SHUTDOWN_GRACE))
         metrics_address = config.server.metrics_listen()
+        metrics_listener = bind(*metrics_address, setting="[server] metrics_address") if metrics_address else None
         await stack.enter_async_context(
-            serving_metrics(registry, metrics_address, limits=limits, setting="[server] metrics_address")
+            serving_metrics(registry, metrics_listener, limits=limits, more=more_metrics)
         )
 
         def apply(newer: Config) -> None:
-            newer = overlay(newer)
-            if routing is not None:
-                routing.replace(newer)
-            if daemon is not None:
-                daemon.replace_settings(newer.daemon_settings())
-            live.replace(newer)
+            live.replace(overlay(newer))
             service.replace_limits(newer.upload_limits())
+            if daemon is not None:
+                daemon.reload()
 
         await stack.enter_async_context(_watching(config, apply))
         await _run_until_stopped(server, listener, daemon, on_listening)
@@ -321,7 +329,10 @@ def _nothing() -> None:
 
 
 async def _run_until_stopped(
-    server: _Server, listener: socket.socket, daemon: Daemon | None, on_listening: Callable[[str], None] | None
+    server: _Server,
+    listener: socket.socket,
+    daemon: DaemonProcess | None,
+    on_listening: Callable[[str], None] | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -361,7 +372,7 @@ async def _announce(
     await asyncio.wait({ready, server_task}, return_when=asyncio.FIRST_COMPLETED)
     ready.cancel()
     if server.ready.is_set():
-        logger.info("Listening on %s (%s).", url, "API and daemon" if with_daemon else "API only")
+        logger.info("Listening on %s (%s).", url, "API; daemon in its own process" if with_daemon else "API only")
         if on_listening is not None:
             on_listening(url)
 
@@ -401,44 +412,121 @@ async def _watching(config: Config, apply: Callable[[Config], None]) -> AsyncIte
 # ----------------------------------------------------------------------------------------------- daemon
 
 
-async def run_daemon(config: Config, *, metrics_address: tuple[str, int] | None = None) -> None:
-    """Run a daemon alone until SIGTERM or SIGINT (`fusillade daemon`). `metrics_address`: serve its
-    Prometheus metrics over HTTP there (the HTTP API of another process cannot show them)."""
+async def run_daemon(
+    config: Config,
+    *,
+    metrics_address: tuple[str, int] | None = None,
+    overlay_url: str | None = None,
+    wake: Connection | None = None,
+    metrics_socket: Path | None = None,
+    process_namespace: str = "",
+    parent: int | None = None,
+) -> None:
+    """Run a daemon alone until SIGTERM or SIGINT (`fusillade daemon`, and `serve`'s daemon process).
+    `metrics_address`: serve its Prometheus metrics over HTTP there (the HTTP API of another process cannot show
+    them). For `serve`'s daemon process (`supervision`): `overlay_url` the fake upstream of `--mock-upstream`,
+    `wake` the API's wake-up pipe, `metrics_socket` the Unix socket its metrics are read from, `parent` the
+    serving process (the daemon stops when it is gone)."""
+    overlay = functools.partial(with_mock_upstream, url=overlay_url) if overlay_url else _no_overlay
+    config = overlay(config)
     routing = Routing(config)
-    registry = new_registry()
+    registry = new_registry(process_namespace)
     storage = await factory.open_storage(
         config.database_url, database_timeout=config.database_timeout, write_priority=WritePriority.HIGH
     )
     try:
         limits = http_limits(config.server)
+        address_listener = (
+            bind(*metrics_address, setting="--metrics-host/--metrics-port") if metrics_address else None
+        )
+        socket_listener = bind_unix(metrics_socket) if metrics_socket is not None else None
         async with (
-            serving_metrics(registry, metrics_address, limits=limits, setting="--metrics-host/--metrics-port"),
+            serving_metrics(registry, address_listener, limits=limits),
+            serving_metrics(registry, socket_listener, limits=limits),
             UpstreamClient() as client,
         ):
             daemon = _new_daemon(storage, client, config, routing, registry)
 
             def apply(newer: Config) -> None:
+                newer = overlay(newer)
                 routing.replace(newer)
                 daemon.replace_settings(newer.daemon_settings())
 
-            async with _watching(config, apply):
+            async with _watching(config, apply), _woken_by(wake, daemon), _stopped_with(parent, daemon):
                 await run_until_signalled(daemon)
     finally:
         await storage.close()
 
 
+def bind_unix(path: Path) -> socket.socket:
+    """A listening Unix socket at `path` (a stale one left by a killed process is replaced)."""
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(16)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 @contextlib.asynccontextmanager
-async def serving_metrics(
-    registry: CollectorRegistry, address: tuple[str, int] | None, *, limits: HttpLimits, setting: str
-) -> AsyncIterator[None]:
-    """Serve `registry` at `http://ADDRESS/metrics`, without a key, while the block runs (nothing when `address`
-    is None). `ConfigurationError` naming `setting` when the address cannot be used."""
-    if address is None:
+async def _woken_by(wake: Connection | None, daemon: Daemon) -> AsyncIterator[None]:
+    """While the block runs, a byte on `wake` (the API's pipe) wakes the daemon's claim."""
+    if wake is None:
         yield
         return
-    host, port = address
-    listener = bind(host, port, setting=setting)
-    server = _Server(ServerConfig(create_metrics_app(registry), limits=limits))
+    loop = asyncio.get_running_loop()
+    descriptor = wake.fileno()
+    os.set_blocking(descriptor, False)
+
+    def woken() -> None:
+        with contextlib.suppress(BlockingIOError):
+            if not os.read(descriptor, 4096):  # the writer is gone: stop listening
+                loop.remove_reader(descriptor)
+        daemon.notify_work()
+
+    loop.add_reader(descriptor, woken)
+    try:
+        yield
+    finally:
+        loop.remove_reader(descriptor)
+
+
+@contextlib.asynccontextmanager
+async def _stopped_with(parent: int | None, daemon: Daemon) -> AsyncIterator[None]:
+    """While the block runs, the daemon stops if the process `parent` goes away."""
+    if parent is None:
+        yield
+        return
+
+    async def watch() -> None:
+        await watch_parent(parent)
+        logger.error("The serving process is gone; the daemon stops.")
+        daemon.stop()
+
+    task = asyncio.create_task(watch(), name="fusillade-parent")
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def serving_metrics(
+    registry: CollectorRegistry,
+    listener: socket.socket | None,
+    *,
+    limits: HttpLimits,
+    more: MoreMetrics | None = None,
+) -> AsyncIterator[None]:
+    """Serve `registry` (then `more`) at `/metrics` on `listener`, without a key, while the block runs (nothing
+    when `listener` is None)."""
+    if listener is None:
+        yield
+        return
+    server = _Server(ServerConfig(create_metrics_app(registry, more), limits=limits))
     task = asyncio.create_task(server.serve(sockets=[listener]), name="fusillade-metrics")
     ready = asyncio.create_task(server.ready.wait())
     await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -446,7 +534,8 @@ async def serving_metrics(
     try:
         if not server.ready.is_set():
             raise (await _outcome(task)) or RuntimeError("The metrics server stopped on its own.")
-        logger.info("Metrics on %s/metrics.", url_of(listener))
+        if listener.family != socket.AF_UNIX:
+            logger.info("Metrics on %s/metrics.", url_of(listener))
         yield
     finally:
         server.should_exit = True

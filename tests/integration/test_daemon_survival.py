@@ -125,6 +125,29 @@ async def test_a_daemon_declared_dead_drops_its_calls_writes_nothing_more_and_re
             await task  # an orderly stop: no exception
 
 
+async def test_a_daemon_that_learns_of_its_fencing_from_a_refused_write_claims_again_in_its_next_life(
+    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
+) -> None:
+    """Fenced by a tick (its results refused) rather than by its heartbeat: the slots that tick had reserved for
+    its claim are free again in the next life, which finishes the batch."""
+    upstream.behaviour = Behaviour(latency=FixedLatency(0.3))
+    batch = await factories.create_batch(storage, count=12)
+    settings = fast_settings(heartbeat_interval=timedelta(seconds=20), stale_after=timedelta(seconds=30))
+    daemon = Daemon(storage, client, routes_for(upstream, {"model-a": 4}), settings=settings)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await polling.until(lambda: upstream.stats.in_flight == 4, message="calls under way")
+        assert daemon.daemon_id is not None
+        await storage.mark_daemon_dead(daemon.daemon_id)  # their results will be refused
+        done = await finished(storage, batch, within=30)
+    finally:
+        daemon.stop()
+        async with asyncio.timeout(15):
+            await task
+    assert fenced_count(daemon) == 1
+    assert done.counts.completed == 12
+
+
 class _FinalizeBug:
     """The real storage, except that `finalize_batches` fails the way a bug would (not a database error)."""
 

@@ -4,14 +4,14 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from fusillade import __version__
-from fusillade.api.context import ApiContext
+from fusillade.api.context import ApiContext, MoreMetrics, exposition
 from fusillade.api.errors import install_error_handlers
 from fusillade.api.routes import batches, files, health, models
 
@@ -34,11 +34,12 @@ def create_app(context: ApiContext) -> FastAPI:
     return app
 
 
-def create_metrics_app(registry: CollectorRegistry) -> Starlette:
-    """`GET /metrics` of `registry`, without a key, and nothing else: for a listener apart from the API
-    (`[server] metrics_address`, `fusillade daemon --metrics-port`), on an address only Prometheus reaches."""
+def create_metrics_app(registry: CollectorRegistry, more: MoreMetrics | None = None) -> Starlette:
+    """`GET /metrics` of `registry` (then `more`'s), without a key, and nothing else: for a listener apart from
+    the API (`[server] metrics_address`, `fusillade daemon --metrics-port`), on an address only Prometheus
+    reaches."""
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await exposition(registry, more), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/metrics", metrics, methods=["GET"])])

@@ -7,7 +7,6 @@ Exit codes: 0 success; 1 the work failed (requests failed, an object was not fou
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -98,18 +97,8 @@ def fail(message: str, code: ExitCode = ExitCode.FAILED) -> NoReturn:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` in a new event loop: uvloop's when it is installed (the upstream client is faster on it),
-    with the interpreter tuned for a long-running process (`fusillade.runtime`)."""
-    runtime.tune_interpreter()
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    try:
-        import uvloop
-    except ImportError:
-        pass
-    else:
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(main)
+    """Run `main` in a new event loop (`fusillade.runtime.run`)."""
+    return runtime.run(main)
 
 
 def execute(main: Coroutine[Any, Any, T]) -> T:
@@ -128,11 +117,7 @@ def setup_logging(level: str) -> None:
     number = logging.getLevelName(level.upper())
     if not isinstance(number, int):
         fail(f"--log-level {level!r} is not a level; use debug, info, warning or error.", ExitCode.INVALID)
-    logging.basicConfig(
-        level=number,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=number, format=runtime.LOG_FORMAT, stream=sys.stderr)
 
 
 def table(title: str, *headers: str, identifiers: int = 1) -> Table:

@@ -303,6 +303,8 @@ class Daemon:
             )
         except errors.StateConflict as exc:
             writes.put_back(group)
+            if claim is not None:  # the next life claims with the same lanes
+                self._lanes.unreserve(claim.capacities)
             raise DaemonFenced(
                 f"Daemon {daemon_id} was declared dead by the others; it stops so that requests they took "
                 "over are not sent twice."

@@ -9,12 +9,13 @@ from typing import Final
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from fusillade import errors
 from fusillade.api.auth import authorize_metrics
-from fusillade.api.context import context_of
+from fusillade.api.context import context_of, exposition
 from fusillade.api.errors import RETRY_AFTER_SECONDS
+from fusillade.api.schemas import ErrorEnvelope
 
 router = APIRouter(tags=["health"])
 
@@ -45,6 +46,11 @@ async def readyz(request: Request) -> JSONResponse:
     summary="Prometheus metrics (an admin or the metrics key when the API has keys)",
     response_class=Response,
     dependencies=[Depends(authorize_metrics)],
+    responses={
+        401: {"model": ErrorEnvelope, "description": "The API has keys and none was given, or an unknown one."},
+        403: {"model": ErrorEnvelope, "description": "A key that may not read metrics (a tenant's)."},
+    },
 )
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(context_of(request).registry), media_type=CONTENT_TYPE_LATEST)
+    context = context_of(request)
+    return Response(await exposition(context.registry, context.more_metrics), media_type=CONTENT_TYPE_LATEST)
