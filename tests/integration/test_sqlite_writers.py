@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 from fusillade import clock as clocks
 from fusillade import errors
 from fusillade.domain import models
-from fusillade.storage.base import WritePriority
+from fusillade.storage.base import TEMPLATE_CHUNK_BYTES, WritePriority
 from fusillade.storage.sqlite.store import TEMPLATE_CHUNK_ROWS, SqliteStorage
 from tests.support import factories
 
@@ -75,6 +76,26 @@ async def test_another_process_writes_while_an_upload_is_being_read(path: Path, 
     assert file.request_count == len(items)
     assert rows(path, "uploads_in_progress") == 0
     assert len(await factories.read_lines(store, file.id)) == len(items)
+
+
+async def test_long_lines_are_stored_a_few_mebibytes_at_a_time(path: Path, store: SqliteStorage) -> None:
+    """Chunks end at `TEMPLATE_CHUNK_BYTES` of bodies too: a file of long lines is not one long step."""
+    long_body = '{"model": "m", "messages": [{"role": "user", "content": "%s"}]}' % ("x" * (1 << 20))
+    items = [
+        dataclasses.replace(item, body=long_body)
+        for item in factories.templates(count=2 * TEMPLATE_CHUNK_BYTES >> 20)
+    ]
+    stored_midway: list[int] = []
+
+    async def watched_input() -> AsyncIterator[models.TemplateInput]:
+        for number, item in enumerate(items):
+            if number == len(items) - 1:
+                stored_midway.append(rows(path, "request_templates"))
+            yield item
+
+    file = await store.create_file(owner="alice", filename="in.jsonl", templates=watched_input(), size_bytes=1)
+    assert file.request_count == len(items) < TEMPLATE_CHUNK_ROWS
+    assert stored_midway[0] >= TEMPLATE_CHUNK_BYTES >> 20  # a first chunk was stored before the input ended
 
 
 async def test_a_failed_upload_leaves_nothing(path: Path, store: SqliteStorage) -> None:
@@ -135,7 +156,7 @@ async def test_an_upload_abandoned_by_a_crash_is_purged_after_an_hour(path: Path
 
 _BULK_WRITER = """
 import asyncio, sys, time
-from fusillade.storage.base import WritePriority
+from fusillade.storage.base import TEMPLATE_CHUNK_BYTES, WritePriority
 from fusillade.storage.sqlite.store import SqliteStorage
 
 def bulk(connection, now):

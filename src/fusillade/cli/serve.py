@@ -49,10 +49,10 @@ def serve(
     ] = False,
     log_level: common.LogLevelOption = "info",
 ) -> None:
-    """Run the HTTP API and a daemon in one process.
+    """Run the HTTP API and a daemon in one command.
 
-    The main command: the OpenAI files and batches API and the daemon that sends the requests upstream, on
-    SQLite by default (./fusillade.db).
+    The main command: the OpenAI files and batches API, and the daemon that sends the requests upstream in a
+    process of its own that this one supervises; SQLite by default (./fusillade.db).
     """
     common.setup_logging(log_level)
     settings = _load(config, host, port, database_url)

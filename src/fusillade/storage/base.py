@@ -41,6 +41,8 @@ class WritePriority(enum.Enum):
     """Before each write, waits for the HIGH writes announced (the API)."""
 
 
+TEMPLATE_CHUNK_BYTES = 4 * 1024 * 1024
+"""Bodies stored per step of an upload at most (with a count per backend): long lines do not make long steps."""
 DEFAULT_DATABASE_TIMEOUT = timedelta(seconds=30)
 """Longest wait for a networked database (connecting, a pooled connection, any one statement): the
 configuration's `database_timeout`."""

@@ -98,10 +98,14 @@ class TemplateSourceError(Exception):
 
 
 async def template_chunks(
-    templates: AsyncIterable[models.TemplateInput] | Iterable[models.TemplateInput], size: int
+    templates: AsyncIterable[models.TemplateInput] | Iterable[models.TemplateInput],
+    size: int,
+    max_bytes: int = base.TEMPLATE_CHUNK_BYTES,
 ) -> AsyncGenerator[list[models.TemplateInput], None]:
-    """The templates in lists of at most `size`; a failure of the source is wrapped in `TemplateSourceError`."""
+    """The templates in lists of at most `size`, each ended once its bodies reach `max_bytes`; a failure of the
+    source is wrapped in `TemplateSourceError`."""
     chunk: list[models.TemplateInput] = []
+    chunk_bytes = 0
     if isinstance(templates, AsyncIterable):
         iterator = aiter(templates)
         while True:
@@ -112,9 +116,10 @@ async def template_chunks(
             except BaseException as exc:
                 raise TemplateSourceError(exc) from None
             chunk.append(template)
-            if len(chunk) >= size:
+            chunk_bytes += len(template.body)
+            if len(chunk) >= size or chunk_bytes >= max_bytes:
                 yield chunk
-                chunk = []
+                chunk, chunk_bytes = [], 0
     else:
         sync_iterator = iter(templates)
         while True:
@@ -125,9 +130,10 @@ async def template_chunks(
             except BaseException as exc:
                 raise TemplateSourceError(exc) from None
             chunk.append(template)
-            if len(chunk) >= size:
+            chunk_bytes += len(template.body)
+            if len(chunk) >= size or chunk_bytes >= max_bytes:
                 yield chunk
-                chunk = []
+                chunk, chunk_bytes = [], 0
     if chunk:
         yield chunk
 

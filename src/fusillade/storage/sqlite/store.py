@@ -91,14 +91,16 @@ class SqliteStorage:
         try:
             async with contextlib.aclosing(_as_async(templates)) as items:
                 chunk: list[models.TemplateInput] = []
+                chunk_bytes = 0
                 async for item in items:
                     chunk.append(item)
+                    chunk_bytes += len(item.body)
                     if seen is not None:
                         seen.add(item.model)
-                    if len(chunk) >= TEMPLATE_CHUNK_ROWS:
+                    if len(chunk) >= TEMPLATE_CHUNK_ROWS or chunk_bytes >= base.TEMPLATE_CHUNK_BYTES:
                         await self._database.write(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
                         count += len(chunk)
-                        chunk = []
+                        chunk, chunk_bytes = [], 0
                 if chunk:
                     await self._database.write(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
                     count += len(chunk)
