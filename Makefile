@@ -36,8 +36,11 @@ format: install
 typecheck: install
 	$(PY) -m mypy
 
+# Two workers for most tests (many wait on processes, sockets and timers); those that measure a rate or a
+# latency (marker `solo`) run afterwards, alone.
 pytest: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 -m "not solo" $(PYTEST_ARGS)
+	$(PY) -m pytest -m solo $(PYTEST_ARGS)
 
 check: lint typecheck
 

@@ -200,6 +200,7 @@ async def high_write_latencies(path: Path, low: str, writes: int) -> list[float]
         await store.close()
 
 
+@pytest.mark.solo
 async def test_a_high_writer_gets_its_turn_while_a_low_one_writes_back_to_back(
     path: Path, store: SqliteStorage
 ) -> None:
