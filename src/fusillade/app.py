@@ -45,7 +45,7 @@ from fusillade.mock_upstream import Behaviour, MockUpstream
 from fusillade.service import Service
 from fusillade.storage import factory
 from fusillade.storage.base import Storage, WritePriority
-from fusillade.supervision import DaemonProcess, watch_parent
+from fusillade.supervision import DaemonProcess, lower_api_priority, watch_parent
 from fusillade.upstream.client import UpstreamClient
 from fusillade.upstream.routes import Route
 
@@ -239,19 +239,19 @@ async def serve(
             config = overlay(config)
             logger.warning("Demo mode: models without a route of their own go to the fake upstream %s.", fake.url)
         live = _LiveConfig(config)
+        daemon = None
         if with_daemon:
             Routing(config)  # a route whose key variable is unset stops here, before anything starts
+            daemon = DaemonProcess(
+                config, overlay_url=overlay_url, log_level=logging.getLogger().getEffectiveLevel()
+            )
+            lower_api_priority(config.server.api_niceness)  # before the API's threads start: they inherit it
         # The API's writes (uploads, batch creation) wait for the daemons' on a shared SQLite file.
         storage = await factory.open_storage(
             config.database_url, database_timeout=config.database_timeout, write_priority=WritePriority.LOW
         )
         stack.push_async_callback(storage.close)
         registry = new_registry()
-        daemon = (
-            DaemonProcess(config, overlay_url=overlay_url, log_level=logging.getLogger().getEffectiveLevel())
-            if with_daemon
-            else None
-        )
         service = Service(
             storage,
             limits=config.upload_limits(),

@@ -24,6 +24,7 @@ The rules, as a user sees them: one command, one Ctrl-C, one exit code.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import logging
@@ -76,6 +77,10 @@ class DaemonProcess:
         self._directory = Path(tempfile.mkdtemp(prefix="fusillade-serve-"))  # 0700: only this user reaches it
         self._stop = asyncio.Event()
         self._process: multiprocessing.process.BaseProcess | None = None
+        # Daemon processes are started from this thread, made now: a child takes the CPU priority of the thread
+        # that starts it (Linux), and the API's threads may be given a lower one (`lower_api_priority`).
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusillade-spawn")
+        self._spawner.submit(lambda: None).result()
 
     @property
     def metrics_socket(self) -> Path:
@@ -143,6 +148,7 @@ class DaemonProcess:
         finally:
             self._wake_reader.close()
             self._wake_writer.close()
+            self._spawner.shutdown(wait=False)
             shutil.rmtree(self._directory, ignore_errors=True)
 
     async def _run_once(self) -> int:
@@ -158,7 +164,7 @@ class DaemonProcess:
             ),
             name="fusillade-daemon",
         )
-        process.start()
+        await asyncio.get_running_loop().run_in_executor(self._spawner, process.start)
         self._process = process
         logger.info("Daemon process %s started.", process.pid)
         exited = asyncio.create_task(_exit_of(process))
@@ -183,6 +189,14 @@ class DaemonProcess:
         if not done:
             logger.error("The daemon process did not stop within %.0f s; killing it.", within)
             process.kill()
+
+
+def lower_api_priority(niceness: int) -> None:
+    """Give the calling thread, and the threads and processes it starts from now on, a CPU priority `niceness`
+    lower (Linux, where the priority is per thread: the daemon processes, started from `DaemonProcess`'s own
+    thread, keep theirs). Elsewhere the whole process would be lowered, its children with it: nothing is done."""
+    if niceness > 0 and sys.platform.startswith("linux"):
+        os.nice(niceness)
 
 
 async def _exit_of(process: multiprocessing.process.BaseProcess) -> int:

@@ -220,6 +220,10 @@ class ServerSection(Section):
     byte of a further request on it); over it: 408, and the connection is closed."""
     max_connections: Count = 1000
     """Most connections open at once; a connection over it is answered 503 and closed."""
+    api_niceness: Annotated[int, Field(ge=0, le=19)] = 5
+    """`fusillade serve` on Linux: how much lower the API's CPU priority is than its daemon process's (a `nice`
+    increment of the API's threads); on a busy machine the running batches keep their pace and the API answers
+    a little later. 0: the same priority."""
 
     def metrics_listen(self) -> tuple[str, int] | None:
         """`metrics_address` as (host, port), or None."""
