@@ -26,7 +26,7 @@ from tests.reliability.mixed_load import OPERATIONS, CompletionRate, mixed_load,
 from tests.support import polling
 from tests.support.processes import Processes
 
-pytestmark = [pytest.mark.reliability, pytest.mark.solo]
+pytestmark = [pytest.mark.reliability, pytest.mark.solo, pytest.mark.timeout(600)]
 
 FLOOR = 0.5
 """The least share of the idle completion rate the batch must keep under load (in CI)."""

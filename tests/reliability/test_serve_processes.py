@@ -1,6 +1,7 @@
 """`fusillade serve` as two processes (`fusillade.supervision`): the API here, the daemon in a child it supervises.
 
-- The daemon runs in its own process, and an upload in the API wakes it at once (not at its idle poll).
+- The daemon runs in its own process, at a higher CPU priority than the API, and an upload in the API wakes it at
+  once (not at its idle poll).
 - A killed daemon process is started again and the batch completes; serve stays up.
 - A daemon process that dies again and again right after its start stops serve with exit code 1: never half
   alive.
@@ -59,6 +60,12 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def niceness(pid: int) -> int:
+    """The nice value of the main thread of `pid` (field 19 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])
+
+
 async def upload_and_create(sdk: AsyncOpenAI, count: int) -> str:
     uploaded = await sdk.files.create(
         file=("in.jsonl", request_lines(count, model="model-a", prefix="r")), purpose="batch"
@@ -76,6 +83,8 @@ async def test_the_daemon_runs_in_its_own_process_and_the_api_wakes_it(tmp_path:
         await server.registered()
         [child] = children(server)
         assert child != server.pid and alive(child)
+        # The API's main thread runs `[server] api_niceness` (5) below the daemon process.
+        assert (niceness(server.pid), niceness(child)) == (5, 0)
 
         _, status, _ = await processes.cli("status", "--json", "--config", "fusillade.toml")
         assert [daemon["pid"] for daemon in json.loads(status)["daemons"]] == [child]
