@@ -75,10 +75,12 @@ async def bare_loop(url: str, requests: int, concurrency: int) -> float:
 
 async def daemon_run(url: str, database_url: str, requests: int, concurrency: int, ticks_in_flight: int) -> float:
     from fusillade.storage import factory
+    from fusillade.storage.base import WritePriority
     from fusillade.upstream.client import UpstreamClient
     from fusillade.upstream.routes import Route
 
-    storage = await factory.open_storage(database_url)
+    # As `fusillade daemon` and serve's daemon process open it (on SQLite: a write turn taken per transaction).
+    storage = await factory.open_storage(database_url, write_priority=WritePriority.HIGH)
     try:
         upload = await storage.create_file(
             owner="bench", filename="bench.jsonl", templates=templates(requests), size_bytes=requests * len(BODY)

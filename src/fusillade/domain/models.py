@@ -68,7 +68,8 @@ class TemplateInput:
     """Path of the upstream endpoint, e.g. `/v1/chat/completions`; never a host."""
     model: str
     body: str
-    """The line's `body` object, serialised as compact JSON."""
+    """The line's `body` object as the user wrote it (its exact text in the line: numbers, escapes and key order
+    unchanged)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
