@@ -51,6 +51,8 @@ QUICK_FAILURE: Final = 10.0
 MAX_QUICK_FAILURES: Final = 3
 RESTART_DELAYS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Pauses before each restart in a row (the last one repeats)."""
+STABLE_AFTER: Final = 60.0
+"""Seconds: a daemon process that ran this long before it died starts the pauses from the first again."""
 STOP_EXTRA: Final = 10.0
 """Seconds the daemon process gets beyond `daemon.shutdown_grace` to exit after SIGTERM, before SIGKILL."""
 METRICS_TIMEOUT: Final = 2.0
@@ -86,10 +88,6 @@ class DaemonProcess:
     def metrics_socket(self) -> Path:
         return self._directory / METRICS_SOCKET
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
     def notify_work(self) -> None:
         """Wake the daemon's claim (never blocks: a full pipe already holds a wake-up)."""
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
@@ -121,7 +119,8 @@ class DaemonProcess:
     async def run(self) -> None:
         """Start the daemon process and keep it running until `stop()`; then stop it in order. Raises
         `ConfigurationError` or `FusilladeError` when it cannot be kept running."""
-        failures = 0
+        crashes = 0  # in a row: each pause doubles until a process runs for `STABLE_AFTER`
+        failed_starts = 0  # in a row: exits within `QUICK_FAILURE` of the start
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
@@ -132,13 +131,15 @@ class DaemonProcess:
                     raise errors.ConfigurationError(
                         "The daemon process could not start (its log says why); serve stops."
                     )
-                failures = failures + 1 if time.monotonic() - started < QUICK_FAILURE else 1
-                if failures >= MAX_QUICK_FAILURES and time.monotonic() - started < QUICK_FAILURE:
+                ran = time.monotonic() - started
+                crashes = crashes + 1 if ran < STABLE_AFTER else 1
+                failed_starts = failed_starts + 1 if ran < QUICK_FAILURE else 0
+                if failed_starts >= MAX_QUICK_FAILURES:
                     raise errors.FusilladeError(
-                        f"The daemon process failed {failures} times in a row (last exit code {exit_code}); "
+                        f"The daemon process failed {failed_starts} times in a row (last exit code {exit_code}); "
                         "serve stops rather than run without it. Its log says why."
                     )
-                delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS)) - 1]
+                delay = RESTART_DELAYS[min(crashes, len(RESTART_DELAYS)) - 1]
                 logger.error(
                     "The daemon process exited with code %s; starting it again in %.0f s.", exit_code, delay
                 )
