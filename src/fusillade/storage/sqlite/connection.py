@@ -213,23 +213,18 @@ class WriteTurns:
         self.announce()
         self.start(connection)
 
-    def announce(self) -> None:
-        """Wait for this writer's turn (blocking): a HIGH writer then holds it until `end`."""
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX if self.priority is WritePriority.HIGH else fcntl.LOCK_SH)
-            if self.priority is WritePriority.LOW:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    def announce_nowait(self) -> bool:
-        """`announce` if this writer's turn is free now, else False (nothing taken): for the event loop."""
-        if self._fd is not None:
-            mode = fcntl.LOCK_EX if self.priority is WritePriority.HIGH else fcntl.LOCK_SH
-            try:
-                fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return False
-            if self.priority is WritePriority.LOW:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def announce(self, *, wait: bool = True) -> bool:
+        """Take this writer's turn (a HIGH writer then holds it until `end`), waiting for it; without `wait` (on
+        the event loop), False when it is not free now, and nothing is taken."""
+        if self._fd is None:
+            return True
+        mode = fcntl.LOCK_EX if self.priority is WritePriority.HIGH else fcntl.LOCK_SH
+        try:
+            fcntl.flock(self._fd, mode if wait else mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if self.priority is WritePriority.LOW:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         return True
 
     def start(self, connection: sqlite3.Connection) -> None:
@@ -401,7 +396,7 @@ class Database:
         async with self._write_lock:
             self._check_open()
             turns = self.turns
-            if not turns.announce_nowait():
+            if not turns.announce(wait=False):
                 # Another process's turn: wait for it in the writer thread, not on the loop.
                 writer = self.writer_connection
                 return await self.in_writer(lambda: _transaction(writer, self.clock, turns, operation))
