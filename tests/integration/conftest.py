@@ -7,12 +7,16 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
+from pathlib import Path
+
+import pytest
 
 from fusillade.daemon import Daemon, DaemonSettings
 from fusillade.domain import models
 from fusillade.domain.retry import RetryPolicy
 from fusillade.mock_upstream import MockUpstream
 from fusillade.storage import base
+from fusillade.storage.sqlite.store import SqliteStorage
 from fusillade.upstream.client import UpstreamClient
 from fusillade.upstream.routes import Route
 
@@ -69,3 +73,20 @@ async def running(
 
 async def batch_status(storage: base.Storage, batch: models.Batch) -> models.Batch:
     return await storage.get_batch(batch.id, owner=models.ALL_OWNERS)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    """An SQLite database file of this test (for the SQLite-only tests)."""
+    return tmp_path / "fusillade.db"
+
+
+@pytest.fixture
+async def sqlite_storage(path: Path) -> AsyncIterator[SqliteStorage]:
+    """The SQLite store on `path`, migrated."""
+    store = await SqliteStorage.open(path)
+    try:
+        await store.migrate()
+        yield store
+    finally:
+        await store.close()

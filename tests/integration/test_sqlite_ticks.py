@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from fusillade.domain import models
 from fusillade.storage.sqlite.store import SqliteStorage
@@ -21,21 +18,6 @@ def _capacity(free: int) -> list[models.ModelCapacity]:
 
 def _size(path: Path) -> int:
     return path.stat().st_size
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "fusillade.db"
-
-
-@pytest.fixture
-async def sqlite_storage(path: Path) -> AsyncIterator[SqliteStorage]:
-    store = await SqliteStorage.open(path)
-    try:
-        await store.migrate()
-        yield store
-    finally:
-        await store.close()
 
 
 async def test_a_tick_waits_for_another_writer_without_blocking_the_loop(

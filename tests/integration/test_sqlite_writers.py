@@ -28,27 +28,14 @@ from fusillade.storage.sqlite.store import TEMPLATE_CHUNK_ROWS, SqliteStorage
 from tests.support import factories
 
 
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "fusillade.db"
-
-
-@pytest.fixture
-async def store(path: Path) -> AsyncIterator[SqliteStorage]:
-    opened = await SqliteStorage.open(path)
-    try:
-        await opened.migrate()
-        yield opened
-    finally:
-        await opened.close()
-
-
 def rows(path: Path, table: str) -> int:
     with sqlite3.connect(path) as connection:
         return int(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
-async def test_another_process_writes_while_an_upload_is_being_read(path: Path, store: SqliteStorage) -> None:
+async def test_another_process_writes_while_an_upload_is_being_read(
+    path: Path, sqlite_storage: SqliteStorage
+) -> None:
     items = factories.templates(count=3 * TEMPLATE_CHUNK_ROWS)
     halfway = asyncio.Event()
     go_on = asyncio.Event()
@@ -61,7 +48,7 @@ async def test_another_process_writes_while_an_upload_is_being_read(path: Path, 
             yield item
 
     upload = asyncio.create_task(
-        store.create_file(owner="alice", filename="in.jsonl", templates=slow_input(), size_bytes=1)
+        sqlite_storage.create_file(owner="alice", filename="in.jsonl", templates=slow_input(), size_bytes=1)
     )
     await asyncio.wait_for(halfway.wait(), 10)
     other = sqlite3.connect(path, isolation_level=None, timeout=0)  # does not wait for a lock
@@ -75,10 +62,10 @@ async def test_another_process_writes_while_an_upload_is_being_read(path: Path, 
     file = await upload
     assert file.request_count == len(items)
     assert rows(path, "uploads_in_progress") == 0
-    assert len(await factories.read_lines(store, file.id)) == len(items)
+    assert len(await factories.read_lines(sqlite_storage, file.id)) == len(items)
 
 
-async def test_long_lines_are_stored_a_few_mebibytes_at_a_time(path: Path, store: SqliteStorage) -> None:
+async def test_long_lines_are_stored_a_few_mebibytes_at_a_time(path: Path, sqlite_storage: SqliteStorage) -> None:
     """Chunks end at `TEMPLATE_CHUNK_BYTES` of bodies too: a file of long lines is not one long step."""
     long_body = '{"model": "m", "messages": [{"role": "user", "content": "%s"}]}' % ("x" * (1 << 20))
     items = [
@@ -93,12 +80,14 @@ async def test_long_lines_are_stored_a_few_mebibytes_at_a_time(path: Path, store
                 stored_midway.append(rows(path, "request_templates"))
             yield item
 
-    file = await store.create_file(owner="alice", filename="in.jsonl", templates=watched_input(), size_bytes=1)
+    file = await sqlite_storage.create_file(
+        owner="alice", filename="in.jsonl", templates=watched_input(), size_bytes=1
+    )
     assert file.request_count == len(items) < TEMPLATE_CHUNK_ROWS
     assert stored_midway[0] >= TEMPLATE_CHUNK_BYTES >> 20  # a first chunk was stored before the input ended
 
 
-async def test_a_failed_upload_leaves_nothing(path: Path, store: SqliteStorage) -> None:
+async def test_a_failed_upload_leaves_nothing(path: Path, sqlite_storage: SqliteStorage) -> None:
     items = factories.templates(count=2 * TEMPLATE_CHUNK_ROWS + 5)
 
     async def failing() -> AsyncIterator[models.TemplateInput]:
@@ -107,10 +96,10 @@ async def test_a_failed_upload_leaves_nothing(path: Path, store: SqliteStorage) 
         raise errors.ValidationError("bad line at the end", errors=[errors.LineError(len(items) + 1, "bad")])
 
     with pytest.raises(errors.ValidationError):
-        await store.create_file(owner="alice", filename="in.jsonl", templates=failing(), size_bytes=1)
+        await sqlite_storage.create_file(owner="alice", filename="in.jsonl", templates=failing(), size_bytes=1)
     assert rows(path, "request_templates") == 0
     assert rows(path, "uploads_in_progress") == 0
-    assert (await store.list_files(owner=models.ALL_OWNERS)).items == []
+    assert (await sqlite_storage.list_files(owner=models.ALL_OWNERS)).items == []
 
 
 async def test_an_upload_abandoned_by_a_crash_is_purged_after_an_hour(path: Path) -> None:
@@ -202,7 +191,7 @@ async def high_write_latencies(path: Path, low: str, writes: int) -> list[float]
 
 @pytest.mark.solo
 async def test_a_high_writer_gets_its_turn_while_a_low_one_writes_back_to_back(
-    path: Path, store: SqliteStorage
+    path: Path, sqlite_storage: SqliteStorage
 ) -> None:
     latencies = await high_write_latencies(path, "LOW", writes=60)
     # A HIGH write waits for the LOW transaction under way (5 ms), not for the ones after it. (With the other
