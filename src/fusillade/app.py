@@ -73,7 +73,6 @@ class Routing:
         self.on_change: Callable[[Mapping[str, Route], Route | None], None] | None = None
         """Called with the new table and default route whenever they change (the daemon's `replace_routes`)."""
         self._routes, self._default = _resolve(config)
-        self._served = served_models(config)
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -88,16 +87,10 @@ class Routing:
         """Whether requests for `model` can be sent somewhere (an upload checks this for every line)."""
         return model in self._routes or self._default is not None
 
-    def served(self) -> ServedModels:
-        """The models served now, without their upstreams: what uploads are checked against and `GET /v1/models`
-        lists (`ServedModels.describe()` names them for a no-route message)."""
-        return self._served
-
     def replace(self, config: Config) -> None:
         """Use a new configuration (a reload); raises `InvalidConfiguration` (and keeps the old one) when a
         route's key variable is not set."""
         self._routes, self._default = _resolve(config)
-        self._served = served_models(config, previous=self._served)
         if self.on_change is not None:
             self.on_change(self.routes, self._default)
 
