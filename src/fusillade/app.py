@@ -231,7 +231,7 @@ async def serve(
             overlay = functools.partial(with_mock_upstream, url=fake.url)
             config = overlay(config)
             logger.warning("Demo mode: models without a route of their own go to the fake upstream %s.", fake.url)
-        live = _LiveConfig(config)
+        live = _LiveServed(config)
         daemon = None
         if with_daemon:
             Routing(config)  # a route whose key variable is unset stops here, before anything starts
@@ -302,15 +302,13 @@ def _no_overlay(config: Config) -> Config:
     return config
 
 
-class _LiveConfig:
-    """The configuration in force in an API-only process (a reload replaces it), and the models it serves."""
+class _LiveServed:
+    """The models the API serves, as the configuration in force says (a reload replaces them)."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
         self._served = served_models(config)
 
     def replace(self, config: Config) -> None:
-        self.config = config
         self._served = served_models(config, previous=self._served)
 
     def served(self) -> ServedModels:
