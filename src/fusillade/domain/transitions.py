@@ -9,7 +9,8 @@ This table is the rule; the code that moves requests follows it:
   which refused retries count as applied (a write whose final target the request already reached);
 - the other operations are written in SQL of their own (the claim, batch cancel, expiry, retry, reclaim):
   `tests/contract/test_transitions.py` runs each of them, and every daemon write, from every state on both
-  backends and compares the outcome with this table.
+  backends and compares the outcome with this table (`delete_batch` and `finalize_batches` cancel pending
+  requests with the statement of `cancel_batch`).
 
 A transition applies only when the request is in one of its `sources` (and, for a daemon's write, still owned by
 that daemon); otherwise it changes nothing. Each operation has conditions beyond the request's state (a claim
@@ -27,14 +28,16 @@ from typing import Final
 from fusillade.domain import models
 from fusillade.domain.states import RequestState
 
-PENDING, CLAIMED, PROCESSING = RequestState.PENDING, RequestState.CLAIMED, RequestState.PROCESSING
-COMPLETED, FAILED, CANCELED = RequestState.COMPLETED, RequestState.FAILED, RequestState.CANCELED
+_PENDING, _CLAIMED, _PROCESSING = RequestState.PENDING, RequestState.CLAIMED, RequestState.PROCESSING
+_COMPLETED, _FAILED, _CANCELED = RequestState.COMPLETED, RequestState.FAILED, RequestState.CANCELED
 
 _FENCED_WRITE = ("apply_writes", "apply_writes_and_claim")
 
 
 @dataclass(frozen=True, slots=True)
 class Transition:
+    """One row of the table."""
+
     name: str
     sources: frozenset[RequestState]
     """The states it applies from; a request in any other state is left as it is."""
@@ -62,39 +65,39 @@ def _transition(
 # ------------------------------------------------------------------------------------------------ table
 
 CLAIM: Final = _transition(
-    "claim", {PENDING}, CLAIMED, "a daemon with free slots", ("claim_requests", "apply_writes_and_claim")
+    "claim", {_PENDING}, _CLAIMED, "a daemon with free slots", ("claim_requests", "apply_writes_and_claim")
 )
 
 DAEMON_WRITES: Final[Mapping[type[models.RequestWrite], Transition]] = {
     models.MarkProcessing: _transition(
         "MarkProcessing",
-        {CLAIMED},
-        PROCESSING,
+        {_CLAIMED},
+        _PROCESSING,
         "the owning daemon, once a call has run for a while (or just before its Reschedule)",
         _FENCED_WRITE,
     ),
     models.Complete: _transition(
         "Complete",
-        {CLAIMED, PROCESSING},
-        COMPLETED,
+        {_CLAIMED, _PROCESSING},
+        _COMPLETED,
         "the owning daemon, with the upstream's answer",
         _FENCED_WRITE,
     ),
     models.Fail: _transition(
-        "Fail", {CLAIMED, PROCESSING}, FAILED, "the owning daemon, after a final failure", _FENCED_WRITE
+        "Fail", {_CLAIMED, _PROCESSING}, _FAILED, "the owning daemon, after a final failure", _FENCED_WRITE
     ),
     models.Reschedule: _transition(
         "Reschedule",
-        {PROCESSING},
-        PENDING,
+        {_PROCESSING},
+        _PENDING,
         "the owning daemon, after a retriable failure (attempt + 1, not before a time)",
         _FENCED_WRITE,
         returns_to_queue=True,
     ),
     models.Release: _transition(
         "Release",
-        {CLAIMED, PROCESSING},
-        PENDING,
+        {_CLAIMED, _PROCESSING},
+        _PENDING,
         "the owning daemon, for a call it stops (graceful stop) or gives back unsent (a model no longer routed, a "
         "claim too old to start, a claim whose answer it never received); same attempt",
         _FENCED_WRITE,
@@ -102,8 +105,8 @@ DAEMON_WRITES: Final[Mapping[type[models.RequestWrite], Transition]] = {
     ),
     models.Cancel: _transition(
         "Cancel",
-        {CLAIMED, PROCESSING},
-        CANCELED,
+        {_CLAIMED, _PROCESSING},
+        _CANCELED,
         "the owning daemon, after it aborted the call of a batch being cancelled",
         _FENCED_WRITE,
     ),
@@ -112,31 +115,31 @@ DAEMON_WRITES: Final[Mapping[type[models.RequestWrite], Transition]] = {
 
 CANCEL_PENDING: Final = _transition(
     "cancel pending",
-    {PENDING},
-    CANCELED,
+    {_PENDING},
+    _CANCELED,
     "a user cancelling or deleting the batch (its requests in flight are left to their daemons); the "
     "finalization of a cancelling batch that still has pending requests",
     ("cancel_batch", "delete_batch", "finalize_batches"),
 )
 EXPIRE: Final = _transition(
     "expire",
-    {PENDING, CLAIMED, PROCESSING},
-    FAILED,
+    {_PENDING, _CLAIMED, _PROCESSING},
+    _FAILED,
     "a daemon's expiry sweep, once the batch's window (and grace) passed: error `batch_expired`",
     ("expire_batches",),
 )
 RETRY_FAILED: Final = _transition(
     "retry failed",
-    {FAILED},
-    PENDING,
+    {_FAILED},
+    _PENDING,
     "a user retrying the failed requests of a batch (attempt 0); refused for a batch that is cancelling, "
     "cancelled, expired or failed",
     ("retry_failed",),
 )
 RECLAIM: Final = _transition(
     "reclaim",
-    {CLAIMED, PROCESSING},
-    PENDING,
+    {_CLAIMED, _PROCESSING},
+    _PENDING,
     "a daemon's reclaim sweep, for the requests of dead daemons (same attempt)",
     ("reclaim_requests",),
     returns_to_queue=True,
@@ -146,7 +149,7 @@ _RETURNS = [transition for transition in (*DAEMON_WRITES.values(), RECLAIM) if t
 CANCEL_ON_RETURN: Final = _transition(
     "cancel on return",
     {state for transition in _RETURNS for state in transition.sources},
-    CANCELED,
+    _CANCELED,
     "the store, in place of a return to the queue (" + ", ".join(item.name for item in _RETURNS) + ") when the "
     "batch is being cancelled or was deleted: see `CANCEL_ON_RETURN_MARKS`",
     (*_FENCED_WRITE, "reclaim_requests"),

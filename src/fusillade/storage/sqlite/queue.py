@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import random
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple, TypeAlias
 
@@ -99,8 +99,12 @@ SELECT r.id, r.state, r.daemon_id FROM wanted JOIN requests AS r ON r.id = wante
 """
 
 
-def _state_condition(allowed: frozenset[states.RequestState]) -> str:
-    """`state = '…'` or `state IN ('…', …)` for a set of states (in the order of `RequestState`)."""
+def state_predicate(allowed: Collection[states.RequestState]) -> str:
+    """The condition on a request row that holds when its state is one of `allowed`: `state = '…'` or
+    `state IN ('…', …)` (in the order of `RequestState`; `FALSE` for no state). SQLite stores every state under
+    its own name."""
+    if not allowed:
+        return "FALSE"
     values = [f"'{state.value}'" for state in states.RequestState if state in allowed]
     return f"state = {values[0]}" if len(values) == 1 else f"state IN ({', '.join(values)})"
 
@@ -108,7 +112,7 @@ def _state_condition(allowed: frozenset[states.RequestState]) -> str:
 def _fence(write: type[models.RequestWrite]) -> str:
     """The WHERE clause of a daemon's write (its last two parameters are the request and the daemon): the row
     is the daemon's and in a state the transition table lets the write apply from."""
-    return f" WHERE id = ? AND daemon_id = ? AND {_state_condition(transitions.DAEMON_WRITES[write].sources)}"
+    return f" WHERE id = ? AND daemon_id = ? AND {state_predicate(transitions.DAEMON_WRITES[write].sources)}"
 
 
 MARK_PROCESSING = "UPDATE requests SET state = 'processing', started_at = ?" + _fence(models.MarkProcessing)
