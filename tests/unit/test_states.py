@@ -1,61 +1,127 @@
-"""Request states and their transitions, batch statuses (`domain.states`)."""
+"""Request states and batch statuses (`domain.states`), and the invariants of the transition table
+(`domain.transitions`)."""
 
 from __future__ import annotations
 
-import itertools
+import typing
 
 import pytest
 
-from fusillade import errors
-from fusillade.domain import states
+from fusillade.domain import models, states, transitions
+from fusillade.storage import base
 
 S = states.RequestState
+T = transitions
 
-# The edges of the diagram in the states.py docstring, written out independently.
+# The edges of the diagram in the states.py docstring (with the moves it names below it), written out
+# independently of the table.
 EDGES = {
     (S.PENDING, S.CLAIMED),
     (S.CLAIMED, S.PROCESSING),
     (S.PROCESSING, S.COMPLETED),
     (S.PROCESSING, S.FAILED),
+    (S.CLAIMED, S.COMPLETED),
+    (S.CLAIMED, S.FAILED),
     (S.PROCESSING, S.PENDING),
     (S.CLAIMED, S.PENDING),
     (S.PENDING, S.CANCELED),
     (S.CLAIMED, S.CANCELED),
     (S.PROCESSING, S.CANCELED),
     (S.PENDING, S.FAILED),
-    (S.CLAIMED, S.FAILED),
     (S.FAILED, S.PENDING),
 }
 
 
-@pytest.mark.parametrize(("current", "target"), list(itertools.product(S, S)))
-def test_transitions_are_exactly_the_documented_edges(current: S, target: S) -> None:
-    assert states.can_transition(current, target) == ((current, target) in EDGES)
+def test_the_table_draws_the_diagram() -> None:
+    assert set(T.NEXT_STATES) == set(S)
+    derived = {(current, target) for current, targets in T.NEXT_STATES.items() for target in targets}
+    assert derived == EDGES
 
 
-@pytest.mark.parametrize(("current", "target"), sorted(EDGES))
-def test_ensure_transition_accepts_every_edge(current: S, target: S) -> None:
-    states.ensure_transition(current, target)
+def test_every_daemon_write_command_has_one_row() -> None:
+    assert set(T.DAEMON_WRITES) == set(typing.get_args(models.RequestWrite))
+    assert [transition.name for transition in T.DAEMON_WRITES.values()] == [
+        kind.__name__ for kind in T.DAEMON_WRITES
+    ]
+    assert len({transition.name for transition in T.TABLE}) == len(T.TABLE)
 
 
-def test_ensure_transition_refuses_with_the_current_state() -> None:
-    with pytest.raises(errors.StateConflict, match="cannot go from completed to pending") as caught:
-        states.ensure_transition(S.COMPLETED, S.PENDING)
-    assert caught.value.current_state == "completed"
+def test_terminal_states_have_no_way_out_but_a_retry_of_failed_requests() -> None:
+    leaving_terminal = [transition for transition in T.TABLE if transition.sources & states.TERMINAL_STATES]
+    assert leaving_terminal == [T.RETRY_FAILED]
+    assert T.RETRY_FAILED.sources == {S.FAILED}
+    assert T.NEXT_STATES[S.COMPLETED] == frozenset()
+    assert T.NEXT_STATES[S.CANCELED] == frozenset()
+    assert T.NEXT_STATES[S.FAILED] == {S.PENDING}
 
 
-def test_no_state_moves_to_itself() -> None:
-    assert not any(states.can_transition(state, state) for state in S)
+def test_every_state_is_reachable_from_pending() -> None:
+    reached = {S.PENDING}
+    frontier = [S.PENDING]
+    while frontier:
+        for target in T.NEXT_STATES[frontier.pop()]:
+            if target not in reached:
+                reached.add(target)
+                frontier.append(target)
+    assert reached == set(S)
 
 
-def test_every_state_has_a_transition_entry() -> None:
-    assert set(states.TRANSITIONS) == set(S)
+@pytest.mark.parametrize("transition", T.TABLE, ids=lambda transition: transition.name)
+def test_no_transition_leads_back_into_its_own_sources(transition: T.Transition) -> None:
+    # Applying a transition twice must be refused the second time (a retried or duplicate write changes nothing).
+    assert transition.sources
+    assert transition.target not in transition.sources
 
 
-def test_completed_and_canceled_are_final_and_failed_only_goes_back_to_pending() -> None:
-    assert states.TRANSITIONS[S.COMPLETED] == frozenset()
-    assert states.TRANSITIONS[S.CANCELED] == frozenset()
-    assert states.TRANSITIONS[S.FAILED] == frozenset({S.PENDING})
+def test_daemon_writes_apply_only_to_requests_in_flight() -> None:
+    # A daemon owns a request only while it is claimed or processing.
+    for transition in T.DAEMON_WRITES.values():
+        assert transition.sources <= states.IN_FLIGHT_STATES, transition.name
+        assert transition.via == ("apply_writes", "apply_writes_and_claim")
+
+
+def test_returns_to_the_queue_and_their_cancel() -> None:
+    returning = {transition.name for transition in T.TABLE if transition.returns_to_queue}
+    assert returning == {"Reschedule", "Release", "reclaim"}
+    assert all(
+        transition.target is S.PENDING and transition.sources <= states.IN_FLIGHT_STATES
+        for transition in T.TABLE
+        if transition.returns_to_queue
+    )
+    # The only other way back to pending is a user's retry of failed requests.
+    assert [
+        transition for transition in T.TABLE if transition.target is S.PENDING and not transition.returns_to_queue
+    ] == [T.RETRY_FAILED]
+    assert T.CANCEL_ON_RETURN.sources == states.IN_FLIGHT_STATES
+    assert T.CANCEL_ON_RETURN.target is S.CANCELED
+    assert T.CANCEL_ON_RETURN_MARKS == ("cancelling_at", "deleted_at")
+
+
+def _after(transition: T.Transition, state: S) -> S:
+    return transition.target if state in transition.sources else state
+
+
+def test_the_fold_rule() -> None:
+    folded = {(earlier.__name__, later.__name__) for earlier, later in T.FOLDS}
+    assert folded == {
+        ("MarkProcessing", "Complete"),
+        ("MarkProcessing", "Fail"),
+        ("MarkProcessing", "Release"),
+        ("MarkProcessing", "Cancel"),
+    }
+    # A pair folds exactly when the later write applies after the earlier one and, from any state, the later
+    # write alone leaves the request where the pair would.
+    for earlier, first in T.DAEMON_WRITES.items():
+        for later, second in T.DAEMON_WRITES.items():
+            same_end = all(_after(second, _after(first, state)) == _after(second, state) for state in S)
+            expected = first.target in second.sources and same_end
+            assert ((earlier, later) in T.FOLDS) == expected, (earlier.__name__, later.__name__)
+
+
+def test_transitions_name_operations_of_the_storage_contract() -> None:
+    for transition in T.TABLE:
+        for operation in transition.via:
+            assert callable(getattr(base.Storage, operation, None)), (transition.name, operation)
 
 
 def test_state_groups_partition_the_states() -> None:

@@ -6,13 +6,16 @@ A task submits a write with a callback (or awaits `write`); it runs once the tra
 committed, or the write was refused. A task does not wait for its write to end: its call is over, its slot
 is free, and the write is committed with the others of its tick.
 
-Two writes for one request in one group are merged when the later one accepts the earlier one's target state
-as its own start (a `MarkProcessing` followed by `Complete`, `Fail`, `Cancel` or `Release` becomes the later
-write alone: the queue accepts those from `claimed`); otherwise the later write waits for the next group.
+Two writes for one request in one group are merged into the later one when the transition table allows it
+(`transitions.FOLDS`: the later write applies from every state the earlier one does and from the state it
+leaves, as `Complete`, `Fail`, `Cancel` and `Release` do after a `MarkProcessing`); otherwise the later write
+waits for the next group.
 
 A group whose transaction failed goes back in front of the queue, never dropped: a state write acknowledged to
 nobody must not be lost. If a commit went through but its acknowledgement did not reach us, the retry sees the
-rows already in the target state; such a refusal of a retried write counts as applied.
+rows already in the target state; such a refusal of a retried write counts as applied when that target is final
+(`completed`, `failed`, `canceled`: nothing moves a request on from there but a user's retry). A request found
+back in pending or processing may have got there by a reclaim and another daemon's claim: that refusal stands.
 """
 
 from __future__ import annotations
@@ -22,13 +25,12 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fusillade.domain import ids, models, states
+from fusillade.domain import ids, models, states, transitions
 
-_FOLDS_MARK_PROCESSING = (models.Complete, models.Fail, models.Cancel, models.Release)
-_TARGET_STATES: dict[type[object], states.RequestState] = {
-    models.Complete: states.RequestState.COMPLETED,
-    models.Fail: states.RequestState.FAILED,
-    models.Cancel: states.RequestState.CANCELED,
+_FINAL_TARGETS: dict[type[models.RequestWrite], states.RequestState] = {
+    kind: transition.target
+    for kind, transition in transitions.DAEMON_WRITES.items()
+    if transition.target.is_terminal
 }
 
 
@@ -127,9 +129,7 @@ class PendingWrites:
             earlier = group.get(request_id)
             if earlier is None:
                 group[request_id] = entry
-            elif isinstance(earlier.write, models.MarkProcessing) and isinstance(
-                entry.write, _FOLDS_MARK_PROCESSING
-            ):
+            elif (type(earlier.write), type(entry.write)) in transitions.FOLDS:
                 retried = earlier.retried or entry.retried
                 group[request_id] = _Entry(entry.write, earlier.done + entry.done, retried)
             else:
@@ -158,7 +158,7 @@ class PendingWrites:
                 result = _APPLIED
             elif request_id in report.conflicts:
                 state = report.conflicts[request_id]
-                if entry.retried and _TARGET_STATES.get(type(entry.write)) == state:
+                if entry.retried and _FINAL_TARGETS.get(type(entry.write)) == state:
                     result = WriteResult(True, state)
                 else:
                     result = WriteResult(False, state)

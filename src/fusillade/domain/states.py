@@ -1,4 +1,5 @@
-"""Request states, the transitions allowed between them, and the OpenAI batch statuses.
+"""Request states and the moves between them (drawn below), the OpenAI batch statuses, file purposes and daemon
+statuses.
 
 ```
                       claim (daemon)          mark_processing
@@ -18,25 +19,21 @@
                         |                                        -> FAILED (batch_expired)
                         +---------------------- retry_failed (user) -------------------+
 ```
+Not drawn: `Complete` and `Fail` apply from claimed as well (a call that ended before it was marked processing),
+and a request that goes back to pending while its batch is being cancelled ends canceled instead.
 
-Edges, and who takes them:
-- `pending -> claimed`: a daemon's claim (fenced: only pending rows, skip-locked).
-- `claimed -> processing`: the owning daemon, just before it calls the upstream.
-- `processing -> completed | failed`: the owning daemon writes the outcome. Both are final for the daemon:
-  a late or duplicate result for a request already completed or failed is refused.
-- `processing -> pending`: the owning daemon reschedules a retriable failure (`attempt + 1`, `not_before`).
-- `claimed | processing -> pending`: release on graceful stop, or reclaim from a dead daemon (same attempt).
-- `pending -> canceled`: cancelling the batch (at once); `claimed | processing -> canceled`: the owning
-  daemon aborts its call after it sees the batch is cancelling (or reclaim finds the batch cancelling).
-- `pending | claimed | processing -> failed`: the batch expired (`batch_expired`).
-- `failed -> pending`: the user retries the failed requests of a batch (`attempt` back to 0).
+Who takes each edge, through which operation, and from which states exactly: the table in `domain.transitions`,
+the one source of these rules (this drawing shows them; the fences of both backends and the daemon's writer are
+built from the table).
+
+The values are the strings stored and sent on the wire, and stay as they are: a request ends `canceled` (one l,
+the spelling of Anthropic's Message Batches results and counts, and of the Rust original), a batch is `cancelling`
+then `cancelled` (two, OpenAI's batch statuses).
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-
-from fusillade import errors
 
 
 class RequestState(StrEnum):
@@ -59,29 +56,6 @@ class RequestState(StrEnum):
 TERMINAL_STATES = frozenset({RequestState.COMPLETED, RequestState.FAILED, RequestState.CANCELED})
 IN_FLIGHT_STATES = frozenset({RequestState.CLAIMED, RequestState.PROCESSING})
 ACTIVE_STATES = frozenset({RequestState.PENDING, *IN_FLIGHT_STATES})
-
-TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
-    RequestState.PENDING: frozenset({RequestState.CLAIMED, RequestState.CANCELED, RequestState.FAILED}),
-    RequestState.CLAIMED: frozenset(
-        {RequestState.PROCESSING, RequestState.PENDING, RequestState.CANCELED, RequestState.FAILED}
-    ),
-    RequestState.PROCESSING: frozenset(
-        {RequestState.COMPLETED, RequestState.FAILED, RequestState.PENDING, RequestState.CANCELED}
-    ),
-    RequestState.COMPLETED: frozenset(),
-    RequestState.FAILED: frozenset({RequestState.PENDING}),
-    RequestState.CANCELED: frozenset(),
-}
-
-
-def can_transition(current: RequestState, target: RequestState) -> bool:
-    return target in TRANSITIONS[current]
-
-
-def ensure_transition(current: RequestState, target: RequestState) -> None:
-    """Raise `StateConflict` unless `current -> target` is an edge of the diagram above."""
-    if not can_transition(current, target):
-        raise errors.StateConflict(f"A request cannot go from {current} to {target}.", current_state=str(current))
 
 
 class BatchStatus(StrEnum):

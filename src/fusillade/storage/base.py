@@ -13,6 +13,8 @@ Rules that hold for every method:
   not be reached or a call timed out), with the driver's exception as `__cause__`.
 - Request writes from daemons are fenced on the expected state and the owning daemon. `completed` and
   `failed` are final for daemons: a late or duplicate write is refused and reported, never applied.
+- Every change of a request's state, by any method here, is a transition of the table in `domain.transitions`
+  (`tests/contract/test_transitions.py` checks each method against it).
 """
 
 from __future__ import annotations
@@ -208,16 +210,11 @@ class RequestQueue(Protocol):
         self, daemon_id: ids.DaemonId, writes: Sequence[models.RequestWrite]
     ) -> models.WriteReport:
         """Apply many fenced state writes of one daemon in ONE transaction (group commit). Each write
-        applies only if the request is owned by `daemon_id` and in the state its command expects:
-
-        | command          | from                  | to          |
-        |------------------|-----------------------|-------------|
-        | `MarkProcessing` | claimed               | processing  |
-        | `Complete`       | claimed, processing   | completed   |
-        | `Fail`           | claimed, processing   | failed      |
-        | `Reschedule`     | processing            | pending, attempt + 1, not_before |
-        | `Release`        | claimed, processing   | pending (same attempt) |
-        | `Cancel`         | claimed, processing   | canceled (`batch_cancelled`) |
+        applies only if the request is owned by `daemon_id` and in a state its command applies from: the
+        states and targets are the table `domain.transitions.DAEMON_WRITES`. `Reschedule` counts an attempt
+        (`attempt + 1`, `not_before`), `Release` does not; `Cancel` ends the request with `batch_cancelled`.
+        A request that a `Reschedule` or `Release` returns to the queue while its batch is being cancelled (or
+        was deleted) ends canceled instead (`transitions.CANCEL_ON_RETURN_MARKS`).
 
         Going back to pending clears the owner; terminal rows keep the daemon that finished them. A
         refused write changes nothing and is reported in `conflicts` (with the request's current state) or

@@ -1,40 +1,74 @@
 """Fenced request writes of one daemon, group-committed: ONE statement whose data-modifying CTEs update each
 kind of command present from arrays (one UPDATE per kind, never one per row). Each UPDATE applies only to rows
-owned by the daemon and in the states its command expects; the ids it returns are the writes applied."""
+owned by the daemon and in the states its command applies from (`transitions.DAEMON_WRITES`, rendered by
+`state_predicate`); the ids it returns are the writes applied."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from fusillade.domain import ids, lines, models, states
+from fusillade.domain import ids, lines, models, states, transitions
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
 
+def state_predicate(allowed: Collection[states.RequestState]) -> str:
+    """The condition on request `r` that holds when its state is one of `allowed`. Storage keeps claimed and
+    processing as one state, `in_flight`, told apart by `started_at` (`rows.STATE_EXPRESSION`): claimed is
+    `r.state = 'in_flight' AND r.started_at IS NULL`, processing the same with `IS NOT NULL`, both together
+    `r.state = 'in_flight'`; the other states are stored under their own names."""
+    terms = []
+    stored = [f"'{state.value}'" for state in states.RequestState if state in allowed and not state.is_in_flight]
+    if stored:
+        terms.append(f"r.state = {stored[0]}" if len(stored) == 1 else f"r.state IN ({', '.join(stored)})")
+    in_flight = states.IN_FLIGHT_STATES.intersection(allowed)
+    if in_flight == states.IN_FLIGHT_STATES:
+        terms.append("r.state = 'in_flight'")
+    elif in_flight:
+        started = "IS NULL" if states.RequestState.CLAIMED in in_flight else "IS NOT NULL"
+        terms.append(f"r.state = 'in_flight' AND r.started_at {started}")
+    if not terms:
+        return "FALSE"
+    if len(terms) == 1:
+        return terms[0]
+    return "(" + " OR ".join(f"({term})" for term in terms) + ")"
+
+
 @dataclass(frozen=True, slots=True)
 class _Kind:
-    """One command kind: the columns of its array source `w` and its UPDATE (`{source}` is the unnest)."""
+    """One command kind: its write command, the columns of its array source `w` and its UPDATE (`{source}` is
+    the unnest)."""
 
+    write: type[models.RequestWrite]
     columns: tuple[tuple[str, str], ...]
     update: str
 
 
+def _kind(write: type[models.RequestWrite], columns: tuple[tuple[str, str], ...], update: str) -> _Kind:
+    """A kind whose UPDATE applies only to rows of the daemon ($1) in the states `write` applies from (`{fence}`
+    in `update`)."""
+    fence = f"r.daemon_id = $1 AND {state_predicate(transitions.DAEMON_WRITES[write].sources)}"
+    return _Kind(write, columns, update.format(source="{source}", fence=fence))
+
+
 # $1 = daemon id, $2 = now; one jsonb parameter per kind present follows from $3 (see `_statement`).
 _KINDS = {
-    "processing": _Kind(
+    "processing": _kind(
+        models.MarkProcessing,
         (("id", "uuid"),),
         """
         UPDATE requests r SET started_at = $2
         FROM {source}
-        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight' AND r.started_at IS NULL
+        WHERE r.id = w.id AND {fence}
         RETURNING r.id
         """,
     ),
-    "completed": _Kind(
+    "completed": _kind(
+        models.Complete,
         (("id", "uuid"), ("status", "integer"), ("body", "text"), ("line_bytes", "bigint")),
         """
         UPDATE requests r
@@ -42,11 +76,12 @@ _KINDS = {
             response_status = w.status, response_body = w.body, error_code = NULL, error_message = NULL,
             result_bytes = r.custom_id_bytes + w.line_bytes
         FROM {source}
-        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'
+        WHERE r.id = w.id AND {fence}
         RETURNING r.id
         """,
     ),
-    "failed": _Kind(
+    "failed": _kind(
+        models.Fail,
         (
             ("id", "uuid"),
             ("status", "integer"),
@@ -61,53 +96,63 @@ _KINDS = {
             response_status = w.status, response_body = w.body,
             error_code = w.code, error_message = w.message, result_bytes = r.custom_id_bytes + w.line_bytes
         FROM {source}
-        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'
+        WHERE r.id = w.id AND {fence}
         RETURNING r.id
         """,
     ),
-    "rescheduled": _Kind(
+    "rescheduled": _kind(
+        models.Reschedule,
         (("id", "uuid"), ("not_before", "timestamptz"), ("code", "text"), ("message", "text")),
         """
         UPDATE requests r
         SET state = 'pending', attempt = r.attempt + 1, not_before = w.not_before, daemon_id = NULL,
             claimed_at = NULL, started_at = NULL, error_code = w.code, error_message = w.message
         FROM {source}
-        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight' AND r.started_at IS NOT NULL
+        WHERE r.id = w.id AND {fence}
         RETURNING r.id
         """,
     ),
-    "released": _Kind(
+    "released": _kind(
+        models.Release,
         (("id", "uuid"),),
         """
         UPDATE requests r SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL
         FROM {source}
-        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'
+        WHERE r.id = w.id AND {fence}
         RETURNING r.id
         """,
     ),
-    "canceled": _Kind(
+    "canceled": _kind(
+        models.Cancel,
         (("id", "uuid"), ("code", "text"), ("message", "text"), ("line_bytes", "bigint")),
         """
         UPDATE requests r
         SET state = 'canceled', finished_at = $2, response_status = NULL, response_body = NULL,
             error_code = w.code, error_message = w.message, result_bytes = r.custom_id_bytes + w.line_bytes
         FROM {source}
-        WHERE r.id = w.id AND r.daemon_id = $1 AND r.state = 'in_flight'
+        WHERE r.id = w.id AND {fence}
         RETURNING r.id
         """,
     ),
 }
 
-# A request rescheduled or released while its batch is being cancelled (or was deleted) is cancelled instead of
-# going back to pending: claims do not look at batches, so it would otherwise be run again.
-_CANCEL_RETURNED = """
+# Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`): a request its daemon rescheduled or released while
+# its batch is being cancelled (or was deleted) ends canceled instead of pending, in the same transaction.
+_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
+_CANCEL_RETURNED = f"""
 UPDATE requests r
 SET state = 'canceled', finished_at = $2, error_code = $3, error_message = $4,
     result_bytes = r.custom_id_bytes + $5
 FROM batches b
 WHERE r.id = ANY($1::uuid[]) AND r.state = 'pending' AND b.id = r.batch_id
-  AND (b.cancelling_at IS NOT NULL OR b.deleted_at IS NOT NULL)
+  AND ({_RETURN_CANCELS})
 """
+_RETURNING_WRITES = tuple(
+    kind for kind, transition in transitions.DAEMON_WRITES.items() if transition.returns_to_queue
+)
+_RETURNING_KINDS = frozenset(
+    name for name, kind in _KINDS.items() if transitions.DAEMON_WRITES[kind.write].returns_to_queue
+)
 
 _CURRENT_STATES = f"SELECT r.id, {rows.STATE_EXPRESSION} AS state FROM requests r WHERE r.id = ANY($1::uuid[])"
 
@@ -193,7 +238,7 @@ async def apply_writes(
     """Apply the writes (naming the requests `named`, see `named_requests`) in one statement, then read the
     state of the refused ones. A `Reschedule` or `Release` takes a second statement: then both run in one
     transaction."""
-    if any(isinstance(write, models.Reschedule | models.Release) for write in writes):
+    if any(isinstance(write, _RETURNING_WRITES) for write in writes):
         async with connection.transaction():
             return await _apply_writes(connection, daemon_id, writes, named, now=now)
     return await _apply_writes(connection, daemon_id, writes, named, now=now)
@@ -226,9 +271,9 @@ async def _apply_writes(
         [
             write.request_id
             for write in writes
-            if isinstance(write, models.Reschedule | models.Release) and write.request_id in applied
+            if isinstance(write, _RETURNING_WRITES) and write.request_id in applied
         ]
-        if "rescheduled" in by_kind or "released" in by_kind
+        if not _RETURNING_KINDS.isdisjoint(by_kind)
         else []
     )
     if returned_to_queue:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import heapq
 import random
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, NamedTuple, TypeAlias
 
 from fusillade import errors
-from fusillade.domain import ids, lines, models, states
+from fusillade.domain import ids, lines, models, states, transitions
 from fusillade.storage.sqlite import connection as connections
 
 # In flight <=> claimed_at set and finished_at not set (the invariant behind the in-flight indexes).
@@ -39,6 +39,8 @@ class ClaimableRow(NamedTuple):
     body: str
 
 
+# The claim (`transitions.CLAIM`, pending -> claimed) keeps its states written out: `state = 'pending'` must read
+# as the partial claim indexes' own condition for SQLite to use them. tests/contract/test_transitions.py checks it.
 # No join with batches: a batch that is cancelled, expired, finished or deleted has no pending requests (those
 # operations end them), so the claim is one scan of the claim index. The only exception is a request that a
 # daemon rescheduled while its batch was being cancelled; finalize_batches cancels such leftovers.
@@ -96,44 +98,59 @@ WITH RECURSIVE wanted(position, id) AS (
 SELECT r.id, r.state, r.daemon_id FROM wanted JOIN requests AS r ON r.id = wanted.id
 """
 
-_FENCE = " WHERE id = ? AND daemon_id = ? AND state "
-MARK_PROCESSING = "UPDATE requests SET state = 'processing', started_at = ?" + _FENCE + "= 'claimed'"
+
+def state_predicate(allowed: Collection[states.RequestState]) -> str:
+    """The condition on a request row that holds when its state is one of `allowed`: `state = '…'` or
+    `state IN ('…', …)` (in the order of `RequestState`; `FALSE` for no state). SQLite stores every state under
+    its own name."""
+    if not allowed:
+        return "FALSE"
+    values = [f"'{state.value}'" for state in states.RequestState if state in allowed]
+    return f"state = {values[0]}" if len(values) == 1 else f"state IN ({', '.join(values)})"
+
+
+def _fence(write: type[models.RequestWrite]) -> str:
+    """The WHERE clause of a daemon's write (its last two parameters are the request and the daemon): the row
+    is the daemon's and in a state the transition table lets the write apply from."""
+    return f" WHERE id = ? AND daemon_id = ? AND {state_predicate(transitions.DAEMON_WRITES[write].sources)}"
+
+
+MARK_PROCESSING = "UPDATE requests SET state = 'processing', started_at = ?" + _fence(models.MarkProcessing)
 COMPLETE = (
-    "UPDATE requests SET state = 'completed', started_at = COALESCE(started_at, claimed_at), finished_at = ?1, "
-    "response_status = ?2, response_body = ?3, error_code = NULL, error_message = NULL, "
-    "result_bytes = ?4 + custom_id_bytes WHERE id = ?5 AND daemon_id = ?6 AND state IN ('claimed', 'processing')"
+    "UPDATE requests SET state = 'completed', started_at = COALESCE(started_at, claimed_at), finished_at = ?, "
+    "response_status = ?, response_body = ?, error_code = NULL, error_message = NULL, "
+    "result_bytes = ? + custom_id_bytes" + _fence(models.Complete)
 )
 FAIL = (
     "UPDATE requests SET state = 'failed', started_at = COALESCE(started_at, claimed_at), finished_at = ?, "
     "response_status = ?, response_body = ?, "
-    "error_code = ?, error_message = ?, result_bytes = ? + custom_id_bytes"
-    + _FENCE
-    + "IN ('claimed', 'processing')"
+    "error_code = ?, error_message = ?, result_bytes = ? + custom_id_bytes" + _fence(models.Fail)
 )
 RESCHEDULE = (
     "UPDATE requests SET state = 'pending', attempt = attempt + 1, not_before = ?, daemon_id = NULL, "
-    "claimed_at = NULL, started_at = NULL, error_code = ?, error_message = ?" + _FENCE + "= 'processing'"
+    "claimed_at = NULL, started_at = NULL, error_code = ?, error_message = ?" + _fence(models.Reschedule)
 )
-RELEASE = (
-    "UPDATE requests SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL"
-    + _FENCE
-    + "IN ('claimed', 'processing')"
+RELEASE = "UPDATE requests SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL" + _fence(
+    models.Release
 )
 CANCEL = (
     "UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?, "
-    "result_bytes = ? + custom_id_bytes" + _FENCE + "IN ('claimed', 'processing')"
+    "result_bytes = ? + custom_id_bytes" + _fence(models.Cancel)
 )
 
-# A request rescheduled or released while its batch is being cancelled (or was deleted) is cancelled instead of
-# going back to pending: claims do not look at batches, so it would otherwise be run again.
-CANCEL_RETURNED = """
+# Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`): a request its daemon rescheduled or released while
+# its batch is being cancelled (or was deleted) ends canceled instead of pending, in the same transaction.
+_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
+CANCEL_RETURNED = f"""
 UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
     result_bytes = ? + custom_id_bytes
 WHERE id = ? AND state = 'pending' AND EXISTS (
-    SELECT 1 FROM batches AS b
-    WHERE b.id = requests.batch_id AND (b.cancelling_at IS NOT NULL OR b.deleted_at IS NOT NULL)
+    SELECT 1 FROM batches AS b WHERE b.id = requests.batch_id AND ({_RETURN_CANCELS})
 )
 """
+_RETURNING_WRITES = tuple(
+    kind for kind, transition in transitions.DAEMON_WRITES.items() if transition.returns_to_queue
+)
 
 # Only a cancelling batch (cancelling_at set, cancelled_at not yet) can have requests in flight: a deleted batch
 # was cancelled first or had finished, and a cancelled one has none left.
@@ -172,15 +189,11 @@ WHERE b.cancelling_at IS NOT NULL AND b.cancelled_at IS NULL
     AND r.daemon_id = ? AND r.state IN ('claimed', 'processing')
 """
 
-_CLAIMED, _PROCESSING = states.RequestState.CLAIMED.value, states.RequestState.PROCESSING.value
 ALLOWED_FROM: Final[dict[type[Any], frozenset[str]]] = {
-    models.MarkProcessing: frozenset({_CLAIMED}),
-    models.Complete: frozenset({_CLAIMED, _PROCESSING}),
-    models.Fail: frozenset({_CLAIMED, _PROCESSING}),
-    models.Reschedule: frozenset({_PROCESSING}),
-    models.Release: frozenset({_CLAIMED, _PROCESSING}),
-    models.Cancel: frozenset({_CLAIMED, _PROCESSING}),
+    kind: frozenset(state.value for state in transition.sources)
+    for kind, transition in transitions.DAEMON_WRITES.items()
 }
+"""The stored states each daemon write applies from (the transition table's), to sort out refused writes."""
 
 NULL_BODY_BYTES: Final = len(b"null")
 
@@ -364,9 +377,7 @@ def _update(connection: sqlite3.Connection, now: int, daemon: bytes, writes: Seq
         sql, parameters = _statement(write, now)
         groups.setdefault(sql, []).append((*parameters, write.request_id.bytes, daemon))
     changed = sum(connection.executemany(sql, rows).rowcount for sql, rows in groups.items())
-    returned = [
-        write.request_id.bytes for write in writes if isinstance(write, models.Reschedule | models.Release)
-    ]
+    returned = [write.request_id.bytes for write in writes if isinstance(write, _RETURNING_WRITES)]
     if returned:
         cancelled = (lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
         connection.executemany(CANCEL_RETURNED, [(now, *cancelled, key) for key in returned])
