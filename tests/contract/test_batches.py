@@ -129,8 +129,12 @@ async def test_create_batch_rejects_an_output_file_as_input(storage: base.Storag
     batch = await factories.create_batch(storage)
     await factories.run_to_completion(storage, batch)
     output = await storage.get_file(batch.output_file_id, owner="alice")
-    with pytest.raises(errors.ValidationError):
+    with pytest.raises(errors.ValidationError) as caught:
         await factories.create_batch(storage, file=output)
+    assert caught.value.message == (
+        f"File {ids.file_wire(output.id)} is not a batch input file (its purpose is batch_output); upload a file "
+        "with purpose 'batch'."
+    )
     assert len((await storage.list_batches(owner="alice")).items) == 1
 
 
@@ -138,8 +142,13 @@ async def test_create_batch_rejects_lines_of_another_endpoint(storage: base.Stor
     file = await factories.upload(storage, count=4, urls_by_line={2: "/v1/embeddings", 4: "/v1/completions"})
     with pytest.raises(errors.ValidationError) as caught:
         await factories.create_batch(storage, file=file, endpoint=factories.CHAT)
-    assert [error.line for error in caught.value.errors] == [2, 4]
-    assert "/v1/embeddings" in caught.value.errors[0].reason
+    # The same words on every backend (storage.validation).
+    endpoint = f"the batch endpoint '{factories.CHAT}'"
+    assert caught.value.message == f"File {ids.file_wire(file.id)} has lines whose url does not match {endpoint}."
+    assert [(error.line, error.reason) for error in caught.value.errors] == [
+        (2, f"url '/v1/embeddings' does not match {endpoint}"),
+        (4, f"url '/v1/completions' does not match {endpoint}"),
+    ]
     assert list((await storage.list_batches(owner=models.ALL_OWNERS)).items) == []
     assert [item.id for item in (await storage.list_files(owner="alice")).items] == [file.id]
 

@@ -6,11 +6,9 @@ from datetime import datetime, timedelta
 
 from fusillade import errors
 from fusillade.domain import ids, models, states
+from fusillade.storage import validation
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
-
-MAX_ENDPOINT_ERRORS = 100
-"""Bad lines reported when templates do not match the batch endpoint."""
 
 _SELECT_INPUT_FILE = """
 SELECT purpose, request_count FROM files
@@ -127,17 +125,13 @@ async def _check_input_file(connection: Connection, spec: models.BatchSpec) -> i
     if row is None:
         raise errors.NotFound(f"No file with id {wire}.")
     if row["purpose"] != states.FilePurpose.BATCH:
-        raise errors.ValidationError(f"File {wire} is not a batch input file (its purpose is {row['purpose']}).")
-    mismatched = await connection.fetch(_MISMATCHED_URLS, spec.input_file_id, spec.endpoint, MAX_ENDPOINT_ERRORS)
+        raise validation.not_an_input_file(spec.input_file_id, row["purpose"])
+    mismatched = await connection.fetch(
+        _MISMATCHED_URLS, spec.input_file_id, spec.endpoint, validation.MAX_ENDPOINT_ERRORS
+    )
     if mismatched:
-        raise errors.ValidationError(
-            f"Requests of file {wire} do not match the batch endpoint {spec.endpoint!r}.",
-            errors=[
-                errors.LineError(
-                    bad["line_number"], f"url {bad['url']!r} does not match the batch endpoint {spec.endpoint!r}"
-                )
-                for bad in mismatched
-            ],
+        raise validation.endpoint_mismatch(
+            spec.input_file_id, spec.endpoint, [(bad["line_number"], bad["url"]) for bad in mismatched]
         )
     count: int = row["request_count"]
     return count

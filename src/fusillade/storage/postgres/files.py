@@ -167,13 +167,6 @@ async def insert_file(connection: Connection, file: models.File) -> None:
     )
 
 
-def empty_file_error() -> errors.ValidationError:
-    return errors.ValidationError(
-        "The file is empty: it has no request lines.",
-        errors=[errors.LineError(0, "The file has no request lines.")],
-    )
-
-
 async def fetch_file(connection: Connection, file_id: ids.FileId, owner: models.OwnerScope) -> models.File:
     row = await connection.fetchrow(_SELECT_FILE, file_id, rows.owner_parameter(owner))
     if row is None:

@@ -1,11 +1,11 @@
 """The request queue, the daemons' hot path: claim and cancellation lookups (fenced writes: `fenced_writes`),
 and the vacuum that keeps claims fast.
 
-Claim: one call of the `claim_requests` database function (schema, 0001_initial.sql), its own transaction and
-one round trip: a refusal if the daemon was marked dead, per-model advisory locks for models with a shared
-limit, then ONE statement that walks each model's pending rows in order (`FOR UPDATE SKIP LOCKED`, so
-concurrent claimers get disjoint rows) and marks them claimed. A function, so that the walk can be kept on the
-claim indexes whatever the planner's statistics say (see the schema).
+Claim: one call of the `claim_requests` database function (defined once, in `functions/claim_requests.sql`,
+which `migration` installs), its own transaction and one round trip: a refusal if the daemon was marked dead,
+per-model advisory locks for models with a shared limit, then ONE statement that walks each model's pending rows
+in order (`FOR UPDATE SKIP LOCKED`, so concurrent claimers get disjoint rows) and marks them claimed. A function,
+so that the walk can be kept on the claim indexes whatever the planner's statistics say (see its header).
 """
 
 from __future__ import annotations

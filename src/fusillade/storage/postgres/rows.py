@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from fusillade.domain import ids, models, states
+from fusillade.storage import validation
 
 FILE_COLUMNS = """
     f.id, f.owner, f.filename, f.purpose, f.created_at, f.expires_at, f.batch_id,
@@ -98,17 +99,6 @@ def file_from_row(row: asyncpg.Record) -> models.File:
     )
 
 
-def _batch_errors(value: Any) -> tuple[models.BatchError, ...]:
-    if not value:
-        return ()
-    return tuple(
-        models.BatchError(
-            code=item["code"], message=item["message"], line=item.get("line"), param=item.get("param")
-        )
-        for item in value
-    )
-
-
 def _metadata(value: Any) -> Mapping[str, str] | None:
     return None if value is None else dict(value)
 
@@ -132,7 +122,7 @@ def batch_from_row(row: asyncpg.Record) -> models.Batch:
         expired_at=row["expired_at"],
         cancelling_at=row["cancelling_at"],
         cancelled_at=row["cancelled_at"],
-        errors=_batch_errors(row["errors"]),
+        errors=validation.batch_errors(row["errors"]),
         counts=models.RequestCounts(
             total=row["total_requests"],
             pending=row["pending"],

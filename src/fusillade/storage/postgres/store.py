@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from fusillade import clock as clocks
 from fusillade import errors
 from fusillade.domain import ids, lines, models, served, states
-from fusillade.storage import base, migrate
+from fusillade.storage import base, validation
 from fusillade.storage.postgres import (
     batches,
     daemons,
@@ -22,10 +22,10 @@ from fusillade.storage.postgres import (
     files,
     keys,
     lifecycle,
+    migration,
     models_seen,
     queue,
     retention,
-    schema,
 )
 from fusillade.storage.postgres.connection import Database
 
@@ -63,8 +63,7 @@ class PostgresStorage:
 
     async def migrate(self) -> list[str]:
         async with self._db.connection() as connection:
-            target = schema.MigrationTarget(connection, self._clock, timeout_s=MIGRATION_TIMEOUT_S)
-            return await migrate.run_migrations(target, migrate.load_migrations(schema.MIGRATIONS_PACKAGE))
+            return await migration.run(connection, self._clock, timeout_s=MIGRATION_TIMEOUT_S)
 
     async def ping(self) -> None:
         async with self._db.connection() as connection:
@@ -100,7 +99,7 @@ class PostgresStorage:
                             for template in chunk:
                                 seen.add(template.model)
                 if count == 0:
-                    raise files.empty_file_error()
+                    raise validation.empty_file()
                 if seen is not None and seen.models:
                     await models_seen.record_seen(connection, owner=owner, found=seen.models, now=now)
                 file = models.File(

@@ -11,10 +11,9 @@ import orjson
 
 from fusillade import errors
 from fusillade.domain import ids, lines, models, states
+from fusillade.storage import validation
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import files, records
-
-MAX_ENDPOINT_ERRORS: Final = 100
 
 _UNFINISHED: Final = "completed_at IS NULL AND failed_at IS NULL AND expired_at IS NULL AND cancelled_at IS NULL"
 
@@ -28,7 +27,7 @@ SELECT state, COUNT(*) FROM requests WHERE batch_id = ? AND state NOT IN ('claim
 """
 SELECT_MISMATCHED_URLS = f"""
 SELECT line_number, url FROM request_templates WHERE file_id = ? AND url != ?
-ORDER BY line_number LIMIT {MAX_ENDPOINT_ERRORS}
+ORDER BY line_number LIMIT {validation.MAX_ENDPOINT_ERRORS}
 """
 INSERT_BATCH = """
 INSERT INTO batches (id, owner, input_file_id, output_file_id, error_file_id, endpoint, completion_window,
@@ -185,10 +184,7 @@ def create_batch(connection: sqlite3.Connection, now: datetime, spec: models.Bat
             return existing
     input_file = files.visible_file_row(connection, spec.input_file_id, spec.owner)
     if not input_file.is_input:
-        raise errors.ValidationError(
-            f"File {ids.file_wire(spec.input_file_id)} is not a batch input file (its purpose is "
-            f"{input_file.purpose}); upload a file with purpose 'batch'."
-        )
+        raise validation.not_an_input_file(spec.input_file_id, input_file.purpose)
     window = models.parse_completion_window(spec.completion_window)
     _check_endpoint(connection, spec)
     batch_id = ids.new_batch_id()
@@ -222,13 +218,7 @@ def create_batch(connection: sqlite3.Connection, now: datetime, spec: models.Bat
 def _check_endpoint(connection: sqlite3.Connection, spec: models.BatchSpec) -> None:
     rows = connection.execute(SELECT_MISMATCHED_URLS, (spec.input_file_id.bytes, spec.endpoint)).fetchall()
     if rows:
-        raise errors.ValidationError(
-            f"The input file has lines whose url does not match the batch endpoint '{spec.endpoint}'.",
-            errors=[
-                errors.LineError(line, f"url '{url}' does not match the batch endpoint '{spec.endpoint}'")
-                for line, url in rows
-            ],
-        )
+        raise validation.endpoint_mismatch(spec.input_file_id, spec.endpoint, rows)
 
 
 def find_by_idempotency_key(connection: sqlite3.Connection, spec: models.BatchSpec) -> models.Batch | None:

@@ -13,6 +13,7 @@ from typing import Final, NamedTuple
 import orjson
 
 from fusillade.domain import ids, models, states
+from fusillade.storage import validation
 from fusillade.storage.sqlite import connection as connections
 
 # Requests the store itself ends (cancel, expiry, reclaim): their message, and the size of their error line
@@ -161,19 +162,8 @@ def batch_from_row(row: BatchRow, counts: models.RequestCounts) -> models.Batch:
         expired_at=_micros_or_none(row.expired_at),
         cancelling_at=_micros_or_none(row.cancelling_at),
         cancelled_at=_micros_or_none(row.cancelled_at),
-        errors=_batch_errors(row.errors),
+        errors=validation.batch_errors(None if row.errors is None else orjson.loads(row.errors)),
         counts=counts,
-    )
-
-
-def _batch_errors(text: str | None) -> tuple[models.BatchError, ...]:
-    if text is None:
-        return ()
-    return tuple(
-        models.BatchError(
-            code=item["code"], message=item["message"], line=item.get("line"), param=item.get("param")
-        )
-        for item in orjson.loads(text)
     )
 
 
