@@ -21,7 +21,7 @@ from fusillade import clock as clocks
 from fusillade.domain import ids, models, states, transitions
 from fusillade.storage import base
 from fusillade.storage.postgres import fenced_writes
-from fusillade.storage.sqlite import queue as sqlite_queue
+from fusillade.storage.sqlite import fenced_writes as sqlite_fenced_writes
 from tests.support import backends, factories
 
 State = states.RequestState
@@ -247,7 +247,7 @@ async def test_state_predicates_select_exactly_their_states(
     else:
         with contextlib.closing(sqlite3.connect(backend.location)) as database:
             for subset in subsets:
-                sql = f"SELECT id FROM requests WHERE {sqlite_queue.state_predicate(subset)}"
+                sql = f"SELECT id FROM requests WHERE {sqlite_fenced_writes.state_predicate(subset)}"
                 selected.append({uuid.UUID(bytes=row[0]) for row in database.execute(sql)})
     for subset, found in zip(subsets, selected, strict=True):
         assert found == {placed[state] for state in subset}, sorted(subset)

@@ -1,25 +1,23 @@
-"""Batches on SQLite: creation with their requests, reads with fresh counts, cancel, retry, delete, expiry and
-finalization. Functions take a connection inside an open transaction."""
+"""Batches on SQLite: creation with their requests, and reads with fresh counts (cancel, retry, delete, expiry and
+finalization: `lifecycle`). Functions take a connection inside an open transaction."""
 
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timedelta
-from typing import Any, Final
+from datetime import datetime
+from typing import Any
 
 import orjson
 
 from fusillade import errors
-from fusillade.domain import ids, lines, models, states
+from fusillade.domain import ids, models, states
 from fusillade.storage import validation
 from fusillade.storage.sqlite import connection as connections
-from fusillade.storage.sqlite import files, records
+from fusillade.storage.sqlite import files, rows
 
-_UNFINISHED: Final = "completed_at IS NULL AND failed_at IS NULL AND expired_at IS NULL AND cancelled_at IS NULL"
-
-SELECT_BATCH = f"SELECT {records.BATCH_COLUMNS} FROM batches WHERE id = ? AND deleted_at IS NULL"
+SELECT_BATCH = f"SELECT {rows.BATCH_COLUMNS} FROM batches WHERE id = ? AND deleted_at IS NULL"
 SELECT_BY_IDEMPOTENCY_KEY = f"""
-SELECT {records.BATCH_COLUMNS} FROM batches WHERE owner = ? AND idempotency_key = ? AND deleted_at IS NULL
+SELECT {rows.BATCH_COLUMNS} FROM batches WHERE owner = ? AND idempotency_key = ? AND deleted_at IS NULL
 """
 # Settled = not in flight (see the schema): the in-flight count is total_requests minus these.
 COUNT_SETTLED = """
@@ -40,64 +38,7 @@ INSERT INTO requests (id, batch_id, template_id, owner, custom_id, custom_id_byt
 SELECT new_uuid(), ?, id, ?, custom_id, custom_id_bytes, model, line_number, ?, 'pending', 0
 FROM request_templates WHERE file_id = ? ORDER BY line_number
 """
-CANCEL_PENDING = """
-UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
-    result_bytes = ? + custom_id_bytes
-WHERE batch_id = ? AND state = 'pending'
-"""
-ANY_IN_FLIGHT = """
-SELECT EXISTS (
-    SELECT 1 FROM requests INDEXED BY requests_in_flight_batch
-    WHERE batch_id = ? AND claimed_at IS NOT NULL AND finished_at IS NULL
-)
-"""
-MARK_CANCELLING = "UPDATE batches SET cancelling_at = ?, cancelled_at = ? WHERE id = ?"
-RETRY_FAILED = """
-UPDATE requests SET state = 'pending', attempt = 0, not_before = NULL, daemon_id = NULL, claimed_at = NULL,
-    started_at = NULL, finished_at = NULL, response_status = NULL, response_body = NULL, error_code = NULL,
-    error_message = NULL, result_bytes = 0
-WHERE batch_id = ? AND state = 'failed'
-"""
-REOPEN_BATCH = "UPDATE batches SET finalizing_at = NULL, completed_at = NULL WHERE id = ?"
-DELETE_BATCH = "UPDATE batches SET deleted_at = ?, idempotency_key = NULL WHERE id = ?"
-DELETE_VIRTUAL_FILES = "UPDATE files SET deleted_at = COALESCE(deleted_at, ?) WHERE batch_id = ?"
 SELECT_REQUEST_LINE = "SELECT line_number FROM requests WHERE id = ? AND batch_id = ?"
-SELECT_EXPIRED = f"""
-SELECT id FROM batches
-WHERE {_UNFINISHED} AND cancelling_at IS NULL AND deleted_at IS NULL AND expires_at <= ?
-ORDER BY expires_at, id LIMIT ?
-"""
-EXPIRE_REQUESTS = """
-UPDATE requests SET state = 'failed', finished_at = ?, error_code = ?, error_message = ?,
-    result_bytes = ? + custom_id_bytes
-WHERE batch_id = ? AND state IN ('pending', 'claimed', 'processing')
-"""
-MARK_EXPIRED = "UPDATE batches SET expired_at = ? WHERE id = ?"
-SELECT_FINISHED = f"""
-SELECT id FROM batches AS b
-WHERE {_UNFINISHED} AND deleted_at IS NULL AND in_progress_at IS NOT NULL
-    AND NOT EXISTS (
-        SELECT 1 FROM requests AS r
-        WHERE r.batch_id = b.id AND r.state = 'pending' AND r.state NOT IN ('claimed', 'processing')
-    )
-    AND NOT EXISTS (
-        SELECT 1 FROM requests AS r INDEXED BY requests_in_flight_batch
-        WHERE r.batch_id = b.id AND r.claimed_at IS NOT NULL AND r.finished_at IS NULL
-    )
-ORDER BY expires_at, id LIMIT ?
-"""
-SELECT_CANCELLING_WITH_PENDING = f"""
-SELECT b.id FROM batches AS b
-WHERE {_UNFINISHED} AND b.cancelling_at IS NOT NULL AND b.deleted_at IS NULL
-    AND EXISTS (SELECT 1 FROM requests AS r WHERE r.batch_id = b.id AND r.state = 'pending')
-LIMIT ?
-"""
-MARK_FINISHED = """
-UPDATE batches SET finalizing_at = COALESCE(finalizing_at, ?1),
-    completed_at = CASE WHEN cancelling_at IS NULL THEN ?1 END,
-    cancelled_at = CASE WHEN cancelling_at IS NOT NULL THEN ?1 END
-WHERE id = ?2
-"""
 
 
 # ------------------------------------------------------------------------------------------------ reads
@@ -105,18 +46,18 @@ WHERE id = ?2
 
 def visible_batch_row(
     connection: sqlite3.Connection, batch_id: ids.BatchId, owner: models.OwnerScope
-) -> records.BatchRow:
+) -> rows.BatchRow:
     """The batch's row, or `NotFound` if it is missing, deleted or another owner's."""
     found = connection.execute(SELECT_BATCH, (batch_id.bytes,)).fetchone()
-    if found is None or not records.owner_matches(found[1], owner):
+    if found is None or not rows.owner_matches(found[1], owner):
         raise errors.NotFound(f"No batch {ids.batch_wire(batch_id)}.")
-    return records.BatchRow._make(found)
+    return rows.BatchRow._make(found)
 
 
-def batch_from_row(connection: sqlite3.Connection, row: records.BatchRow) -> models.Batch:
+def batch_from_row(connection: sqlite3.Connection, row: rows.BatchRow) -> models.Batch:
     """The batch of a row, with counts of its requests."""
     counted = connection.execute(COUNT_SETTLED, (row.id,))
-    return records.batch_from_row(row, records.counts_from_rows(row.total_requests, counted))
+    return rows.batch_from_row(row, rows.counts_from_rows(row.total_requests, counted))
 
 
 def get_batch(connection: sqlite3.Connection, batch_id: ids.BatchId, owner: models.OwnerScope) -> models.Batch:
@@ -136,12 +77,13 @@ def list_batches(
         conditions.append("(created_at, id) < (?, ?)")
         parameters.extend((cursor.created_at, cursor.id))
     sql = (
-        f"SELECT {records.BATCH_COLUMNS} FROM batches WHERE {' AND '.join(conditions)} "
+        f"SELECT {rows.BATCH_COLUMNS} FROM batches WHERE {' AND '.join(conditions)} "
         "ORDER BY created_at DESC, id DESC LIMIT ?"
     )
     parameters.append(max(limit, 0) + 1)
-    rows = [records.BatchRow._make(row) for row in connection.execute(sql, parameters)]
-    return models.Page(items=[batch_from_row(connection, row) for row in rows[:limit]], has_more=len(rows) > limit)
+    found = [rows.BatchRow._make(row) for row in connection.execute(sql, parameters)]
+    items = [batch_from_row(connection, row) for row in found[:limit]]
+    return models.Page(items=items, has_more=len(found) > limit)
 
 
 def list_requests(
@@ -166,12 +108,12 @@ def list_requests(
         conditions.append("line_number > ?")
         parameters.append(cursor[0])
     sql = (
-        f"SELECT {records.REQUEST_COLUMNS} FROM requests WHERE {' AND '.join(conditions)} "
+        f"SELECT {rows.REQUEST_COLUMNS} FROM requests WHERE {' AND '.join(conditions)} "
         "ORDER BY line_number LIMIT ?"
     )
     parameters.append(max(limit, 0) + 1)
-    rows = [records.RequestRow._make(row) for row in connection.execute(sql, parameters)]
-    return models.Page(items=[records.request_from_row(row) for row in rows[:limit]], has_more=len(rows) > limit)
+    found = [rows.RequestRow._make(row) for row in connection.execute(sql, parameters)]
+    return models.Page(items=[rows.request_from_row(row) for row in found[:limit]], has_more=len(found) > limit)
 
 
 # ----------------------------------------------------------------------------------------------- writes
@@ -216,96 +158,11 @@ def create_batch(connection: sqlite3.Connection, now: datetime, spec: models.Bat
 
 
 def _check_endpoint(connection: sqlite3.Connection, spec: models.BatchSpec) -> None:
-    rows = connection.execute(SELECT_MISMATCHED_URLS, (spec.input_file_id.bytes, spec.endpoint)).fetchall()
-    if rows:
-        raise validation.endpoint_mismatch(spec.input_file_id, spec.endpoint, rows)
+    mismatched = connection.execute(SELECT_MISMATCHED_URLS, (spec.input_file_id.bytes, spec.endpoint)).fetchall()
+    if mismatched:
+        raise validation.endpoint_mismatch(spec.input_file_id, spec.endpoint, mismatched)
 
 
 def find_by_idempotency_key(connection: sqlite3.Connection, spec: models.BatchSpec) -> models.Batch | None:
     found = connection.execute(SELECT_BY_IDEMPOTENCY_KEY, (spec.owner, spec.idempotency_key)).fetchone()
-    return None if found is None else batch_from_row(connection, records.BatchRow._make(found))
-
-
-def _conflict(connection: sqlite3.Connection, row: records.BatchRow, action: str) -> errors.StateConflict:
-    status = batch_from_row(connection, row).status
-    return errors.StateConflict(
-        f"Batch {ids.batch_wire(ids.BatchId(connections.to_uuid(row.id)))} is {status}; {action}.",
-        current_state=str(status),
-    )
-
-
-def _cancel(connection: sqlite3.Connection, now: int, row: records.BatchRow) -> None:
-    """Cancel an unfinished, not yet cancelling batch: pending requests end at once; the batch is cancelled
-    at once if nothing is in flight, else it stays cancelling until `finalize_batches`."""
-    connection.execute(
-        CANCEL_PENDING,
-        (now, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES, row.id),
-    )
-    in_flight = connection.execute(ANY_IN_FLIGHT, (row.id,)).fetchone()[0]
-    connection.execute(MARK_CANCELLING, (now, None if in_flight else now, row.id))
-
-
-def cancel_batch(
-    connection: sqlite3.Connection, now: datetime, batch_id: ids.BatchId, owner: models.OwnerScope
-) -> models.Batch:
-    row = visible_batch_row(connection, batch_id, owner)
-    if row.cancelling_at is None and row.cancelled_at is None:
-        if row.is_finished:
-            raise _conflict(connection, row, "it can no longer be cancelled")
-        _cancel(connection, connections.to_micros(now), row)
-    return get_batch(connection, batch_id, owner)
-
-
-def retry_failed(
-    connection: sqlite3.Connection, now: datetime, batch_id: ids.BatchId, owner: models.OwnerScope
-) -> int:
-    row = visible_batch_row(connection, batch_id, owner)
-    if any(moment is not None for moment in (row.failed_at, row.expired_at, row.cancelling_at, row.cancelled_at)):
-        raise _conflict(connection, row, "its failed requests cannot be retried")
-    moved: int = connection.execute(RETRY_FAILED, (row.id,)).rowcount
-    if moved:
-        connection.execute(REOPEN_BATCH, (row.id,))
-        files.replace_deleted_result_files(connection, now, row)
-    return moved
-
-
-def delete_batch(
-    connection: sqlite3.Connection, now: datetime, batch_id: ids.BatchId, owner: models.OwnerScope
-) -> None:
-    row = visible_batch_row(connection, batch_id, owner)
-    moment = connections.to_micros(now)
-    if row.cancelling_at is None and not row.is_finished:
-        _cancel(connection, moment, row)
-    connection.execute(DELETE_BATCH, (moment, row.id))
-    connection.execute(DELETE_VIRTUAL_FILES, (moment, row.id))
-
-
-def expire_batches(
-    connection: sqlite3.Connection, now: datetime, *, grace: timedelta, limit: int
-) -> list[ids.BatchId]:
-    moment = connections.to_micros(now)
-    keys = [row[0] for row in connection.execute(SELECT_EXPIRED, (connections.to_micros(now - grace), limit))]
-    for key in keys:
-        connection.execute(
-            EXPIRE_REQUESTS,
-            (moment, lines.BATCH_EXPIRED, lines.EXPIRED_MESSAGE, lines.EXPIRED_LINE_BYTES, key),
-        )
-        connection.execute(MARK_EXPIRED, (moment, key))
-    return [ids.BatchId(connections.to_uuid(key)) for key in keys]
-
-
-def finalize_batches(connection: sqlite3.Connection, now: datetime, *, limit: int) -> list[ids.BatchId]:
-    moment = connections.to_micros(now)
-    # A daemon may reschedule or release a request after its batch began cancelling (a retry racing the
-    # cancel); claims skip such batches, so those requests are cancelled here or the batch would never end.
-    leftovers = [row[0] for row in connection.execute(SELECT_CANCELLING_WITH_PENDING, (limit,))]
-    connection.executemany(
-        CANCEL_PENDING,
-        [
-            (moment, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES, key)
-            for key in leftovers
-        ],
-    )
-    keys = [row[0] for row in connection.execute(SELECT_FINISHED, (limit,))]
-    connection.executemany(MARK_FINISHED, [(moment, key) for key in keys])
-    return [ids.BatchId(connections.to_uuid(key)) for key in keys]
+    return None if found is None else batch_from_row(connection, rows.BatchRow._make(found))

@@ -10,16 +10,16 @@ import orjson
 from fusillade import errors
 from fusillade.domain import ids, lines, models, states
 from fusillade.storage.sqlite import connection as connections
-from fusillade.storage.sqlite import records
+from fusillade.storage.sqlite import rows
 
 INSERT_DAEMON = """
 INSERT INTO daemons (id, hostname, pid, version, config, status, started_at, last_heartbeat, stopped_at, in_flight)
 VALUES (?, ?, ?, ?, ?, 'running', ?, ?, NULL, 0)
 """
-SELECT_DAEMON = f"SELECT {records.DAEMON_COLUMNS} FROM daemons WHERE id = ?"
+SELECT_DAEMON = f"SELECT {rows.DAEMON_COLUMNS} FROM daemons WHERE id = ?"
 HEARTBEAT = "UPDATE daemons SET last_heartbeat = ?, in_flight = ? WHERE id = ?"
 MARK_DEAD = "UPDATE daemons SET status = 'dead', stopped_at = COALESCE(stopped_at, ?) WHERE id = ?"
-LIST_DAEMONS = f"SELECT {records.DAEMON_COLUMNS} FROM daemons ORDER BY started_at DESC, id DESC"
+LIST_DAEMONS = f"SELECT {rows.DAEMON_COLUMNS} FROM daemons ORDER BY started_at DESC, id DESC"
 MARK_STALE_DEAD = """
 UPDATE daemons SET status = 'dead', stopped_at = COALESCE(stopped_at, ?1)
 WHERE status = 'running' AND last_heartbeat < ?2
@@ -62,11 +62,11 @@ def register_daemon(connection: sqlite3.Connection, now: datetime, info: models.
     )
 
 
-def _daemon_row(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> records.DaemonRow:
+def _daemon_row(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> rows.DaemonRow:
     found = connection.execute(SELECT_DAEMON, (daemon_id.bytes,)).fetchone()
     if found is None:
         raise errors.NotFound(f"No daemon {daemon_id}.")
-    return records.DaemonRow._make(found)
+    return rows.DaemonRow._make(found)
 
 
 def heartbeat(
@@ -79,7 +79,7 @@ def heartbeat(
             current_state=row.status,
         )
     connection.execute(HEARTBEAT, (connections.to_micros(now), in_flight, daemon_id.bytes))
-    return records.daemon_from_row(_daemon_row(connection, daemon_id))
+    return rows.daemon_from_row(_daemon_row(connection, daemon_id))
 
 
 def mark_daemon_dead(connection: sqlite3.Connection, now: datetime, daemon_id: ids.DaemonId) -> None:
@@ -88,7 +88,7 @@ def mark_daemon_dead(connection: sqlite3.Connection, now: datetime, daemon_id: i
 
 
 def list_daemons(connection: sqlite3.Connection) -> list[models.Daemon]:
-    return [records.daemon_from_row(records.DaemonRow._make(row)) for row in connection.execute(LIST_DAEMONS)]
+    return [rows.daemon_from_row(rows.DaemonRow._make(row)) for row in connection.execute(LIST_DAEMONS)]
 
 
 def reclaim_requests(connection: sqlite3.Connection, now: datetime, *, stale_after: timedelta, limit: int) -> int:

@@ -12,7 +12,7 @@ from typing import Any, Final
 from fusillade import errors
 from fusillade.domain import ids, lines, models, states
 from fusillade.storage.sqlite import connection as connections
-from fusillade.storage.sqlite import records
+from fusillade.storage.sqlite import rows
 
 PAGE_ROWS: Final = 1000
 """Rows read per page when streaming file content."""
@@ -21,10 +21,8 @@ INSERT_TEMPLATE = """
 INSERT INTO request_templates (id, file_id, line_number, custom_id, custom_id_bytes, method, url, model, body)
 VALUES (new_uuid(), ?, ?, ?, ?, ?, ?, ?, ?)
 """
-INSERT_FILE = (
-    f"INSERT INTO files ({records.FILE_COLUMNS}) VALUES ({', '.join('?' * len(records.FileRow._fields))})"
-)
-SELECT_FILE = f"SELECT {records.FILE_COLUMNS} FROM files WHERE id = ? AND deleted_at IS NULL"
+INSERT_FILE = f"INSERT INTO files ({rows.FILE_COLUMNS}) VALUES ({', '.join('?' * len(rows.FileRow._fields))})"
+SELECT_FILE = f"SELECT {rows.FILE_COLUMNS} FROM files WHERE id = ? AND deleted_at IS NULL"
 # `state NOT IN ('claimed', 'processing')` lets SQLite use the partial index `requests_settled`.
 _SETTLED = "state NOT IN ('claimed', 'processing')"
 MEASURE_OUTPUT = f"""
@@ -50,19 +48,19 @@ VISIBLE = f"(purpose = 'batch' OR {_HAS_LINES})"
 SELECT_VISIBLE = f"SELECT {VISIBLE} FROM files WHERE id = ?"
 
 SELECT_TEMPLATES_PAGE = f"""
-SELECT {records.TEMPLATE_COLUMNS} FROM request_templates
+SELECT {rows.TEMPLATE_COLUMNS} FROM request_templates
 WHERE file_id = ? AND line_number > ? ORDER BY line_number LIMIT {PAGE_ROWS}
 """
 SELECT_OUTPUT_PAGE = f"""
-SELECT {records.REQUEST_COLUMNS} FROM requests
+SELECT {rows.REQUEST_COLUMNS} FROM requests
 WHERE batch_id = ? AND state = 'completed' AND {_SETTLED} AND (finished_at, id) > (?, ?)
 ORDER BY finished_at, id LIMIT {PAGE_ROWS}
 """
 SELECT_ERRORS_PAGE = f"""
-SELECT {records.REQUEST_COLUMNS} FROM requests
+SELECT {rows.REQUEST_COLUMNS} FROM requests
 WHERE batch_id = ?1 AND state = 'failed' AND {_SETTLED} AND (finished_at, id) > (?2, ?3)
 UNION ALL
-SELECT {records.REQUEST_COLUMNS} FROM requests
+SELECT {rows.REQUEST_COLUMNS} FROM requests
 WHERE batch_id = ?1 AND state = 'canceled' AND {_SETTLED} AND (finished_at, id) > (?2, ?3)
 ORDER BY finished_at, id LIMIT {PAGE_ROWS}
 """
@@ -91,8 +89,8 @@ def template_rows(file_id: ids.FileId, chunk: Sequence[models.TemplateInput]) ->
     ]
 
 
-def insert_templates(connection: sqlite3.Connection, now: datetime, rows: list[tuple[Any, ...]]) -> None:
-    connection.executemany(INSERT_TEMPLATE, rows)
+def insert_templates(connection: sqlite3.Connection, now: datetime, templates: list[tuple[Any, ...]]) -> None:
+    connection.executemany(INSERT_TEMPLATE, templates)
 
 
 def insert_input_file(
@@ -106,7 +104,7 @@ def insert_input_file(
     request_count: int,
     expires_at: datetime | None,
 ) -> models.File:
-    row = records.FileRow(
+    row = rows.FileRow(
         id=file_id.bytes,
         owner=owner,
         filename=filename,
@@ -119,7 +117,7 @@ def insert_input_file(
         deleted_at=None,
     )
     connection.execute(INSERT_FILE, row)
-    return records.file_from_row(row)
+    return rows.file_from_row(row)
 
 
 def insert_virtual_files(
@@ -137,7 +135,7 @@ def _insert_virtual_file(
 ) -> ids.FileId:
     file_id = ids.new_file_id()
     suffix = "output" if purpose is states.FilePurpose.BATCH_OUTPUT else "error"
-    row = records.FileRow(
+    row = rows.FileRow(
         id=file_id.bytes,
         owner=owner,
         filename=f"batch_{batch_id.hex}_{suffix}.jsonl",
@@ -160,7 +158,7 @@ _RESULT_FILE_COLUMNS: Final = {
 SELECT_DELETED_RESULT_FILES = "SELECT purpose FROM files WHERE id IN (?, ?) AND deleted_at IS NOT NULL"
 
 
-def replace_deleted_result_files(connection: sqlite3.Connection, now: datetime, batch: records.BatchRow) -> None:
+def replace_deleted_result_files(connection: sqlite3.Connection, now: datetime, batch: rows.BatchRow) -> None:
     """Give `batch` a new (empty) output or error file in place of one its owner deleted, so that the results
     of requests it runs again are reachable; the deleted file stays deleted."""
     deleted = connection.execute(SELECT_DELETED_RESULT_FILES, (batch.output_file_id, batch.error_file_id))
@@ -178,7 +176,7 @@ def replace_deleted_result_files(connection: sqlite3.Connection, now: datetime, 
 
 def visible_file_row(
     connection: sqlite3.Connection, file_id: ids.FileId, owner: models.OwnerScope
-) -> records.FileRow:
+) -> rows.FileRow:
     """The file's row, or `NotFound` if it is missing, deleted, another owner's, or a result file without
     lines yet."""
     row = _file_row(connection, file_id, owner)
@@ -187,24 +185,24 @@ def visible_file_row(
     return row
 
 
-def _file_row(connection: sqlite3.Connection, file_id: ids.FileId, owner: models.OwnerScope) -> records.FileRow:
+def _file_row(connection: sqlite3.Connection, file_id: ids.FileId, owner: models.OwnerScope) -> rows.FileRow:
     found = connection.execute(SELECT_FILE, (file_id.bytes,)).fetchone()
-    if found is None or not records.owner_matches(found[1], owner):
+    if found is None or not rows.owner_matches(found[1], owner):
         raise _not_found(file_id)
-    return records.FileRow._make(found)
+    return rows.FileRow._make(found)
 
 
 def _not_found(file_id: ids.FileId) -> errors.NotFound:
     return errors.NotFound(f"No file {ids.file_wire(file_id)}.")
 
 
-def file_from_row(connection: sqlite3.Connection, row: records.FileRow) -> models.File:
+def file_from_row(connection: sqlite3.Connection, row: rows.FileRow) -> models.File:
     """The file of a row, measuring an output or error file from its batch's requests."""
     if row.is_input:
-        return records.file_from_row(row)
+        return rows.file_from_row(row)
     measure = MEASURE_OUTPUT if row.purpose == states.FilePurpose.BATCH_OUTPUT.value else MEASURE_ERRORS
     size, count = connection.execute(measure, (row.batch_id,)).fetchone()
-    return records.file_from_row(row, size=size, count=count)
+    return rows.file_from_row(row, size=size, count=count)
 
 
 def get_file(connection: sqlite3.Connection, file_id: ids.FileId, owner: models.OwnerScope) -> models.File:
@@ -234,13 +232,13 @@ def list_files(
         conditions.append(f"(created_at, id) {comparison} (?, ?)")
         parameters.extend((cursor.created_at, cursor.id))
     sql = (
-        f"SELECT {records.FILE_COLUMNS} FROM files WHERE {' AND '.join(conditions)} "
+        f"SELECT {rows.FILE_COLUMNS} FROM files WHERE {' AND '.join(conditions)} "
         f"ORDER BY created_at {direction}, id {direction} LIMIT ?"
     )
     parameters.append(max(limit, 0) + 1)
-    rows = [records.FileRow._make(row) for row in connection.execute(sql, parameters)]
-    items = [file_from_row(connection, row) for row in rows[:limit]]
-    return models.Page(items=items, has_more=len(rows) > limit)
+    found = [rows.FileRow._make(row) for row in connection.execute(sql, parameters)]
+    items = [file_from_row(connection, row) for row in found[:limit]]
+    return models.Page(items=items, has_more=len(found) > limit)
 
 
 def delete_file(
@@ -279,16 +277,16 @@ def content_page(
     """One page of content after `cursor`: its bytes, and the cursor of the next page (None at the end)."""
     if source.purpose is states.FilePurpose.BATCH:
         templates = [
-            records.TemplateRow._make(row)
+            rows.TemplateRow._make(row)
             for row in connection.execute(SELECT_TEMPLATES_PAGE, (source.key, cursor[0]))
         ]
-        chunk = b"".join(lines.input_line(records.template_from_row(row)) for row in templates)
+        chunk = b"".join(lines.input_line(rows.template_from_row(row)) for row in templates)
         count = len(templates)
         next_cursor: Cursor = (templates[-1].line_number, b"") if templates else cursor
     else:
         sql = SELECT_OUTPUT_PAGE if source.purpose is states.FilePurpose.BATCH_OUTPUT else SELECT_ERRORS_PAGE
-        results = [records.RequestRow._make(row) for row in connection.execute(sql, (source.key, *cursor))]
-        chunk = b"".join(lines.result_line(records.request_from_row(row)) for row in results)
+        results = [rows.RequestRow._make(row) for row in connection.execute(sql, (source.key, *cursor))]
+        chunk = b"".join(lines.result_line(rows.request_from_row(row)) for row in results)
         count = len(results)
         last = results[-1] if results else None
         next_cursor = (last.finished_at or 0, last.id) if last is not None else cursor

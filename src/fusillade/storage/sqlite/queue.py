@@ -1,5 +1,5 @@
-"""The request queue on SQLite, the daemons' hot path: claims, fenced state writes, and the requests a daemon
-must abort because their batch is being cancelled.
+"""The request queue on SQLite, the daemons' hot path: claims, and the requests a daemon must abort because
+their batch is being cancelled (its fenced state writes: `fenced_writes`).
 
 A claim and a group of writes are each one `BEGIN IMMEDIATE` transaction, so they are serialised against every
 other writer of the file (this process or another): claimers get disjoint rows and the per-model limit holds.
@@ -10,12 +10,12 @@ from __future__ import annotations
 import heapq
 import random
 import sqlite3
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Final, NamedTuple, TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from fusillade import errors
-from fusillade.domain import ids, lines, models, states, transitions
+from fusillade.domain import ids, models, states
 from fusillade.storage.sqlite import connection as connections
 
 # In flight <=> claimed_at set and finished_at not set (the invariant behind the in-flight indexes).
@@ -87,71 +87,6 @@ ORDER BY r.deadline, r.batch_id, r.line_number LIMIT ?
 """
 MARK_CLAIMED = "UPDATE requests SET state = 'claimed', daemon_id = ?, claimed_at = ? WHERE rowid = ?"
 
-# The ids of a write group travel as one BLOB of concatenated 16-byte UUIDs, split here in SQL: one cached
-# statement whatever the group size.
-SELECT_CURRENT = """
-WITH RECURSIVE wanted(position, id) AS (
-    SELECT 1, substr(?1, 1, 16) WHERE length(?1) >= 16
-    UNION ALL
-    SELECT position + 16, substr(?1, position + 16, 16) FROM wanted WHERE position + 16 <= length(?1)
-)
-SELECT r.id, r.state, r.daemon_id FROM wanted JOIN requests AS r ON r.id = wanted.id
-"""
-
-
-def state_predicate(allowed: Collection[states.RequestState]) -> str:
-    """The condition on a request row that holds when its state is one of `allowed`: `state = '…'` or
-    `state IN ('…', …)` (in the order of `RequestState`; `FALSE` for no state). SQLite stores every state under
-    its own name."""
-    if not allowed:
-        return "FALSE"
-    values = [f"'{state.value}'" for state in states.RequestState if state in allowed]
-    return f"state = {values[0]}" if len(values) == 1 else f"state IN ({', '.join(values)})"
-
-
-def _fence(write: type[models.RequestWrite]) -> str:
-    """The WHERE clause of a daemon's write (its last two parameters are the request and the daemon): the row
-    is the daemon's and in a state the transition table lets the write apply from."""
-    return f" WHERE id = ? AND daemon_id = ? AND {state_predicate(transitions.DAEMON_WRITES[write].sources)}"
-
-
-MARK_PROCESSING = "UPDATE requests SET state = 'processing', started_at = ?" + _fence(models.MarkProcessing)
-COMPLETE = (
-    "UPDATE requests SET state = 'completed', started_at = COALESCE(started_at, claimed_at), finished_at = ?, "
-    "response_status = ?, response_body = ?, error_code = NULL, error_message = NULL, "
-    "result_bytes = ? + custom_id_bytes" + _fence(models.Complete)
-)
-FAIL = (
-    "UPDATE requests SET state = 'failed', started_at = COALESCE(started_at, claimed_at), finished_at = ?, "
-    "response_status = ?, response_body = ?, "
-    "error_code = ?, error_message = ?, result_bytes = ? + custom_id_bytes" + _fence(models.Fail)
-)
-RESCHEDULE = (
-    "UPDATE requests SET state = 'pending', attempt = attempt + 1, not_before = ?, daemon_id = NULL, "
-    "claimed_at = NULL, started_at = NULL, error_code = ?, error_message = ?" + _fence(models.Reschedule)
-)
-RELEASE = "UPDATE requests SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL" + _fence(
-    models.Release
-)
-CANCEL = (
-    "UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?, "
-    "result_bytes = ? + custom_id_bytes" + _fence(models.Cancel)
-)
-
-# Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`): a request its daemon rescheduled or released while
-# its batch is being cancelled (or was deleted) ends canceled instead of pending, in the same transaction.
-_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
-CANCEL_RETURNED = f"""
-UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
-    result_bytes = ? + custom_id_bytes
-WHERE id = ? AND state = 'pending' AND EXISTS (
-    SELECT 1 FROM batches AS b WHERE b.id = requests.batch_id AND ({_RETURN_CANCELS})
-)
-"""
-_RETURNING_WRITES = tuple(
-    kind for kind, transition in transitions.DAEMON_WRITES.items() if transition.returns_to_queue
-)
-
 # Only a cancelling batch (cancelling_at set, cancelled_at not yet) can have requests in flight: a deleted batch
 # was cancelled first or had finished, and a cancelled one has none left.
 # A loose index scan over the pending index: one probe per distinct model.
@@ -188,15 +123,6 @@ WHERE b.cancelling_at IS NOT NULL AND b.cancelled_at IS NULL
     AND r.claimed_at IS NOT NULL AND r.finished_at IS NULL
     AND r.daemon_id = ? AND r.state IN ('claimed', 'processing')
 """
-
-ALLOWED_FROM: Final[dict[type[Any], frozenset[str]]] = {
-    kind: frozenset(state.value for state in transition.sources)
-    for kind, transition in transitions.DAEMON_WRITES.items()
-}
-"""The stored states each daemon write applies from (the transition table's), to sort out refused writes."""
-
-NULL_BODY_BYTES: Final = len(b"null")
-
 
 # ------------------------------------------------------------------------------------------------ claim
 
@@ -326,85 +252,6 @@ def _owner_run(
         return run, None
     finally:
         cursor.close()
-
-
-# ----------------------------------------------------------------------------------------------- writes
-
-
-def apply_writes(
-    connection: sqlite3.Connection,
-    now: datetime,
-    daemon_id: ids.DaemonId,
-    writes: Sequence[models.RequestWrite],
-) -> models.WriteReport:
-    """Apply the writes whose request is owned by `daemon_id` and in an allowed state; report the others.
-
-    Fast path: run every fenced UPDATE; if each one changed its row, all applied. Otherwise undo them (savepoint),
-    read the current rows, and apply only the writes they allow (fenced again)."""
-    moment = connections.to_micros(now)
-    daemon_key = daemon_id.bytes
-    connection.execute("SAVEPOINT writes")
-    if _update(connection, moment, daemon_key, writes) == len(writes):
-        connection.execute("RELEASE writes")
-        return models.WriteReport(applied=frozenset(write.request_id for write in writes))
-    connection.execute("ROLLBACK TO writes")
-    connection.execute("RELEASE writes")
-    keys = b"".join(write.request_id.bytes for write in writes)
-    current = {key: (state, daemon) for key, state, daemon in connection.execute(SELECT_CURRENT, (keys,))}
-    applied: list[models.RequestWrite] = []
-    conflicts: dict[ids.RequestId, states.RequestState] = {}
-    missing: set[ids.RequestId] = set()
-    for write in writes:
-        found = current.get(write.request_id.bytes)
-        if found is None:
-            missing.add(write.request_id)
-        elif found[1] != daemon_key or found[0] not in ALLOWED_FROM[type(write)]:
-            conflicts[write.request_id] = states.RequestState(found[0])
-        else:
-            applied.append(write)
-    _update(connection, moment, daemon_key, applied)
-    return models.WriteReport(
-        applied=frozenset(write.request_id for write in applied),
-        conflicts=conflicts,
-        missing=frozenset(missing),
-    )
-
-
-def _update(connection: sqlite3.Connection, now: int, daemon: bytes, writes: Sequence[models.RequestWrite]) -> int:
-    """Run the fenced UPDATEs, one `executemany` per kind of write; returns how many rows changed."""
-    groups: dict[str, list[tuple[Any, ...]]] = {}
-    for write in writes:
-        sql, parameters = _statement(write, now)
-        groups.setdefault(sql, []).append((*parameters, write.request_id.bytes, daemon))
-    changed = sum(connection.executemany(sql, rows).rowcount for sql, rows in groups.items())
-    returned = [write.request_id.bytes for write in writes if isinstance(write, _RETURNING_WRITES)]
-    if returned:
-        cancelled = (lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
-        connection.executemany(CANCEL_RETURNED, [(now, *cancelled, key) for key in returned])
-    return changed
-
-
-def _statement(write: models.RequestWrite, now: int) -> tuple[str, tuple[Any, ...]]:
-    """The fenced UPDATE of one write and its parameters before `id, daemon_id`."""
-    match write:
-        case models.MarkProcessing():
-            return MARK_PROCESSING, (now,)
-        case models.Complete(status_code=status, body=body):
-            return COMPLETE, (now, status, body, lines.response_line_bytes(0, status, len(body.encode())))
-        case models.Fail(status_code=int() as status, body=body):
-            size = NULL_BODY_BYTES if body is None else len(body.encode())
-            return FAIL, (now, status, body, None, None, lines.response_line_bytes(0, status, size))
-        case models.Fail(code=code, message=message):
-            code = code or "error"
-            message = message or lines.default_message(code)
-            return FAIL, (now, None, None, code, message, lines.error_line_bytes(0, code, message))
-        case models.Reschedule(not_before=not_before, code=code, message=message):
-            return RESCHEDULE, (connections.to_micros(not_before), code, message)
-        case models.Release():
-            return RELEASE, ()
-        case models.Cancel():
-            return CANCEL, (now, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
-    raise TypeError(f"Unknown request write {write!r}.")
 
 
 def cancelling_requests(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> list[ids.RequestId]:

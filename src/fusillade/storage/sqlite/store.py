@@ -22,8 +22,10 @@ from fusillade.storage import base, validation
 from fusillade.storage.sqlite import (
     batches,
     daemons,
+    fenced_writes,
     files,
     keys,
+    lifecycle,
     migration,
     models_seen,
     queue,
@@ -197,16 +199,16 @@ class SqliteStorage:
 
     async def cancel_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Batch:
         return await self._database.write(
-            lambda connection, now: batches.cancel_batch(connection, now, batch_id, owner)
+            lambda connection, now: lifecycle.cancel_batch(connection, now, batch_id, owner)
         )
 
     async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
         return await self._database.write(
-            lambda connection, now: batches.retry_failed(connection, now, batch_id, owner)
+            lambda connection, now: lifecycle.retry_failed(connection, now, batch_id, owner)
         )
 
     async def delete_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> None:
-        await self._database.write(lambda connection, now: batches.delete_batch(connection, now, batch_id, owner))
+        await self._database.write(functools.partial(lifecycle.delete_batch, batch_id=batch_id, owner=owner))
 
     async def list_requests(
         self,
@@ -224,10 +226,10 @@ class SqliteStorage:
         )
 
     async def expire_batches(self, *, grace: timedelta = timedelta(0), limit: int = 100) -> list[ids.BatchId]:
-        return await self._database.write(functools.partial(batches.expire_batches, grace=grace, limit=limit))
+        return await self._database.write(functools.partial(lifecycle.expire_batches, grace=grace, limit=limit))
 
     async def finalize_batches(self, *, limit: int = 100) -> list[ids.BatchId]:
-        return await self._database.write(functools.partial(batches.finalize_batches, limit=limit))
+        return await self._database.write(functools.partial(lifecycle.finalize_batches, limit=limit))
 
     # ---------------------------------------------------------------------------------- request queue
 
@@ -254,7 +256,7 @@ class SqliteStorage:
         if not writes:
             return models.WriteReport()
         return await self._database.write(
-            lambda connection, now: queue.apply_writes(connection, now, daemon_id, writes)
+            lambda connection, now: fenced_writes.apply_writes(connection, now, daemon_id, writes)
         )
 
     async def apply_writes_and_claim(
@@ -274,7 +276,9 @@ class SqliteStorage:
         def tick(
             connection: sqlite3.Connection, now: datetime
         ) -> tuple[models.WriteReport, list[models.ClaimedRequest] | errors.StateConflict]:
-            report = queue.apply_writes(connection, now, daemon_id, writes) if writes else models.WriteReport()
+            report = models.WriteReport()
+            if writes:
+                report = fenced_writes.apply_writes(connection, now, daemon_id, writes)
             if not claiming:
                 return report, []
             # A refused claim (dead daemon) must not undo the writes: it checks before changing anything, and
