@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusillade import errors
-from fusillade.app import Routing
+from fusillade.composition.routing import Routing
 from fusillade.config import (
     Config,
     ConfigWatcher,
