@@ -158,7 +158,7 @@ def _modules(root: Path) -> Iterator[tuple[Path, str, set[str]]]:
 
 def layer_violations(root: Path) -> list[str]:
     """Imports outside a top-level module's rule, and top-level modules without a rule."""
-    found = []
+    found: list[str] = []
     for path, name, imported in _modules(root):
         top = path.relative_to(root).parts[0].removesuffix(".py")
         rule = ALLOWED.get(top)
@@ -177,7 +177,7 @@ def layer_violations(root: Path) -> list[str]:
 def backend_violations(root: Path) -> list[str]:
     """A backend imported by anything but itself and the factory; one backend importing the other; a
     backend opened (the factory, `open_storage`) outside the composition root and the re-exporting packages."""
-    found = []
+    found: list[str] = []
     for _, name, imported in _modules(root):
         for imported_name in sorted(imported):
             home = next((backend for backend in BACKENDS if _within(name, (backend,))), None)
@@ -192,7 +192,7 @@ def backend_violations(root: Path) -> list[str]:
 
 
 def domain_io_violations(root: Path) -> list[str]:
-    found = []
+    found: list[str] = []
     for path in sorted((root / "domain").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             modules = []
