@@ -7,9 +7,8 @@ from datetime import timedelta
 
 import pytest
 
+from fusillade import api_keys, errors
 from fusillade import clock as clocks
-from fusillade import errors
-from fusillade import keys as api_keys
 from fusillade.domain import ids, models
 from fusillade.storage import base
 

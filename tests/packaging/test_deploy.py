@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from fusillade import app as composition
 from fusillade.api.app import create_app
 from fusillade.api.context import ApiContext
+from fusillade.composition import serving
 from fusillade.config import Config, load_config
 from fusillade.mock_upstream import Behaviour, MockUpstream
 from tests.packaging.commands import UsageError, command_names, parse
@@ -43,7 +43,7 @@ DOCUMENTS = [CHECKOUT / "docs" / "deploy.md", CHECKOUT / "README.md"]
 
 SHELL = {"FUSILLADE_ADMIN_KEY": "an-admin-key-from-the-shell"}
 """The variables of the shell that runs `docker compose` or `docker run` in these tests."""
-HTTP_DRAIN = timedelta(seconds=composition.HTTP_SHUTDOWN_GRACE)
+HTTP_DRAIN = timedelta(seconds=serving.HTTP_SHUTDOWN_GRACE)
 DEFAULTS = load_config(None, environ={})
 
 

@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 import pytest
 
-from fusillade import keys as api_keys
+from fusillade import api_keys
 from fusillade.domain import ids
 from fusillade.mock_upstream import Behaviour, HttpError, MockUpstream, StallBeforeFirstByte
 from tests.support import backends, polling, security

@@ -1,4 +1,5 @@
-"""`fusillade serve` as two processes (`fusillade.supervision`): the API here, the daemon in a child it supervises.
+"""`fusillade serve` as two processes (`fusillade.composition.supervision`): the API here, the daemon in a child
+it supervises.
 
 - The daemon runs in its own process, at a higher CPU priority than the API, and an upload in the API wakes it at
   once (not at its idle poll).

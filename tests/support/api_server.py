@@ -15,7 +15,7 @@ from typing import Any, cast
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from fusillade import errors, keys
+from fusillade import api_keys, errors
 from fusillade.api import ApiContext, create_app
 from fusillade.domain import jsonl, models, served
 from fusillade.service import Service
@@ -50,7 +50,7 @@ class RunningApi:
 
 async def create_key(storage: base.Storage, owner: str, *, admin: bool = False) -> str:
     """A new stored API key of `owner`; returns the key itself."""
-    new = keys.new_key()
+    new = api_keys.new_key()
     await storage.create_api_key(
         owner=owner, name=f"{owner} test", key_hash=new.key_hash, prefix=new.prefix, admin=admin
     )

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusillade import errors
-from fusillade.app import Routing
+from fusillade.composition.routing import Routing
 from fusillade.config import (
     Config,
     ConfigWatcher,
@@ -470,7 +470,7 @@ def test_models_star_from_the_environment_is_the_default_route() -> None:
 
 
 def test_the_composition_root_routes_unlisted_models_to_models_star(tmp_path: Path) -> None:
-    # `app.Routing` reads keys from the process environment: a route without a key.
+    # `composition.routing.Routing` reads keys from the process environment: a route without a key.
     path = write(tmp_path, ROUTE + '[models."*"]\nbase_url = "http://fallback:1"\nconcurrency = 2\n')
     routing = Routing(load_config(path, environ={}))
     assert routing.default == Route(base_url="http://fallback:1", concurrency=2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fusillade.api.server import HttpLimits
-from fusillade.app import http_limits
+from fusillade.composition.http import http_limits
 from fusillade.config import ServerSection
 
 

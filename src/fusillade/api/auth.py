@@ -12,7 +12,7 @@
 stored key with `admin`) or the configured metrics key, which opens nothing else; another owner's key gets 403
 (`authorize_metrics`). In open mode it is open, like everything else.
 
-Stored keys are looked up by their SHA-256 (`fusillade.keys.hash_key`) on every request, so a revoked key stops
+Stored keys are looked up by their SHA-256 (`fusillade.api_keys.hash_key`) on every request, so a revoked key stops
 working at once. Keys are never logged.
 """
 
@@ -24,7 +24,7 @@ from typing import Annotated, Final
 
 from fastapi import Depends, Request
 
-from fusillade import keys
+from fusillade import api_keys
 from fusillade.api.context import context_of
 from fusillade.api.errors import ApiError
 from fusillade.domain import models
@@ -50,7 +50,7 @@ async def authenticate(request: Request) -> Principal:
     key = _bearer_key(request.headers.get("authorization"))
     if context.admin_key is not None and hmac.compare_digest(key.encode(), context.admin_key.encode()):
         return Principal(owner=ADMIN_OWNER, scope=models.ALL_OWNERS)
-    found = await context.storage.find_api_key(keys.hash_key(key))
+    found = await context.storage.find_api_key(api_keys.hash_key(key))
     if found is None:
         raise ApiError(
             401,

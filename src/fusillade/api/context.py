@@ -1,4 +1,5 @@
-"""What the HTTP API needs from the process that serves it, built by the composition root (`fusillade.app`)."""
+"""What the HTTP API needs from the process that serves it, built by the composition root
+(`fusillade.composition.serving`)."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from fusillade import errors, runtime
+from fusillade.composition import database
 from fusillade.config import CONFIG_VARIABLE, Config, InvalidConfiguration, Problem, load_config
-from fusillade.storage import factory
 from fusillade.storage.base import Storage
 
 T = TypeVar("T")
@@ -148,9 +148,9 @@ def age(value: datetime, now: datetime) -> str:
     return f"{seconds}s ago"
 
 
-async def using_storage(url: str, action: Callable[[Storage], Awaitable[T]]) -> T:
-    """Open the database at `url` (migrating it), run `action` on it, close it."""
-    storage = await factory.open_storage(url)
+async def using_storage(config: Config, action: Callable[[Storage], Awaitable[T]]) -> T:
+    """Open the configuration's database (migrating it), run `action` on it, close it."""
+    storage = await database.open_storage(config)
     try:
         return await action(storage)
     finally:

@@ -8,7 +8,7 @@ from typing import Annotated
 import orjson
 import typer
 
-from fusillade import keys as api_keys
+from fusillade import api_keys
 from fusillade.cli import common
 from fusillade.config import Config
 from fusillade.domain import ids, models
@@ -50,7 +50,7 @@ def create(
     new = api_keys.new_key()
     key = common.execute(
         common.using_storage(
-            settings.database_url,
+            settings,
             lambda storage: storage.create_api_key(
                 owner=owner.strip(), name=name, key_hash=new.key_hash, prefix=new.prefix, admin=admin
             ),
@@ -82,9 +82,7 @@ def list_keys(
     """
     settings = _load(config, database_url)
     scope = owner if owner is not None else models.ALL_OWNERS
-    found = common.execute(
-        common.using_storage(settings.database_url, lambda storage: storage.list_api_keys(owner=scope))
-    )
+    found = common.execute(common.using_storage(settings, lambda storage: storage.list_api_keys(owner=scope)))
     if as_json:
         print(orjson.dumps([_key_json(key) for key in found], option=orjson.OPT_INDENT_2).decode())
         return
@@ -123,9 +121,7 @@ def revoke(
             common.ExitCode.INVALID,
         )
     settings = _load(config, database_url)
-    key = common.execute(
-        common.using_storage(settings.database_url, lambda storage: storage.revoke_api_key(parsed))
-    )
+    key = common.execute(common.using_storage(settings, lambda storage: storage.revoke_api_key(parsed)))
     revoked = common.moment(key.revoked_at)
     common.stdout.print(f"Revoked key {key.id} ({key.prefix}…, owner {key.owner!r}) at {revoked}.", markup=False)
 

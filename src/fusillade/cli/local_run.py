@@ -6,6 +6,10 @@ stopped (Ctrl-C, a crash, a kill) is resumed by running the same command again: 
 kept, and those the dead process had in flight go back to pending at once (the dead run's daemon record is
 marked dead: it ran on this machine and its process is gone). Requests sent twice are at most those that were
 in flight when it died.
+
+The parts (the state database, opened with the configuration's `database_timeout`; the service; the upstream
+client; the daemon) come from the composition root (`composition.parts.open_run_parts`); this module holds
+what a run does with them: check the input, resume, show the progress, write the result files.
 """
 
 from __future__ import annotations
@@ -24,18 +28,18 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
-from fusillade import __version__, app, errors
+from fusillade import errors
 from fusillade.cli.progress import Display
+from fusillade.composition import LOCAL_OWNER
+from fusillade.composition.parts import open_run_parts
+from fusillade.composition.routing import Routing
 from fusillade.config import Config
 from fusillade.daemon import Daemon
 from fusillade.domain import ids, jsonl, models, states
 from fusillade.metrics import DaemonMetrics
 from fusillade.service import Service
-from fusillade.storage import factory
+from fusillade.storage import urls
 from fusillade.storage.base import Storage
-from fusillade.upstream.client import UpstreamClient
 
 SHA256_KEY = "input_sha256"
 """Metadata key of a run's batch: the SHA-256 of its input file."""
@@ -168,46 +172,31 @@ async def run_batch(
     in-process daemon while `display` shows the progress, and write the output and error files. Stopped by
     SIGINT or SIGTERM, it releases what is in flight and returns `interrupted` (the files are not written);
     a second signal quits the process at once."""
-    routing = app.Routing(config)
+    routing = Routing(config)
     checked = await check_input(files.input, config.upload_limits(), routing.accepts)
-    settings = dataclasses.replace(config.daemon_settings(), purge_interval=None)
-    storage = await factory.open_storage(files.database_url)
-    try:
-        await _take_over(storage, settings.stale_after)
+    async with open_run_parts(config, routing, database_url=files.database_url) as parts:
+        storage, daemon = parts.storage, parts.daemon
+        await _take_over(storage, parts.settings.stale_after)
         batch = await _find_batch(storage, checked.sha256)
-        async with UpstreamClient() as client:
-            daemon = Daemon(
-                storage,
-                client,
-                routing.routes,
-                default_route=routing.default,
-                settings=settings,
-                metrics=DaemonMetrics(CollectorRegistry()),
-                version=__version__,
-            )
-            if batch is None:
-                batch = await _create_batch(
-                    storage, config, routing, daemon, files.input, checked, completion_window
-                )
-            else:
-                note(_resume_message(batch, files))
-                if retry_failed and batch.counts.failed:
-                    count = await storage.retry_failed(batch.id, owner=app.LOCAL_OWNER)
-                    note(f"Sending the {count:,} requests that failed the last time again (--retry-failed).")
-                    batch = await storage.get_batch(batch.id, owner=app.LOCAL_OWNER)
-            interrupted = False
-            if not _finished(batch):
-                with display(batch.counts) as progress:
-                    interrupted = await _drive(storage, daemon, batch, progress)
+        if batch is None:
+            batch = await _create_batch(parts.service, files.input, checked, completion_window)
+        else:
+            note(_resume_message(batch, files))
+            if retry_failed and batch.counts.failed:
+                count = await storage.retry_failed(batch.id, owner=LOCAL_OWNER)
+                note(f"Sending the {count:,} requests that failed the last time again (--retry-failed).")
+                batch = await storage.get_batch(batch.id, owner=LOCAL_OWNER)
+        interrupted = False
+        if not _finished(batch):
+            with display(batch.counts) as progress:
+                interrupted = await _drive(storage, daemon, batch, progress)
         await storage.finalize_batches()
-        batch = await storage.get_batch(batch.id, owner=app.LOCAL_OWNER)
+        batch = await storage.get_batch(batch.id, owner=LOCAL_OWNER)
         if not interrupted:
             counts = batch.counts
             await _write(storage, batch.output_file_id, files.output, lines=counts.completed)
             await _write(storage, batch.error_file_id, files.errors, lines=counts.failed + counts.canceled)
         return Outcome(batch=batch, interrupted=interrupted)
-    finally:
-        await storage.close()
 
 
 async def _take_over(storage: Storage, stale_after: timedelta) -> None:
@@ -241,7 +230,7 @@ def _process_exists(pid: int) -> bool:
 async def _find_batch(storage: Storage, sha256: str) -> models.Batch | None:
     after = None
     while True:
-        page = await storage.list_batches(owner=app.LOCAL_OWNER, after=after, limit=100)
+        page = await storage.list_batches(owner=LOCAL_OWNER, after=after, limit=100)
         for batch in page.items:
             if (batch.metadata or {}).get(SHA256_KEY) == sha256:
                 return batch
@@ -251,25 +240,13 @@ async def _find_batch(storage: Storage, sha256: str) -> models.Batch | None:
 
 
 async def _create_batch(
-    storage: Storage,
-    config: Config,
-    routing: app.Routing,
-    daemon: Daemon,
-    path: Path,
-    checked: CheckedInput,
-    completion_window: str,
+    service: Service, path: Path, checked: CheckedInput, completion_window: str
 ) -> models.Batch:
-    service = Service(
-        storage,
-        limits=config.upload_limits(),
-        model_allowed=routing.accepts,
-        spool_directory=config.uploads.spool_directory,
-        notify_work=daemon.notify_work,
-    )
-    file = await service.upload_path(owner=app.LOCAL_OWNER, path=path)
+    """Store the input and create its batch (the service wakes the daemon, which has not started yet)."""
+    file = await service.upload_path(owner=LOCAL_OWNER, path=path)
     return await service.create_batch(
         models.BatchSpec(
-            owner=app.LOCAL_OWNER,
+            owner=LOCAL_OWNER,
             input_file_id=file.id,
             endpoint=checked.endpoint,
             completion_window=completion_window,
@@ -285,7 +262,7 @@ def _finished(batch: models.Batch) -> bool:
 
 def _resume_message(batch: models.Batch, files: RunFiles) -> str:
     counts = batch.counts
-    state = files.database_url.removeprefix(factory.SQLITE_PREFIX)
+    state = files.database_url.removeprefix(urls.SQLITE_PREFIX)
     if _finished(batch):
         return f"Already run (state in {state}; delete it to run again): writing the files."
     return (
@@ -312,7 +289,7 @@ async def _drive(storage: Storage, daemon: Daemon, batch: models.Batch, progress
         )
 
     async def refresh() -> models.Batch:
-        current = await storage.get_batch(batch.id, owner=app.LOCAL_OWNER)
+        current = await storage.get_batch(batch.id, owner=LOCAL_OWNER)
         progress.update(current.counts, in_flight=daemon.in_flight, retries=_retries(daemon.metrics))
         return current
 
@@ -357,7 +334,7 @@ async def _write(storage: Storage, file_id: ids.FileId, path: Path, *, lines: in
         await asyncio.to_thread(path.unlink, missing_ok=True)
         return
     partial = path.with_name(f"{path.name}.partial")
-    content = await storage.open_file_content(file_id, owner=app.LOCAL_OWNER)
+    content = await storage.open_file_content(file_id, owner=LOCAL_OWNER)
     with partial.open("wb") as file:
         async for chunk in content:
             file.write(chunk)

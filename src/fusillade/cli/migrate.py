@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fusillade.cli import common
-from fusillade.storage import factory
+from fusillade.composition import database
+from fusillade.config import Config
 
 
 def migrate(config: common.ConfigOption = None, database_url: common.DatabaseUrlOption = None) -> None:
@@ -12,15 +13,15 @@ def migrate(config: common.ConfigOption = None, database_url: common.DatabaseUrl
     Safe to run from several processes at once: the migrations run under a lock.
     """
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
-    applied = common.execute(_migrate(settings.database_url))
+    applied = common.execute(_migrate(settings))
     if applied:
         common.stdout.print(f"applied {len(applied)} migration(s): {', '.join(applied)}", highlight=False)
     else:
         common.stdout.print("the database schema is up to date", highlight=False)
 
 
-async def _migrate(url: str) -> list[str]:
-    storage = await factory.open_storage(url, migrate=False)
+async def _migrate(config: Config) -> list[str]:
+    storage = await database.open_storage(config, migrate=False)
     try:
         return await storage.migrate()
     finally:

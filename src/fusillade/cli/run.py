@@ -116,8 +116,8 @@ def run(
     every few seconds in a log or a pipe), and writes the output and error files when the batch is done. Run
     the same command again after a crash or Ctrl-C and it continues where it stopped.
     """
-    from fusillade import app  # with the HTTP stack: only when a run starts
-    from fusillade.cli import local_run
+    from fusillade.cli import local_run  # with the daemon and the upstream client: only when a run starts
+    from fusillade.composition import routing
 
     # Warnings (a failing database, a crashed loop) print above the progress bar, not through it.
     logging.basicConfig(
@@ -144,7 +144,7 @@ def run(
             )
         )
     except local_run.InvalidInput as exc:
-        _invalid_input(input, exc, exc.unrouted, served=app.served_models(settings).describe())
+        _invalid_input(input, exc, exc.unrouted, served=routing.served_models(settings).describe())
     except errors.ValidationError as exc:
         _invalid_input(input, exc, [], served="")
     except errors.ConfigurationError as exc:

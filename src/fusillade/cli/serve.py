@@ -1,7 +1,7 @@
 """`fusillade serve`, `fusillade api` and `fusillade daemon`: the long-running processes.
 
-`fusillade.app` (and with it the HTTP stack) is imported inside the commands, so that the short commands
-(`keys`, `status`, `migrate`) start quickly."""
+The composition root's `serving` and `daemon_process` (and with them the HTTP stack) are imported inside the
+commands, so that the short commands (`keys`, `status`, `migrate`) start quickly."""
 
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def serve(
     """
     common.setup_logging(log_level)
     settings = _load(config, host, port, database_url)
-    from fusillade import app
+    from fusillade.composition import serving
 
-    common.execute(app.serve(settings, mock_upstream=mock_upstream))
+    common.execute(serving.serve(settings, mock_upstream=mock_upstream))
 
 
 def api(
@@ -74,9 +74,9 @@ def api(
     """
     common.setup_logging(log_level)
     settings = _load(config, host, port, database_url)
-    from fusillade import app
+    from fusillade.composition import serving
 
-    common.execute(app.serve(settings, with_daemon=False))
+    common.execute(serving.serve(settings, with_daemon=False))
 
 
 def daemon(
@@ -103,9 +103,9 @@ def daemon(
     common.setup_logging(log_level)
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
     address = (metrics_host, metrics_port) if metrics_port is not None else None
-    from fusillade import app
+    from fusillade.composition import daemon_process
 
-    common.execute(app.run_daemon(settings, metrics_address=address))
+    common.execute(daemon_process.run_daemon(settings, metrics_address=address))
 
 
 def _load(config: Path | None, host: str | None, port: int | None, database_url: str | None) -> Config:

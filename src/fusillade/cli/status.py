@@ -65,7 +65,7 @@ def status(
     flight on each (across daemons), batches with their progress, daemons with their heartbeats.
     """
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
-    snapshot = common.execute(common.using_storage(settings.database_url, lambda storage: _read(storage, limit)))
+    snapshot = common.execute(common.using_storage(settings, lambda storage: _read(storage, limit)))
     stale_after = settings.daemon.stale_after
     routes = route_rows(settings, snapshot.in_flight)
     if as_json:

@@ -14,7 +14,7 @@ config.redacted()                              # for `fusillade status` and logs
 ```
 
 Modules: `schema` (the sections, their defaults and rules, the mapping onto fusillade's types), `loading`
-(file + environment, error messages), `reloading` (`ConfigWatcher`), `units` (durations and sizes),
+(file + environment, error messages), `reloading` (`ConfigWatcher`, `watching`), `units` (durations and sizes),
 `problems` (`InvalidConfiguration`). `docs/configuration.md` describes every key.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from fusillade.config.loading import CONFIG_VARIABLE, load_config
 from fusillade.config.problems import InvalidConfiguration, Problem
-from fusillade.config.reloading import ConfigWatcher
+from fusillade.config.reloading import ConfigWatcher, watching
 from fusillade.config.schema import (
     DEFAULT_DATABASE_URL,
     DEFAULT_ROUTE_MODEL,
@@ -59,4 +59,5 @@ __all__ = [
     "format_duration",
     "load_config",
     "parse_duration",
+    "watching",
 ]

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -150,3 +150,16 @@ class ConfigWatcher:
         except OSError:
             return None
         return status.st_mtime_ns, status.st_size, status.st_ino
+
+
+@contextlib.asynccontextmanager
+async def watching(config: Config, on_change: OnChange) -> AsyncIterator[None]:
+    """While the block runs, reload `config`'s file when it changes and on SIGHUP (where there is SIGHUP),
+    handing every new configuration to `on_change`; nothing to watch for a configuration without a file."""
+    if config.source is None:
+        yield
+        return
+    async with ConfigWatcher(config.source, config, on_change) as watcher:
+        with contextlib.suppress(RuntimeError):  # no SIGHUP on this platform: the file is still watched
+            watcher.handle_sighup()
+        yield

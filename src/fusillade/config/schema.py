@@ -37,13 +37,14 @@ from fusillade.config.problems import InvalidConfiguration, Problem, dotted_key
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import jsonl
 from fusillade.domain.retry import RetryPolicy
-from fusillade.storage.factory import DEFAULT_DATABASE_TIMEOUT, POSTGRES_PREFIXES, SQLITE_PREFIX
+from fusillade.storage import urls
+from fusillade.storage.base import DEFAULT_DATABASE_TIMEOUT
 from fusillade.upstream.routes import PhaseTimeouts, Route
 
 ENV_PREFIX = "FUSILLADE_"
 """Environment variables starting with this override the file (`FUSILLADE_SERVER__PORT=8081`)."""
 ENV_NESTED_DELIMITER = "__"
-DEFAULT_DATABASE_URL = "sqlite:///./fusillade.db"
+DEFAULT_DATABASE_URL = urls.DEFAULT_DATABASE_URL
 DEFAULT_ROUTE_MODEL = "*"
 """`[models."*"]` is the default route, another way to write `[default_route]` (never a model of its own)."""
 RESTART_KEYS = ("database_url", "database_timeout", "server", "auth")
@@ -126,24 +127,6 @@ def _listen_address(address: str) -> str:
     if ":" in host and not (host.startswith("[") and host.endswith("]")):
         raise ValueError(f"{address!r}: an IPv6 address goes in brackets; {hint}")
     return address
-
-
-def _database_url(url: str) -> str:
-    # Never quote the URL back: it may carry a password.
-    if url.startswith(SQLITE_PREFIX):
-        if url == SQLITE_PREFIX:
-            raise ValueError(
-                "names no database file; write sqlite:///./fusillade.db (relative to the working directory) or "
-                "sqlite:////absolute/path.db"
-            )
-        return url
-    if url.startswith(POSTGRES_PREFIXES):
-        return url
-    scheme = url.partition("://")[0] if "://" in url else "(none)"
-    raise ValueError(
-        f"has an unsupported scheme {scheme!r}; use sqlite:///PATH (the default is {DEFAULT_DATABASE_URL}) or "
-        "postgresql://USER@HOST:PORT/DATABASE"
-    )
 
 
 def _header_key(key: str) -> str:
@@ -413,7 +396,7 @@ class Config(BaseSettings):
         use_attribute_docstrings=True,
     )
 
-    database_url: Annotated[str, AfterValidator(_database_url)] = DEFAULT_DATABASE_URL
+    database_url: Annotated[str, AfterValidator(urls.check_database_url)] = DEFAULT_DATABASE_URL
     """sqlite:///PATH (one process) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (several replicas);
     needs a restart to change."""
     database_timeout: PositiveDuration = DEFAULT_DATABASE_TIMEOUT

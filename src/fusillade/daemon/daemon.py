@@ -67,6 +67,10 @@ class DaemonFenced(errors.FusilladeError):
 
 
 class Daemon:
+    """Runs the stored requests of one storage: `run()` until `stop()` (or `run_until_signalled`). Call
+    `notify_work()` after creating a batch in the same process; `replace_routes()` and `replace_settings()`
+    apply a reload while it runs."""
+
     def __init__(
         self,
         storage: Storage,

@@ -11,6 +11,9 @@ from fusillade.domain.retry import RetryPolicy
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonSettings:
+    """How a daemon claims, commits, heartbeats, retries and stops (`Config.daemon_settings()` reads them
+    from the configuration's `[daemon]` and `[retry]`)."""
+
     claim_batch_size: int = 100
     """Most requests taken per claim transaction."""
     idle_poll_interval: timedelta = timedelta(seconds=1)

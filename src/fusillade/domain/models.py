@@ -39,6 +39,8 @@ OwnerScope = str | AllOwners
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class File:
+    """An uploaded input file, or a batch's output or error file (which grows as the batch's requests end)."""
+
     id: ids.FileId
     owner: str
     filename: str
@@ -147,6 +149,9 @@ class BatchError:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Batch:
+    """A run of an input file: its status (derived from its timestamps and counts), its request counts, and
+    the ids of its output and error files."""
+
     id: ids.BatchId
     owner: str
     input_file_id: ids.FileId

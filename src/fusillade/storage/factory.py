@@ -1,29 +1,18 @@
-"""Open a storage backend from a database URL. Only composition code (the app, the CLI, tests, benchmarks)
-calls this; everything else receives a `storage.base.Storage`."""
+"""Open a storage backend from a database URL: the one place that picks a backend, and the only module outside
+the backends that imports them (lazily: a driver is loaded only when its database is opened).
+
+Within fusillade only the composition root (`fusillade.composition`) calls it; library users call it too (it is
+`fusillade.open_storage`), as do tests and benchmarks. Everything else receives a `storage.base.Storage`."""
 
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 from fusillade import errors
 from fusillade.clock import Clock
-from fusillade.storage import base
+from fusillade.storage import base, urls
 
-SQLITE_PREFIX = "sqlite:///"
-POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 DEFAULT_DATABASE_TIMEOUT = base.DEFAULT_DATABASE_TIMEOUT
-
-
-def sqlite_path(url: str) -> Path:
-    """`sqlite:///./fusillade.db` -> `./fusillade.db`; `sqlite:////var/lib/f.db` -> `/var/lib/f.db`."""
-    path = url.removeprefix(SQLITE_PREFIX)
-    if not path:
-        raise errors.ConfigurationError(
-            f"The database URL {url!r} names no file; write it as sqlite:///./fusillade.db "
-            "(relative) or sqlite:////absolute/path.db."
-        )
-    return Path(path)
 
 
 async def open_storage(
@@ -39,11 +28,11 @@ async def open_storage(
     cut, fails the call with `StorageUnavailable` (see `PostgresStorage.connect`). `write_priority` (SQLite):
     how this process's writes take turns with other processes' (`base.WritePriority`)."""
     store: base.Storage
-    if url.startswith(SQLITE_PREFIX):
+    if urls.is_sqlite(url):
         from fusillade.storage.sqlite.store import SqliteStorage
 
-        store = await SqliteStorage.open(sqlite_path(url), clock=clock, write_priority=write_priority)
-    elif url.startswith(POSTGRES_PREFIXES):
+        store = await SqliteStorage.open(urls.sqlite_path(url), clock=clock, write_priority=write_priority)
+    elif urls.is_postgres(url):
         from fusillade.storage.postgres.store import PostgresStorage
 
         store = await PostgresStorage.connect(url, clock=clock, command_timeout_s=database_timeout.total_seconds())

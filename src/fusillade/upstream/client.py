@@ -56,6 +56,9 @@ _EVENT_STREAM = "text/event-stream"
 
 
 class UpstreamClient:
+    """Sends claimed requests to their routes' upstreams over one pool of connections (streaming routes read
+    as SSE and reassembled) and says what came of each. Use it as an async context manager."""
+
     def __init__(
         self,
         *,

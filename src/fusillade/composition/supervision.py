@@ -2,7 +2,7 @@
 
 ```
  fusillade serve  (this process: the HTTP API, the supervisor)
-   └── daemon process  (spawned; `app.run_daemon`, restarted if it crashes)
+   └── daemon process  (spawned; `daemon_process.run_daemon`, restarted if it crashes)
          ◄── wake pipe: an upload or a new batch in the API wakes the daemon's claim at once
          ──► /metrics over a Unix socket: the API's /metrics shows the daemon's too
 ```
@@ -42,6 +42,7 @@ from typing import Final
 import aiohttp
 
 from fusillade import errors, runtime
+from fusillade.composition.daemon_process import run_daemon
 from fusillade.config import Config
 
 logger = logging.getLogger(__name__)
@@ -226,16 +227,14 @@ async def _exit_of(process: multiprocessing.process.BaseProcess) -> int:
 def daemon_process_main(
     config: Config, overlay_url: str | None, wake: Connection, metrics_socket: str, log_level: int, parent: int
 ) -> None:
-    """The daemon process: `app.run_daemon` with the API's wake pipe and a metrics socket; exit code 2 for a
+    """The daemon process: `run_daemon` with the API's wake pipe and a metrics socket; exit code 2 for a
     configuration error, 1 for any other failure."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches serve, which stops this process in order
     logging.basicConfig(level=log_level, format=runtime.LOG_FORMAT, stream=sys.stderr)
-    from fusillade import app  # the composition root: imported here, in the child, to avoid an import cycle
-
     try:
         runtime.run(
-            app.run_daemon(
+            run_daemon(
                 config,
                 overlay_url=overlay_url,
                 wake=wake,
@@ -259,9 +258,3 @@ def _die_with_parent(parent: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
-
-
-async def watch_parent(parent: int) -> None:
-    """Return once the parent process is gone (where the kernel does not kill this process with it)."""
-    while os.getppid() == parent:  # noqa: ASYNC110 (nothing signals a parent's death but the kernel's prctl)
-        await asyncio.sleep(1.0)
