@@ -1,4 +1,4 @@
-"""BatchStore: creating batches (validation, idempotency), reading, listing, deleting, listing requests."""
+"""BatchStore: creating batches (refusals, idempotency), reading, listing, deleting, listing requests."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ async def test_create_batch_rejects_lines_of_another_endpoint(storage: base.Stor
     file = await factories.upload(storage, count=4, urls_by_line={2: "/v1/embeddings", 4: "/v1/completions"})
     with pytest.raises(errors.ValidationError) as caught:
         await factories.create_batch(storage, file=file, endpoint=factories.CHAT)
-    # The same words on every backend (storage.validation).
+    # The same words on every backend (storage.refusals).
     endpoint = f"the batch endpoint '{factories.CHAT}'"
     assert caught.value.message == f"File {ids.file_wire(file.id)} has lines whose url does not match {endpoint}."
     assert [(error.line, error.reason) for error in caught.value.errors] == [
@@ -335,3 +335,25 @@ async def test_deleting_a_running_batch_cancels_it(storage: base.Storage) -> Non
     assert await storage.cancelling_requests(daemon) == []
     # A deleted batch is not finalized (it stays invisible until purged).
     assert await storage.finalize_batches() == []
+
+
+async def test_missing_objects_are_refused_in_the_same_words_on_every_backend(storage: base.Storage) -> None:
+    batch = await factories.create_batch(storage, count=1)
+    file_id, batch_id, request_id = ids.new_file_id(), ids.new_batch_id(), ids.new_request_id()
+    daemon_id, key_id = ids.new_daemon_id(), ids.new_api_key_id()
+    with pytest.raises(errors.NotFound) as missing_file:
+        await storage.get_file(file_id, owner=models.ALL_OWNERS)
+    assert str(missing_file.value) == f"No file with id {ids.file_wire(file_id)}."
+    with pytest.raises(errors.NotFound) as missing_batch:
+        await storage.get_batch(batch_id, owner=models.ALL_OWNERS)
+    assert str(missing_batch.value) == f"No batch with id {ids.batch_wire(batch_id)}."
+    with pytest.raises(errors.NotFound) as missing_request:
+        await storage.list_requests(batch.id, owner=models.ALL_OWNERS, after=request_id)
+    wire = ids.request_wire(request_id)
+    assert str(missing_request.value) == f"No request with id {wire} in batch {ids.batch_wire(batch.id)}."
+    with pytest.raises(errors.NotFound) as missing_daemon:
+        await storage.heartbeat(daemon_id)
+    assert str(missing_daemon.value) == f"No daemon with id {daemon_id}."
+    with pytest.raises(errors.NotFound) as missing_key:
+        await storage.revoke_api_key(key_id)
+    assert str(missing_key.value) == f"No API key with id {key_id}."

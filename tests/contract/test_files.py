@@ -89,7 +89,7 @@ async def test_large_input_streams_in_several_chunks(storage: base.Storage) -> N
 async def test_empty_file_is_rejected_and_nothing_is_stored(storage: base.Storage) -> None:
     with pytest.raises(errors.ValidationError) as caught:
         await storage.create_file(owner="alice", filename="empty.jsonl", templates=[], size_bytes=0)
-    # The same words on every backend (storage.validation).
+    # The same words on every backend (storage.refusals).
     assert caught.value.message == "The file is empty: upload at least one request line."
     assert [(error.line, error.reason) for error in caught.value.errors] == [(0, "The file has no request lines.")]
     page = await storage.list_files(owner=models.ALL_OWNERS)

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from fusillade import errors
 from fusillade.domain import ids, models, states
-from fusillade.storage import validation
+from fusillade.storage import refusals
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
@@ -120,17 +120,16 @@ async def find_by_idempotency_key(connection: Connection, owner: str, key: str) 
 
 async def _check_input_file(connection: Connection, spec: models.BatchSpec) -> int:
     """The number of templates of the spec's input file, after checking that it may be used."""
-    wire = ids.file_wire(spec.input_file_id)
     row = await connection.fetchrow(_SELECT_INPUT_FILE, spec.input_file_id, spec.owner)
     if row is None:
-        raise errors.NotFound(f"No file with id {wire}.")
+        raise refusals.no_file(spec.input_file_id)
     if row["purpose"] != states.FilePurpose.BATCH:
-        raise validation.not_an_input_file(spec.input_file_id, row["purpose"])
+        raise refusals.not_an_input_file(spec.input_file_id, row["purpose"])
     mismatched = await connection.fetch(
-        _MISMATCHED_URLS, spec.input_file_id, spec.endpoint, validation.MAX_ENDPOINT_ERRORS
+        _MISMATCHED_URLS, spec.input_file_id, spec.endpoint, refusals.MAX_ENDPOINT_ERRORS
     )
     if mismatched:
-        raise validation.endpoint_mismatch(
+        raise refusals.endpoint_mismatch(
             spec.input_file_id, spec.endpoint, [(bad["line_number"], bad["url"]) for bad in mismatched]
         )
     count: int = row["request_count"]
@@ -202,7 +201,7 @@ async def create_batch(
 async def fetch_batch(connection: Connection, batch_id: ids.BatchId, owner: models.OwnerScope) -> models.Batch:
     row = await connection.fetchrow(_SELECT_BATCH, batch_id, rows.owner_parameter(owner))
     if row is None:
-        raise errors.NotFound(f"No batch with id {ids.batch_wire(batch_id)}.")
+        raise refusals.no_batch(batch_id)
     return rows.batch_from_row(row)
 
 
@@ -214,7 +213,7 @@ async def list_batches(
     if after is not None:
         cursor = await connection.fetchrow(_SELECT_CURSOR, after, owner_value)
         if cursor is None:
-            raise errors.NotFound(f"No batch with id {ids.batch_wire(after)}.")
+            raise refusals.no_batch(after)
     limit = max(limit, 0)
     found = await connection.fetch(
         _LIST_BATCHES,
@@ -236,12 +235,12 @@ async def list_requests(
     limit: int,
 ) -> models.Page[models.Request]:
     if await connection.fetchval(_BATCH_VISIBLE, batch_id, rows.owner_parameter(owner)) is None:
-        raise errors.NotFound(f"No batch with id {ids.batch_wire(batch_id)}.")
+        raise refusals.no_batch(batch_id)
     after_line = 0
     if after is not None:
         line = await connection.fetchval(_SELECT_REQUEST_CURSOR, after, batch_id)
         if line is None:
-            raise errors.NotFound(f"No request with id {ids.request_wire(after)} in this batch.")
+            raise refusals.no_request(after, batch_id)
         after_line = line
     limit = max(limit, 0)
     if state is None:

@@ -6,6 +6,7 @@ from datetime import datetime, timedelta
 
 from fusillade import errors
 from fusillade.domain import ids, lines, models
+from fusillade.storage import refusals
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
@@ -78,7 +79,7 @@ async def heartbeat(
         return rows.daemon_from_row(row)
     status = await connection.fetchval(_STATUS, daemon_id)
     if status is None:
-        raise errors.NotFound(f"No daemon with id {daemon_id}.")
+        raise refusals.no_daemon(daemon_id)
     raise errors.StateConflict(
         f"Daemon {daemon_id} was marked dead (its requests may have been reclaimed); it must stop.",
         current_state=status,
@@ -87,7 +88,7 @@ async def heartbeat(
 
 async def mark_daemon_dead(connection: Connection, daemon_id: ids.DaemonId, now: datetime) -> None:
     if await connection.fetchval(_MARK_DEAD, daemon_id, now) is None:
-        raise errors.NotFound(f"No daemon with id {daemon_id}.")
+        raise refusals.no_daemon(daemon_id)
 
 
 async def list_daemons(connection: Connection) -> list[models.Daemon]:

@@ -8,9 +8,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from fusillade import errors
 from fusillade.domain import ids, lines, models, states
-from fusillade.storage import base
+from fusillade.storage import base, refusals
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
@@ -170,7 +169,7 @@ async def insert_file(connection: Connection, file: models.File) -> None:
 async def fetch_file(connection: Connection, file_id: ids.FileId, owner: models.OwnerScope) -> models.File:
     row = await connection.fetchrow(_SELECT_FILE, file_id, rows.owner_parameter(owner))
     if row is None:
-        raise errors.NotFound(f"No file with id {ids.file_wire(file_id)}.")
+        raise refusals.no_file(file_id)
     return rows.file_from_row(row)
 
 
@@ -188,7 +187,7 @@ async def list_files(
     if after is not None:
         cursor = await connection.fetchrow(_SELECT_CURSOR, after, owner_value)
         if cursor is None:
-            raise errors.NotFound(f"No file with id {ids.file_wire(after)}.")
+            raise refusals.no_file(after)
     found = await connection.fetch(
         _LIST_FILES_ASC if order == "asc" else _LIST_FILES_DESC,
         owner_value,
@@ -207,7 +206,7 @@ async def delete_file(
     await fetch_file(connection, file_id, owner)  # NotFound for a result file without lines, as for a read
     deleted = await connection.fetchval(_DELETE_FILE, file_id, rows.owner_parameter(owner), now)
     if deleted is None:
-        raise errors.NotFound(f"No file with id {ids.file_wire(file_id)}.")
+        raise refusals.no_file(file_id)
 
 
 async def input_page(connection: Connection, file_id: ids.FileId, after_line: int) -> list[models.RequestTemplate]:

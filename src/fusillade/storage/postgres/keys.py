@@ -10,6 +10,7 @@ import asyncpg
 
 from fusillade import errors
 from fusillade.domain import ids, models
+from fusillade.storage import refusals
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
@@ -78,5 +79,5 @@ async def list_api_keys(connection: Connection, *, owner: models.OwnerScope) -> 
 async def revoke_api_key(connection: Connection, key_id: ids.ApiKeyId, now: datetime) -> models.ApiKey:
     row = await connection.fetchrow(_REVOKE, key_id, now)
     if row is None:
-        raise errors.NotFound(f"No API key with id {key_id}.")
+        raise refusals.no_api_key(key_id)
     return api_key_from_row(row)

@@ -13,6 +13,7 @@ import asyncpg
 
 from fusillade import errors
 from fusillade.domain import ids, lines, models, states
+from fusillade.storage import refusals
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
@@ -125,7 +126,7 @@ def _row_count(status: str) -> int:
 async def _lock_batch(connection: Connection, batch_id: ids.BatchId, owner: models.OwnerScope) -> asyncpg.Record:
     row = await connection.fetchrow(_LOCK_BATCH, batch_id, rows.owner_parameter(owner))
     if row is None:
-        raise errors.NotFound(f"No batch with id {ids.batch_wire(batch_id)}.")
+        raise refusals.no_batch(batch_id)
     return row
 
 

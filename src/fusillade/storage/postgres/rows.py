@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from fusillade.domain import ids, models, states
-from fusillade.storage import validation
+from fusillade.storage import refusals
 
 FILE_COLUMNS = """
     f.id, f.owner, f.filename, f.purpose, f.created_at, f.expires_at, f.batch_id,
@@ -122,7 +122,7 @@ def batch_from_row(row: asyncpg.Record) -> models.Batch:
         expired_at=row["expired_at"],
         cancelling_at=row["cancelling_at"],
         cancelled_at=row["cancelled_at"],
-        errors=validation.batch_errors(row["errors"]),
+        errors=refusals.batch_errors(row["errors"]),
         counts=models.RequestCounts(
             total=row["total_requests"],
             pending=row["pending"],

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from fusillade import clock as clocks
 from fusillade import errors
 from fusillade.domain import ids, lines, models, served, states
-from fusillade.storage import base, validation
+from fusillade.storage import base, refusals
 from fusillade.storage.postgres import (
     batches,
     daemons,
@@ -99,7 +99,7 @@ class PostgresStorage:
                             for template in chunk:
                                 seen.add(template.model)
                 if count == 0:
-                    raise validation.empty_file()
+                    raise refusals.empty_file()
                 if seen is not None and seen.models:
                     await models_seen.record_seen(connection, owner=owner, found=seen.models, now=now)
                 file = models.File(

@@ -9,9 +9,8 @@ from typing import Any
 
 import orjson
 
-from fusillade import errors
 from fusillade.domain import ids, models, states
-from fusillade.storage import validation
+from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import files, rows
 
@@ -25,7 +24,7 @@ SELECT state, COUNT(*) FROM requests WHERE batch_id = ? AND state NOT IN ('claim
 """
 SELECT_MISMATCHED_URLS = f"""
 SELECT line_number, url FROM request_templates WHERE file_id = ? AND url != ?
-ORDER BY line_number LIMIT {validation.MAX_ENDPOINT_ERRORS}
+ORDER BY line_number LIMIT {refusals.MAX_ENDPOINT_ERRORS}
 """
 INSERT_BATCH = """
 INSERT INTO batches (id, owner, input_file_id, output_file_id, error_file_id, endpoint, completion_window,
@@ -50,7 +49,7 @@ def visible_batch_row(
     """The batch's row, or `NotFound` if it is missing, deleted or another owner's."""
     found = connection.execute(SELECT_BATCH, (batch_id.bytes,)).fetchone()
     if found is None or not rows.owner_matches(found[1], owner):
-        raise errors.NotFound(f"No batch {ids.batch_wire(batch_id)}.")
+        raise refusals.no_batch(batch_id)
     return rows.BatchRow._make(found)
 
 
@@ -104,7 +103,7 @@ def list_requests(
     if after is not None:
         cursor = connection.execute(SELECT_REQUEST_LINE, (after.bytes, batch_id.bytes)).fetchone()
         if cursor is None:
-            raise errors.NotFound(f"No request {ids.request_wire(after)} in batch {ids.batch_wire(batch_id)}.")
+            raise refusals.no_request(after, batch_id)
         conditions.append("line_number > ?")
         parameters.append(cursor[0])
     sql = (
@@ -126,7 +125,7 @@ def create_batch(connection: sqlite3.Connection, now: datetime, spec: models.Bat
             return existing
     input_file = files.visible_file_row(connection, spec.input_file_id, spec.owner)
     if not input_file.is_input:
-        raise validation.not_an_input_file(spec.input_file_id, input_file.purpose)
+        raise refusals.not_an_input_file(spec.input_file_id, input_file.purpose)
     window = models.parse_completion_window(spec.completion_window)
     _check_endpoint(connection, spec)
     batch_id = ids.new_batch_id()
@@ -160,7 +159,7 @@ def create_batch(connection: sqlite3.Connection, now: datetime, spec: models.Bat
 def _check_endpoint(connection: sqlite3.Connection, spec: models.BatchSpec) -> None:
     mismatched = connection.execute(SELECT_MISMATCHED_URLS, (spec.input_file_id.bytes, spec.endpoint)).fetchall()
     if mismatched:
-        raise validation.endpoint_mismatch(spec.input_file_id, spec.endpoint, mismatched)
+        raise refusals.endpoint_mismatch(spec.input_file_id, spec.endpoint, mismatched)
 
 
 def find_by_idempotency_key(connection: sqlite3.Connection, spec: models.BatchSpec) -> models.Batch | None:

@@ -9,6 +9,7 @@ import orjson
 
 from fusillade import errors
 from fusillade.domain import ids, lines, models, states
+from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import rows
 
@@ -65,7 +66,7 @@ def register_daemon(connection: sqlite3.Connection, now: datetime, info: models.
 def _daemon_row(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> rows.DaemonRow:
     found = connection.execute(SELECT_DAEMON, (daemon_id.bytes,)).fetchone()
     if found is None:
-        raise errors.NotFound(f"No daemon {daemon_id}.")
+        raise refusals.no_daemon(daemon_id)
     return rows.DaemonRow._make(found)
 
 

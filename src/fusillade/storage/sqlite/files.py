@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from fusillade import errors
 from fusillade.domain import ids, lines, models, states
+from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import rows
 
@@ -193,7 +194,7 @@ def _file_row(connection: sqlite3.Connection, file_id: ids.FileId, owner: models
 
 
 def _not_found(file_id: ids.FileId) -> errors.NotFound:
-    return errors.NotFound(f"No file {ids.file_wire(file_id)}.")
+    return refusals.no_file(file_id)
 
 
 def file_from_row(connection: sqlite3.Connection, row: rows.FileRow) -> models.File:

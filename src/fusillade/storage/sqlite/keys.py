@@ -9,6 +9,7 @@ from typing import Final, NamedTuple
 
 from fusillade import errors
 from fusillade.domain import ids, models
+from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 
 KEY_HASH: Final = re.compile(r"[0-9a-f]{64}")
@@ -90,5 +91,5 @@ def list_api_keys(connection: sqlite3.Connection, *, owner: models.OwnerScope) -
 def revoke_api_key(connection: sqlite3.Connection, now: datetime, key_id: ids.ApiKeyId) -> models.ApiKey:
     revoked = connection.execute(REVOKE_API_KEY, (connections.to_micros(now), key_id.bytes))
     if revoked.rowcount == 0:
-        raise errors.NotFound(f"No API key with id {key_id}.")
+        raise refusals.no_api_key(key_id)
     return api_key_from_row(ApiKeyRow._make(connection.execute(SELECT_API_KEY, (key_id.bytes,)).fetchone()))

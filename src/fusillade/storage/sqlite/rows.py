@@ -13,7 +13,7 @@ from typing import Final, NamedTuple
 import orjson
 
 from fusillade.domain import ids, models, states
-from fusillade.storage import validation
+from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 
 # Requests the store itself ends (cancel, expiry, reclaim): their message, and the size of their error line
@@ -162,7 +162,7 @@ def batch_from_row(row: BatchRow, counts: models.RequestCounts) -> models.Batch:
         expired_at=_micros_or_none(row.expired_at),
         cancelling_at=_micros_or_none(row.cancelling_at),
         cancelled_at=_micros_or_none(row.cancelled_at),
-        errors=validation.batch_errors(None if row.errors is None else orjson.loads(row.errors)),
+        errors=refusals.batch_errors(None if row.errors is None else orjson.loads(row.errors)),
         counts=counts,
     )
 

@@ -18,7 +18,7 @@ from typing import Final
 from fusillade import clock as clocks
 from fusillade import errors
 from fusillade.domain import ids, models, served, states
-from fusillade.storage import base, validation
+from fusillade.storage import base, refusals
 from fusillade.storage.sqlite import (
     batches,
     daemons,
@@ -107,7 +107,7 @@ class SqliteStorage:
                     await self._database.write(functools.partial(_insert_chunk, file_id=file_id, chunk=chunk))
                     count += len(chunk)
             if count == 0:
-                raise validation.empty_file()
+                raise refusals.empty_file()
             return await self._database.write(
                 functools.partial(
                     uploads.finish,

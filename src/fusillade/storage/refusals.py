@@ -1,8 +1,9 @@
-"""What both storage backends say when they refuse input, and how they read the errors stored with a batch.
+"""What both storage backends say when they refuse, and how they read the errors stored with a batch.
 
 One place for the words, so that a client gets the same answer from SQLite and PostgreSQL (the contract tests
-compare them): an upload with no request lines, a batch whose input is not an input file or has lines of
-another endpoint. Backend-free: the backends run their own queries and pass the rows found here.
+compare them): an object that is missing (or another owner's: the same words, so ids cannot be probed), an upload
+with no request lines, a batch whose input is not an input file or has lines of another endpoint. Backend-free:
+the backends run their own queries and pass the rows found here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,28 @@ from fusillade.domain import ids, models
 
 MAX_ENDPOINT_ERRORS: Final = 100
 """Bad lines listed when lines of the input file do not match the batch endpoint (the first ones, in order)."""
+
+
+def no_file(file_id: ids.FileId) -> errors.NotFound:
+    return errors.NotFound(f"No file with id {ids.file_wire(file_id)}.")
+
+
+def no_batch(batch_id: ids.BatchId) -> errors.NotFound:
+    return errors.NotFound(f"No batch with id {ids.batch_wire(batch_id)}.")
+
+
+def no_request(request_id: ids.RequestId, batch_id: ids.BatchId) -> errors.NotFound:
+    """A request cursor (`after`) that is not a request of the batch listed."""
+    request, batch = ids.request_wire(request_id), ids.batch_wire(batch_id)
+    return errors.NotFound(f"No request with id {request} in batch {batch}.")
+
+
+def no_daemon(daemon_id: ids.DaemonId) -> errors.NotFound:
+    return errors.NotFound(f"No daemon with id {daemon_id}.")
+
+
+def no_api_key(key_id: ids.ApiKeyId) -> errors.NotFound:
+    return errors.NotFound(f"No API key with id {key_id}.")
 
 
 def empty_file() -> errors.ValidationError:
