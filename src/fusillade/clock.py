@@ -51,8 +51,8 @@ class Clock(WallClock, Protocol):
         """Wait `seconds` of this clock's time; 0 (or less) only yields to the event loop."""
         ...
 
-    async def wait_for(self, awaitable: Awaitable[T], timeout: float | None) -> T:
-        """Await `awaitable` for at most `timeout` seconds of this clock's time (None: no limit). When the time
+    async def wait_for(self, awaitable: Awaitable[T], within: float | None) -> T:
+        """Await `awaitable` for at most `within` seconds of this clock's time (None: no limit). When the time
         runs out first, the awaitable is cancelled and `TimeoutError` raised (as `asyncio.wait_for` does)."""
         ...
 
@@ -67,8 +67,8 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
-    async def wait_for(self, awaitable: Awaitable[T], timeout: float | None) -> T:
-        async with asyncio.timeout(None if timeout is None else max(0.0, timeout)):
+    async def wait_for(self, awaitable: Awaitable[T], within: float | None) -> T:
+        async with asyncio.timeout(None if within is None else max(0.0, within)):
             return await awaitable
 
 
@@ -141,18 +141,18 @@ class ManualClock:
         finally:
             alarm.cancelled = True
 
-    async def wait_for(self, awaitable: Awaitable[T], timeout: float | None) -> T:
-        if timeout is None:
+    async def wait_for(self, awaitable: Awaitable[T], within: float | None) -> T:
+        if within is None:
             return await awaitable
         # The awaitable runs in this task (as under `SystemClock`); when the clock reaches the deadline, the
         # scope expires at once and cancels it. The alarm is cancelled on the way out, so that it never
         # touches a scope already left.
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(None) as scope:
-            if timeout <= 0:
+            if within <= 0:
                 scope.reschedule(loop.time())
                 return await awaitable
-            alarm = self._alarm(timeout, lambda: scope.reschedule(loop.time()))
+            alarm = self._alarm(within, lambda: scope.reschedule(loop.time()))
             try:
                 return await awaitable
             finally:

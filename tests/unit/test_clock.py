@@ -126,7 +126,7 @@ async def test_a_sleep_of_zero_only_yields() -> None:
 async def test_wait_for_returns_what_arrives_before_the_timeout() -> None:
     clock = clocks.ManualClock()
     event = asyncio.Event()
-    waiter = asyncio.create_task(clock.wait_for(event.wait(), timeout=10))
+    waiter = asyncio.create_task(clock.wait_for(event.wait(), within=10))
     await asyncio.sleep(0)
     await clock.run_for(timedelta(seconds=9))
     assert not waiter.done()
@@ -147,7 +147,7 @@ async def test_wait_for_times_out_on_the_clock_and_cancels_what_it_waited_for() 
             cancelled.set()
             raise
 
-    waiter = asyncio.create_task(clock.wait_for(forever(), timeout=3))
+    waiter = asyncio.create_task(clock.wait_for(forever(), within=3))
     await asyncio.sleep(0)
     await clock.run_for(timedelta(seconds=2.75))
     assert not waiter.done()
@@ -160,7 +160,7 @@ async def test_wait_for_times_out_on_the_clock_and_cancels_what_it_waited_for() 
 async def test_wait_for_without_a_timeout_waits_as_long_as_it_takes() -> None:
     clock = clocks.ManualClock()
     event = asyncio.Event()
-    waiter = asyncio.create_task(clock.wait_for(event.wait(), timeout=None))
+    waiter = asyncio.create_task(clock.wait_for(event.wait(), within=None))
     await asyncio.sleep(0)
     await clock.run_for(timedelta(days=365))
     assert not waiter.done()
@@ -173,14 +173,14 @@ async def test_wait_for_with_no_time_left_returns_only_what_is_ready() -> None:
     clock = clocks.ManualClock()
     ready = asyncio.Event()
     ready.set()
-    assert await clock.wait_for(ready.wait(), timeout=0) is True
+    assert await clock.wait_for(ready.wait(), within=0) is True
     with pytest.raises(TimeoutError):
-        await clock.wait_for(asyncio.Event().wait(), timeout=0)
+        await clock.wait_for(asyncio.Event().wait(), within=0)
 
 
 async def test_a_cancelled_wait_for_leaves_no_alarm_behind() -> None:
     clock = clocks.ManualClock()
-    waiter = asyncio.create_task(clock.wait_for(asyncio.Event().wait(), timeout=5))
+    waiter = asyncio.create_task(clock.wait_for(asyncio.Event().wait(), within=5))
     await asyncio.sleep(0)
     assert clock.sleepers == 1
     waiter.cancel()
@@ -196,8 +196,8 @@ async def test_the_system_clock_sleeps_and_times_out_in_real_time() -> None:
     await clock.sleep(0.02)
     assert clock.monotonic() - started >= 0.02
     with pytest.raises(TimeoutError):
-        await clock.wait_for(asyncio.Event().wait(), timeout=0.01)
+        await clock.wait_for(asyncio.Event().wait(), within=0.01)
     ready = asyncio.Event()
     ready.set()
-    assert await clock.wait_for(ready.wait(), timeout=None) is True
+    assert await clock.wait_for(ready.wait(), within=None) is True
     assert abs(clock.now() - datetime.now(UTC)) < SECOND
