@@ -3,8 +3,10 @@ its own time; the system clock does the real thing."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +203,88 @@ async def test_the_system_clock_sleeps_and_times_out_in_real_time() -> None:
     ready.set()
     assert await clock.wait_for(ready.wait(), within=None) is True
     assert abs(clock.now() - datetime.now(UTC)) < SECOND
+
+
+# ------------------------------------------------------------------------------ the daemon reads no other time
+
+DAEMON_SOURCE = Path(clocks.__file__).resolve().parent / "daemon"
+REAL_TIME_CALLS = {
+    "time.monotonic",
+    "time.monotonic_ns",
+    "time.time",
+    "time.time_ns",
+    "time.sleep",
+    "datetime.now",
+    "datetime.utcnow",
+    "asyncio.wait_for",
+    "asyncio.timeout",
+    "asyncio.timeout_at",
+}
+"""Real time the daemon must take from its `Clock` instead (`time.perf_counter` stays: it measures durations for
+the metrics and decides nothing)."""
+REAL_TIME_IMPORTS = {name.rpartition(".")[2] for name in REAL_TIME_CALLS if not name.startswith("datetime")}
+
+
+def _dotted(node: ast.expr) -> str:
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def _real_time_reads(source: str) -> list[str]:
+    """The places in `source` that read or wait on real time, as `line: call`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module in ("time", "asyncio"):
+            found += [
+                f"{node.lineno}: from {node.module} import {alias.name}"
+                for alias in node.names
+                if alias.name in REAL_TIME_IMPORTS | {"sleep"}
+            ]
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        sleeps_for_real = name == "asyncio.sleep" and not (
+            len(node.args) == 1 and isinstance(node.args[0], ast.Constant) and node.args[0].value == 0
+        )
+        waits_for_real = name == "asyncio.wait" and any(keyword.arg == "timeout" for keyword in node.keywords)
+        if name in REAL_TIME_CALLS or sleeps_for_real or waits_for_real or name.endswith(".call_later"):
+            found.append(f"{node.lineno}: {name}")
+    return found
+
+
+def test_the_daemon_takes_all_its_time_from_its_clock() -> None:
+    offenders = [
+        f"{path.name}:{place}"
+        for path in sorted(DAEMON_SOURCE.glob("*.py"))
+        for place in _real_time_reads(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import time\ntime.monotonic()",
+        "from time import monotonic",
+        "import asyncio\nasyncio.sleep(0.5)",
+        "import asyncio\nasyncio.sleep(delay)",
+        "import asyncio\nasyncio.wait_for(event.wait(), 1)",
+        "import asyncio\nasyncio.timeout(2)",
+        "import asyncio\nasyncio.wait(tasks, timeout=3)",
+        "from datetime import datetime\ndatetime.now()",
+        "loop.call_later(1, callback)",
+    ],
+)
+def test_the_scan_finds_each_kind_of_real_time_read(source: str) -> None:
+    assert _real_time_reads(source) != []
+
+
+def test_the_scan_lets_a_bare_yield_and_metric_durations_pass() -> None:
+    assert (
+        _real_time_reads("import asyncio, time\nasyncio.sleep(0)\ntime.perf_counter()\nasyncio.wait(tasks)") == []
+    )
+
+
+def test_the_scan_lets_other_imports_pass() -> None:
+    assert _real_time_reads("from asyncio import Event\nfrom time import perf_counter") == []
