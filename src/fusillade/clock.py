@@ -76,7 +76,8 @@ class SystemClock:
 class _Alarm:
     """A wait on a manual clock: `ring` is called once the clock reaches `deadline`, unless cancelled first."""
 
-    deadline: float
+    deadline: timedelta
+    """Since the clock's start (exact to the microsecond, so that repeated steps add up without drift)."""
     sequence: int
     """Ties ring in the order the waits began."""
     ring: Callable[[], None] = field(compare=False)
@@ -89,7 +90,7 @@ class ManualClock:
 
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2026, 1, 1, tzinfo=UTC)
-        self._monotonic = 0.0
+        self._elapsed = timedelta(0)
         self._alarms: list[_Alarm] = []
         self._sequence = itertools.count()
 
@@ -97,7 +98,8 @@ class ManualClock:
         return self._now
 
     def monotonic(self) -> float:
-        return self._monotonic
+        """Seconds since the clock was made."""
+        return self._elapsed.total_seconds()
 
     def set(self, moment: datetime) -> None:
         self._now = moment
@@ -107,27 +109,29 @@ class ManualClock:
         """How many waits are pending on this clock (a test can wait for a loop to reach its next sleep)."""
         return sum(not alarm.cancelled for alarm in self._alarms)
 
-    def next_deadline(self) -> float | None:
-        """The monotonic time at which the earliest pending wait ends, if any."""
-        self._drop_cancelled()
-        return self._alarms[0].deadline if self._alarms else None
+    def next_wake(self) -> timedelta | None:
+        """How long until the earliest pending wait ends (zero if it is due), if any wait is pending."""
+        while self._alarms and self._alarms[0].cancelled:
+            heapq.heappop(self._alarms)
+        return max(timedelta(0), self._alarms[0].deadline - self._elapsed) if self._alarms else None
 
     def advance(self, delta: timedelta) -> None:
         """Move time on by `delta` at once. The waits that end by then are woken in deadline order; they run
         when the caller next yields to the event loop (see `run_for` to let each run at its own deadline)."""
-        self._move_to(self._monotonic + _seconds(delta), self._now + delta)
+        self._move_by(_forward(delta))
         self._ring_due()
 
     async def run_for(self, delta: timedelta) -> None:
         """Let `delta` pass in steps: the clock stops at each pending wait's deadline, wakes it, and lets the
         event loop run its continuation before moving on, so that a loop which sleeps again within `delta` is
         woken again within it, as on a real clock."""
-        target, target_wall = self._monotonic + _seconds(delta), self._now + delta
-        while (deadline := self.next_deadline()) is not None and deadline <= target:
-            self._move_to(deadline, self._now + timedelta(seconds=deadline - self._monotonic))
+        remaining = _forward(delta)
+        while (wake := self.next_wake()) is not None and wake <= remaining:
+            self._move_by(wake)
+            remaining -= wake
             self._ring_due()
             await _settle()
-        self._move_to(target, target_wall)
+        self._move_by(remaining)
         await _settle()
 
     async def sleep(self, seconds: float) -> None:
@@ -159,25 +163,20 @@ class ManualClock:
                 alarm.cancelled = True
 
     def _alarm(self, seconds: float, ring: Callable[[], None]) -> _Alarm:
-        alarm = _Alarm(self._monotonic + seconds, next(self._sequence), ring)
+        alarm = _Alarm(self._elapsed + timedelta(seconds=seconds), next(self._sequence), ring)
         heapq.heappush(self._alarms, alarm)
         return alarm
 
-    def _move_to(self, monotonic: float, wall: datetime) -> None:
-        if monotonic > self._monotonic:
-            self._monotonic = monotonic
-        self._now = max(self._now, wall)
+    def _move_by(self, delta: timedelta) -> None:
+        self._elapsed += delta
+        self._now += delta
 
     def _ring_due(self) -> None:
-        while self._alarms and self._alarms[0].deadline <= self._monotonic:
+        while self._alarms and self._alarms[0].deadline <= self._elapsed:
             alarm = heapq.heappop(self._alarms)
             if not alarm.cancelled:
                 alarm.cancelled = True
                 alarm.ring()
-
-    def _drop_cancelled(self) -> None:
-        while self._alarms and self._alarms[0].cancelled:
-            heapq.heappop(self._alarms)
 
 
 def _wake(woken: asyncio.Future[None]) -> None:
@@ -185,11 +184,10 @@ def _wake(woken: asyncio.Future[None]) -> None:
         woken.set_result(None)
 
 
-def _seconds(delta: timedelta) -> float:
-    seconds = delta.total_seconds()
-    if seconds < 0:
+def _forward(delta: timedelta) -> timedelta:
+    if delta < timedelta(0):
         raise ValueError(f"A manual clock moves forward only, not by {delta}.")
-    return seconds
+    return delta
 
 
 async def _settle() -> None:

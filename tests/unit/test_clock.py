@@ -189,7 +189,7 @@ async def test_a_cancelled_wait_for_leaves_no_alarm_behind() -> None:
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert clock.sleepers == 0
-    assert clock.next_deadline() is None
+    assert clock.next_wake() is None
 
 
 async def test_the_system_clock_sleeps_and_times_out_in_real_time() -> None:
