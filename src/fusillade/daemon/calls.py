@@ -67,7 +67,7 @@ class Calls:
         try:
             await executor.execute(
                 request,
-                headers=await self._headers.for_call(request),
+                headers=await self._headers.for_call(request) if self._headers.wanted() else None,
                 abort_reason=functools.partial(self._abort_reasons.get, request.id),
             )
         except Exception:

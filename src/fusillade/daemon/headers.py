@@ -26,6 +26,11 @@ class BatchHeaders:
         self._context = context
         self._cache: dict[ids.BatchId, dict[str, str]] = {}
 
+    def wanted(self) -> bool:
+        """Whether the settings in force ask for any extra header (most runs: no, and no call waits here)."""
+        settings = self._context.settings
+        return settings.traceparent or bool(settings.batch_metadata_headers)
+
     async def for_call(self, request: models.ClaimedRequest) -> dict[str, str] | None:
         """The extra headers of the request's call (None: none), from the settings in force."""
         settings = self._context.settings
