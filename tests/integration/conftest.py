@@ -38,7 +38,7 @@ def fast_settings(**changes: object) -> DaemonSettings:
     values: dict[str, object] = {
         "idle_poll_interval": timedelta(milliseconds=100),
         "heartbeat_interval": timedelta(milliseconds=200),
-        "stale_after": timedelta(seconds=2),
+        "stale_after": timedelta(seconds=10),  # no test waits for it on the real clock (see test_daemon_time.py)
         "maintenance_interval": timedelta(milliseconds=100),
         "cancellation_poll_interval": timedelta(milliseconds=100),
         "shutdown_grace": timedelta(seconds=2),
