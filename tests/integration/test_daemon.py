@@ -15,9 +15,7 @@ from fusillade import errors
 from fusillade.domain import ids, models, states
 from fusillade.mock_upstream import (
     Behaviour,
-    ConnectionReset,
     EmbeddedError,
-    HttpError,
     MockUpstream,
     StallBeforeFirstByte,
     StallMidStream,
@@ -75,68 +73,6 @@ async def test_a_mixed_batch_completes_within_every_model_limit(
     assert first["response"]["status_code"] == 200
     assert first["response"]["body"]["model"] == models_by_line[0]
     assert first["response"]["body"]["choices"][0]["message"]["content"].startswith("Mock reply")
-
-
-async def test_retriable_errors_are_retried_no_earlier_than_retry_after(
-    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
-) -> None:
-    # 32% of the requests fail at first with a retriable error (429 with Retry-After, 5xx, 408, a reset
-    # connection), 4% with a permanent 400.
-    scripts: dict[str, list[HttpError | ConnectionReset | None]] = {}
-    for line in range(1, 201):
-        custom_id = f"req-{line}"
-        if line % 50 == 0:
-            scripts[custom_id] = [HttpError(429, retry_after_s=1)]
-        elif line % 10 == 5:
-            scripts[custom_id] = [HttpError(503), HttpError(500)]
-        elif line % 10 == 7:
-            scripts[custom_id] = [ConnectionReset()]
-        elif line % 10 == 9:
-            scripts[custom_id] = [HttpError(408)]
-        elif line % 25 == 3:
-            scripts[custom_id] = [HttpError(400, message="bad request")]
-    upstream.behaviour = Behaviour(faults_by_custom_id=scripts)
-    batch = await factories.create_batch(storage, count=200)
-
-    async with running(storage, client, routes_for(upstream, {"model-a": 16})):
-        done = await finished(storage, batch)
-
-    assert done.counts.total == 200 and done.counts.active == 0
-    attempts = upstream.stats.attempts_by_custom_id
-    permanent = {custom_id for custom_id, script in scripts.items() if script[0] == HttpError(400, "bad request")}
-    assert done.counts.failed == len(permanent) == 8
-    for custom_id in permanent:
-        assert len(attempts[custom_id]) == 1, "a permanent 4xx was retried"
-    for custom_id, script in scripts.items():
-        if custom_id in permanent:
-            continue
-        assert len(attempts[custom_id]) == len(script) + 1, custom_id
-        if script[0] == HttpError(429, retry_after_s=1):
-            first, second = attempts[custom_id]
-            assert second.monotonic - first.monotonic >= 1.0, "a retry started before its Retry-After"
-    output, error = await factories.result_lines(storage, batch)
-    assert len(output) == 192 and len(error) == 8
-    assert {line["custom_id"] for line in error} == permanent
-    assert all(line["response"]["status_code"] == 400 for line in error)
-
-
-async def test_a_429_pauses_the_whole_model_lane(
-    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
-) -> None:
-    upstream.behaviour = Behaviour(faults_by_custom_id={"req-1": [HttpError(429, retry_after_s=1)]})
-    batch = await factories.create_batch(storage, count=30)
-
-    async with running(storage, client, routes_for(upstream, {"model-a": 1})):
-        await finished(storage, batch)
-
-    arrivals = sorted(
-        (arrival.monotonic, custom_id)
-        for custom_id, attempts in upstream.stats.attempts_by_custom_id.items()
-        for arrival in attempts
-    )
-    first_429 = next(moment for moment, custom_id in arrivals if custom_id == "req-1")
-    after = [moment for moment, _ in arrivals if moment > first_429]
-    assert after and after[0] - first_429 >= 1.0, "the model's lane was not paused for the Retry-After"
 
 
 async def test_streamed_bodies_are_reassembled_and_stream_faults_handled(

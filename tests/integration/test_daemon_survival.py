@@ -4,7 +4,6 @@ and its knobs changed while it runs."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -234,80 +233,3 @@ async def test_a_queue_upkeep_that_hangs_holds_up_no_sweep(
     assert done.completed_at is not None
     assert done.counts.completed == 10
     assert hanging.upkeeps_started == 1  # still hanging when the batch was finalized
-
-
-class Paused:
-    """The real store as seen by a daemon whose process gets paused (SIGSTOP, a VM pause) right after the
-    database committed one of its claims: the claim's answer, its heartbeats and its sweeps wait until `thaw`,
-    and it sends nothing to the database meanwhile."""
-
-    def __init__(self, inner: base.Storage) -> None:
-        self._inner = inner
-        self._running = asyncio.Event()
-        self._running.set()
-        self.pause_after_next_claim = True
-        self.claimed_before_pause: list[models.ClaimedRequest] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def thaw(self) -> None:
-        self._running.set()
-
-    async def apply_writes_and_claim(self, *args: Any, **kwargs: Any) -> Any:
-        await self._running.wait()
-        report, claimed = await self._inner.apply_writes_and_claim(*args, **kwargs)
-        if claimed and self.pause_after_next_claim:
-            self.pause_after_next_claim = False
-            self.claimed_before_pause = claimed
-            self._running.clear()
-        await self._running.wait()
-        return report, claimed
-
-    async def heartbeat(self, *args: Any, **kwargs: Any) -> Any:
-        await self._running.wait()
-        return await self._inner.heartbeat(*args, **kwargs)
-
-    async def reclaim_requests(self, *args: Any, **kwargs: Any) -> Any:
-        await self._running.wait()
-        return await self._inner.reclaim_requests(*args, **kwargs)
-
-
-async def test_a_daemon_paused_past_stale_after_does_not_send_what_it_claimed_before_the_pause(
-    storage: base.Storage, upstream: MockUpstream, client: UpstreamClient
-) -> None:
-    """A claim answered after a pause longer than `stale_after` names requests the other daemons have since
-    reclaimed and sent: starting them would send them twice and over the model's limit. They are given back
-    unsent, and the paused daemon, declared dead meanwhile, registers again."""
-    upstream.behaviour = Behaviour(latency=UniformLatency(0.02, 0.05))
-    batch = await factories.create_batch(storage, count=24)
-    routes = routes_for(upstream, {"model-a": 4})
-    paused = Paused(storage)
-    first = Daemon(cast(base.Storage, paused), client, routes, settings=fast_settings())
-    first_task = asyncio.create_task(first.run())
-    try:
-        await polling.until(lambda: paused.claimed_before_pause, message="a claim, then the pause")
-        async with running(storage, client, routes) as second:
-            second.notify_work()
-            done = await finished(storage, batch, within=30)
-            paused.thaw()
-            await polling.until(lambda: fenced_count(first) == 1, within=10, message="the paused daemon fenced")
-            assert not first_task.done()
-    finally:
-        paused.thaw()
-        first_task.cancel()
-        with contextlib.suppress(BaseException):
-            await first_task
-
-    assert done.counts.completed == 24
-    stale = {request.custom_id for request in paused.claimed_before_pause}
-    assert stale, "the paused claim held no request"
-    sent = {custom_id: len(arrivals) for custom_id, arrivals in upstream.stats.attempts_by_custom_id.items()}
-    assert sent == {f"req-{n}": 1 for n in range(1, 25)}, "a request sent twice"
-    released = sum(
-        sample.value
-        for metric in first.metrics.stale_claims.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    )
-    assert released == len(stale)

@@ -215,9 +215,9 @@ class RequestExecutor:
             self._metrics.stale_claims.inc()
             self._writes.submit(models.Release(request.id))
             return
-        self._marks.started(request.id, time.monotonic())
+        self._marks.started(request.id, self._clock.monotonic())
         remaining = (request.deadline + settings.expiry_grace - now).total_seconds()
-        started = time.perf_counter()
+        started = time.perf_counter()  # for the metrics only: the real duration of the call
         try:
             result = await self._client.send(request, route, headers=headers, deadline=loop.time() + remaining)
         except TimeoutError:  # the batch deadline passed during the call: the expiry sweep fails the row
@@ -257,7 +257,7 @@ class RequestExecutor:
 
     def _pause_lane(self, model: str, retry_after: timedelta | None) -> None:
         pause = retry_after if retry_after is not None else self._settings.rate_limit_pause
-        if self._lanes.pause(model, time.monotonic() + pause.total_seconds()):
+        if self._lanes.pause(model, self._clock.monotonic() + pause.total_seconds()):
             self._metrics.paused(model)
             self._on_lane_paused()
 
