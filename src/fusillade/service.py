@@ -82,7 +82,7 @@ class Service:
         served_models: Callable[[], served.ServedModels] | None = None,
         spool_directory: Path | None = None,
         notify_work: Callable[[], None] = lambda: None,
-        clock: clocks.Clock | None = None,
+        clock: clocks.WallClock | None = None,
     ) -> None:
         if model_allowed is None and served_models is None:
             raise ValueError("A Service needs served_models (or model_allowed) to check the models of uploads.")

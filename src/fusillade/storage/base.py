@@ -4,7 +4,7 @@ The daemon, the service layer and the API depend on these protocols only; the co
 by the composition root. One behavioural test suite (`tests/contract/`) runs against every backend.
 
 Rules that hold for every method:
-- Times come from the store's `Clock` (one reading per transaction), never from the database server, so
+- Times come from the store's `WallClock` (one reading per transaction), never from the database server, so
   both backends behave alike and tests can move time by hand.
 - Owner scoping: every read and write of files and batches takes an `OwnerScope`. An object of another owner
   is reported exactly like a missing one (`NotFound`), so ids cannot be probed. `ALL_OWNERS` is the admin view.

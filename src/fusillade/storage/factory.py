@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from fusillade import errors
-from fusillade.clock import Clock
+from fusillade.clock import WallClock
 from fusillade.storage import base, urls
 
 DEFAULT_DATABASE_TIMEOUT = base.DEFAULT_DATABASE_TIMEOUT
@@ -18,7 +18,7 @@ DEFAULT_DATABASE_TIMEOUT = base.DEFAULT_DATABASE_TIMEOUT
 async def open_storage(
     url: str,
     *,
-    clock: Clock | None = None,
+    clock: WallClock | None = None,
     migrate: bool = True,
     database_timeout: timedelta = DEFAULT_DATABASE_TIMEOUT,
     write_priority: base.WritePriority = base.WritePriority.NORMAL,

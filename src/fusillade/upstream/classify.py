@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import orjson
 
-from fusillade.clock import Clock
+from fusillade.clock import WallClock
 from fusillade.domain import retry
 from fusillade.upstream import reassemble
 from fusillade.upstream.outcome import Outcome, Permanent, Retriable, Success
@@ -55,7 +55,7 @@ _NAME_NOISE = str.maketrans("", "", "_-. ")
 
 
 def classify_response(
-    status: int, headers: Mapping[str, str], body: bytes, *, clock: Clock, retry_404: bool = False
+    status: int, headers: Mapping[str, str], body: bytes, *, clock: WallClock, retry_404: bool = False
 ) -> Outcome:
     """A complete, non-streamed HTTP response (a stream is reassembled first, then becomes a `Success`)."""
     if 200 <= status <= 299:

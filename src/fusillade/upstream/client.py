@@ -37,7 +37,7 @@ from typing import Self
 import aiohttp
 import yarl
 
-from fusillade.clock import Clock, SystemClock
+from fusillade.clock import SystemClock, WallClock
 from fusillade.domain import ids, models
 from fusillade.upstream import classify, reassemble, sse, stream_request
 from fusillade.upstream.outcome import Outcome, Retriable, Success
@@ -62,7 +62,7 @@ class UpstreamClient:
     def __init__(
         self,
         *,
-        clock: Clock | None = None,
+        clock: WallClock | None = None,
         connection_limit: int = 0,
         keepalive_timeout: float = 30.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,

@@ -55,7 +55,7 @@ ON CONFLICT (name) DO UPDATE SET version = excluded.version, installed_at = excl
 class MigrationTarget:
     """`storage.migrate.FunctionTarget` on one dedicated connection (the advisory lock is a session lock)."""
 
-    def __init__(self, connection: Connection, clock: clocks.Clock, *, timeout_s: float) -> None:
+    def __init__(self, connection: Connection, clock: clocks.WallClock, *, timeout_s: float) -> None:
         self._connection = connection
         self._clock = clock
         self._timeout_s = timeout_s
@@ -95,7 +95,7 @@ class MigrationTarget:
             await self._connection.execute(_RECORD_FUNCTION, function.name, function.version, self._clock.now())
 
 
-async def run(connection: Connection, clock: clocks.Clock, *, timeout_s: float) -> list[str]:
+async def run(connection: Connection, clock: clocks.WallClock, *, timeout_s: float) -> list[str]:
     """Apply the pending migrations of the PostgreSQL backend, then install the functions that are newer than the
     database's; returns the names of the migrations applied (a function installed is logged, not returned: the
     names are migrations, which the CLI counts)."""

@@ -37,7 +37,7 @@ class PostgresStorage:
     """Every storage role on one PostgreSQL database. Open with `await PostgresStorage.connect(url)`, then
     `await store.migrate()` once at startup."""
 
-    def __init__(self, database: Database, *, clock: clocks.Clock) -> None:
+    def __init__(self, database: Database, *, clock: clocks.WallClock) -> None:
         self._db = database
         self._clock = clock
 
@@ -46,7 +46,7 @@ class PostgresStorage:
         cls,
         url: str,
         *,
-        clock: clocks.Clock | None = None,
+        clock: clocks.WallClock | None = None,
         min_size: int = 1,
         max_size: int = 10,
         command_timeout_s: float = base.DEFAULT_DATABASE_TIMEOUT.total_seconds(),

@@ -264,7 +264,7 @@ def _begin_polling(connection: sqlite3.Connection) -> None:
 
 
 def _transaction(
-    connection: sqlite3.Connection, clock: clocks.Clock, turns: WriteTurns, operation: WriteOperation[T]
+    connection: sqlite3.Connection, clock: clocks.WallClock, turns: WriteTurns, operation: WriteOperation[T]
 ) -> T:
     """`operation` in one `BEGIN IMMEDIATE` transaction of `connection`, in this writer's turn."""
     turns.begin(connection)
@@ -274,7 +274,7 @@ def _transaction(
         turns.end()
 
 
-def _commit_after(connection: sqlite3.Connection, clock: clocks.Clock, operation: WriteOperation[T]) -> T:
+def _commit_after(connection: sqlite3.Connection, clock: clocks.WallClock, operation: WriteOperation[T]) -> T:
     """`operation` in the transaction just begun on `connection`, then COMMIT (ROLLBACK if it raises)."""
     try:
         result = operation(connection, clock.now())
@@ -304,7 +304,7 @@ class Database:
     def __init__(
         self,
         path: Path,
-        clock: clocks.Clock,
+        clock: clocks.WallClock,
         writer: sqlite3.Connection,
         writer_executor: futures.ThreadPoolExecutor,
         readers: list[sqlite3.Connection],
@@ -328,7 +328,7 @@ class Database:
 
     @classmethod
     async def open(
-        cls, path: Path, *, clock: clocks.Clock, readers: int, priority: WritePriority = WritePriority.NORMAL
+        cls, path: Path, *, clock: clocks.WallClock, readers: int, priority: WritePriority = WritePriority.NORMAL
     ) -> Database:
         check_version()
         if readers < 1:

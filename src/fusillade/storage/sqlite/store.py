@@ -50,7 +50,7 @@ class SqliteStorage:
         cls,
         path: str | Path,
         *,
-        clock: clocks.Clock | None = None,
+        clock: clocks.WallClock | None = None,
         readers: int = 4,
         write_priority: base.WritePriority = base.WritePriority.NORMAL,
     ) -> SqliteStorage:
