@@ -31,7 +31,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     batches: list[models.Batch]
-    daemons: list[models.Daemon]
+    daemons: list[models.DaemonRecord]
     daemon_total: int
     in_flight: dict[str, int]
     """Requests in flight per model, across every daemon."""
@@ -182,7 +182,7 @@ def _status_style(status: states.BatchStatus) -> str:
     return f"[{style}]{status}[/]" if style else str(status)
 
 
-def _daemon_status(daemon: models.Daemon, now: datetime, stale_after: timedelta) -> str:
+def _daemon_status(daemon: models.DaemonRecord, now: datetime, stale_after: timedelta) -> str:
     if daemon.status is states.DaemonStatus.DEAD:
         return "[dim]dead[/]"
     if _silent(daemon, now, stale_after):
@@ -190,7 +190,7 @@ def _daemon_status(daemon: models.Daemon, now: datetime, stale_after: timedelta)
     return "[green]running[/]"
 
 
-def _silent(daemon: models.Daemon, now: datetime, stale_after: timedelta) -> bool:
+def _silent(daemon: models.DaemonRecord, now: datetime, stale_after: timedelta) -> bool:
     return daemon.status is states.DaemonStatus.RUNNING and now - daemon.last_heartbeat > stale_after
 
 
@@ -217,7 +217,7 @@ def _batch_json(batch: models.Batch) -> dict[str, Any]:
     }
 
 
-def _daemon_json(daemon: models.Daemon, now: datetime, stale_after: timedelta) -> dict[str, Any]:
+def _daemon_json(daemon: models.DaemonRecord, now: datetime, stale_after: timedelta) -> dict[str, Any]:
     return {
         "id": str(daemon.id),
         "hostname": daemon.hostname,

@@ -3,7 +3,7 @@
 ```
  register ──► tick scheduler (ticks.py) ──► one task per claimed request (calls.py): call the upstream
                  │  each tick: ONE trip to the database: commit the       (executor.py), submit the state
-                 │  writes that came in, then claim for the free slots    write (writer.py), end
+                 │  writes that came in, then claim for the free slots    write (pending_writes.py)
  side loops (side_loops.py): heartbeat · maintenance (reclaim dead daemons' work, expire, finalize) ·
                  queue upkeep · cancellation · purge
  shared (loops.py): the settings in force, the clock, the metrics, the stop event; headers.py: extra headers
@@ -39,10 +39,10 @@ from fusillade.daemon.executor import AbortReason, ProcessingMarks, RequestExecu
 from fusillade.daemon.headers import BatchHeaders, traceparent
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.loops import DaemonFenced, LoopContext, cancel_all
+from fusillade.daemon.pending_writes import PendingWrites
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.daemon.side_loops import SideLoops
 from fusillade.daemon.ticks import TickScheduler
-from fusillade.daemon.writer import PendingWrites
 from fusillade.domain import ids, models
 from fusillade.metrics import DaemonMetrics
 from fusillade.storage.base import Storage
@@ -152,7 +152,7 @@ class Daemon:
 
     # --------------------------------------------------------------------------------------- one life
 
-    async def _run_as(self, daemon: models.Daemon) -> None:
+    async def _run_as(self, daemon: models.DaemonRecord) -> None:
         """One life of the daemon, under one id: until `stop()`, a crash, or `DaemonFenced`."""
         self._daemon_id = daemon.id
         logger.info("Daemon %s started (models: %s).", daemon.id, ", ".join(self._lanes.model_names) or "none")
@@ -250,7 +250,7 @@ class Daemon:
     def _slot_freed(self) -> None:
         self._ticks.want_claim()
 
-    async def _register(self) -> models.Daemon:
+    async def _register(self) -> models.DaemonRecord:
         routes = [(model, route) for model in self._lanes.model_names if (route := self._lanes.route(model))]
         return await self._storage.register_daemon(
             models.DaemonInfo(

@@ -27,8 +27,8 @@ from typing import Protocol
 
 from fusillade.clock import Clock
 from fusillade.daemon.lanes import Lanes
+from fusillade.daemon.pending_writes import PendingWrites, WriteResult
 from fusillade.daemon.settings import DaemonSettings
-from fusillade.daemon.writer import PendingWrites, WriteResult
 from fusillade.domain import ids, models
 from fusillade.domain.retry import RetryPolicy, decide
 from fusillade.metrics import DaemonMetrics

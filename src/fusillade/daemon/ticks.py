@@ -29,7 +29,7 @@ from fusillade.daemon.calls import Calls
 from fusillade.daemon.executor import ProcessingMarks, RequestExecutor
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.loops import DaemonFenced, LoopContext, cancel_all
-from fusillade.daemon.writer import Group, PendingWrites
+from fusillade.daemon.pending_writes import Group, PendingWrites
 from fusillade.domain import ids, models
 from fusillade.storage.base import RequestQueue
 

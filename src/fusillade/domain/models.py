@@ -346,7 +346,10 @@ class DaemonInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Daemon:
+class DaemonRecord:
+    """A daemon as the registry keeps it (`DaemonRegistry`): who it is, whether it runs, its last heartbeat. The
+    running daemon itself is `fusillade.daemon.Daemon`."""
+
     id: ids.DaemonId
     hostname: str
     pid: int

@@ -270,11 +270,11 @@ class RequestQueue(Protocol):
 
 
 class DaemonRegistry(Protocol):
-    async def register_daemon(self, info: models.DaemonInfo) -> models.Daemon:
+    async def register_daemon(self, info: models.DaemonInfo) -> models.DaemonRecord:
         """A new daemon record, `running`, with a first heartbeat now."""
         ...
 
-    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.Daemon:
+    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.DaemonRecord:
         """Record that the daemon is alive. `StateConflict` if it was marked dead (its requests may have
         been reclaimed: the daemon must stop), `NotFound` if unknown."""
         ...
@@ -283,7 +283,7 @@ class DaemonRegistry(Protocol):
         """Mark the daemon dead (idempotent). Its claimed/processing requests become reclaimable at once."""
         ...
 
-    async def list_daemons(self) -> list[models.Daemon]:
+    async def list_daemons(self) -> list[models.DaemonRecord]:
         """All daemons, most recently started first."""
         ...
 

@@ -63,7 +63,7 @@ WHERE r.id = s.id
 """
 
 
-async def register_daemon(connection: Connection, info: models.DaemonInfo, now: datetime) -> models.Daemon:
+async def register_daemon(connection: Connection, info: models.DaemonInfo, now: datetime) -> models.DaemonRecord:
     row = await connection.fetchrow(
         _REGISTER, ids.new_daemon_id(), info.hostname, info.pid, info.version, dict(info.config), now
     )
@@ -73,7 +73,7 @@ async def register_daemon(connection: Connection, info: models.DaemonInfo, now: 
 
 async def heartbeat(
     connection: Connection, daemon_id: ids.DaemonId, in_flight: int, now: datetime
-) -> models.Daemon:
+) -> models.DaemonRecord:
     row = await connection.fetchrow(_HEARTBEAT, daemon_id, now, in_flight)
     if row is not None:
         return rows.daemon_from_row(row)
@@ -91,7 +91,7 @@ async def mark_daemon_dead(connection: Connection, daemon_id: ids.DaemonId, now:
         raise refusals.no_daemon(daemon_id)
 
 
-async def list_daemons(connection: Connection) -> list[models.Daemon]:
+async def list_daemons(connection: Connection) -> list[models.DaemonRecord]:
     return [rows.daemon_from_row(row) for row in await connection.fetch(_LIST)]
 
 

@@ -203,8 +203,8 @@ def claimed_from_rows(
     return claimed
 
 
-def daemon_from_row(row: asyncpg.Record) -> models.Daemon:
-    return models.Daemon(
+def daemon_from_row(row: asyncpg.Record) -> models.DaemonRecord:
+    return models.DaemonRecord(
         id=ids.DaemonId(plain_uuid(row["id"])),
         hostname=row["hostname"],
         pid=row["pid"],

@@ -311,12 +311,12 @@ class PostgresStorage:
 
     # ---------------------------------------------------------------------------------------- daemons
 
-    async def register_daemon(self, info: models.DaemonInfo) -> models.Daemon:
+    async def register_daemon(self, info: models.DaemonInfo) -> models.DaemonRecord:
         now = self._clock.now()
         async with self._db.connection() as connection:
             return await daemons.register_daemon(connection, info, now)
 
-    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.Daemon:
+    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.DaemonRecord:
         now = self._clock.now()
         async with self._db.connection() as connection:
             return await daemons.heartbeat(connection, daemon_id, in_flight, now)
@@ -326,7 +326,7 @@ class PostgresStorage:
         async with self._db.connection() as connection:
             await daemons.mark_daemon_dead(connection, daemon_id, now)
 
-    async def list_daemons(self) -> list[models.Daemon]:
+    async def list_daemons(self) -> list[models.DaemonRecord]:
         async with self._db.connection() as connection:
             return await daemons.list_daemons(connection)
 

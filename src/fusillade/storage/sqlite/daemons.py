@@ -45,14 +45,14 @@ WHERE id = ? AND state IN ('claimed', 'processing')
 """
 
 
-def register_daemon(connection: sqlite3.Connection, now: datetime, info: models.DaemonInfo) -> models.Daemon:
+def register_daemon(connection: sqlite3.Connection, now: datetime, info: models.DaemonInfo) -> models.DaemonRecord:
     daemon_id = ids.new_daemon_id()
     moment = connections.to_micros(now)
     config = orjson.dumps(dict(info.config), default=str).decode()
     connection.execute(
         INSERT_DAEMON, (daemon_id.bytes, info.hostname, info.pid, info.version, config, moment, moment)
     )
-    return models.Daemon(
+    return models.DaemonRecord(
         id=daemon_id,
         hostname=info.hostname,
         pid=info.pid,
@@ -72,7 +72,7 @@ def _daemon_row(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> rows
 
 def heartbeat(
     connection: sqlite3.Connection, now: datetime, daemon_id: ids.DaemonId, in_flight: int
-) -> models.Daemon:
+) -> models.DaemonRecord:
     row = _daemon_row(connection, daemon_id)
     if row.status == states.DaemonStatus.DEAD.value:
         raise errors.StateConflict(
@@ -88,7 +88,7 @@ def mark_daemon_dead(connection: sqlite3.Connection, now: datetime, daemon_id: i
     connection.execute(MARK_DEAD, (connections.to_micros(now), daemon_id.bytes))
 
 
-def list_daemons(connection: sqlite3.Connection) -> list[models.Daemon]:
+def list_daemons(connection: sqlite3.Connection) -> list[models.DaemonRecord]:
     return [rows.daemon_from_row(rows.DaemonRow._make(row)) for row in connection.execute(LIST_DAEMONS)]
 
 

@@ -235,8 +235,8 @@ class DaemonRow(NamedTuple):
 DAEMON_COLUMNS: Final = ", ".join(DaemonRow._fields)
 
 
-def daemon_from_row(row: DaemonRow) -> models.Daemon:
-    return models.Daemon(
+def daemon_from_row(row: DaemonRow) -> models.DaemonRecord:
+    return models.DaemonRecord(
         id=ids.DaemonId(_uuid(row.id)),
         hostname=row.hostname,
         pid=row.pid,

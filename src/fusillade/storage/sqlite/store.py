@@ -314,10 +314,10 @@ class SqliteStorage:
 
     # -------------------------------------------------------------------------------- daemon registry
 
-    async def register_daemon(self, info: models.DaemonInfo) -> models.Daemon:
+    async def register_daemon(self, info: models.DaemonInfo) -> models.DaemonRecord:
         return await self._database.write(lambda connection, now: daemons.register_daemon(connection, now, info))
 
-    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.Daemon:
+    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.DaemonRecord:
         return await self._database.write(
             lambda connection, now: daemons.heartbeat(connection, now, daemon_id, in_flight)
         )
@@ -325,7 +325,7 @@ class SqliteStorage:
     async def mark_daemon_dead(self, daemon_id: ids.DaemonId) -> None:
         await self._database.write(lambda connection, now: daemons.mark_daemon_dead(connection, now, daemon_id))
 
-    async def list_daemons(self) -> list[models.Daemon]:
+    async def list_daemons(self) -> list[models.DaemonRecord]:
         return await self._database.read(daemons.list_daemons)
 
     async def reclaim_requests(self, *, stale_after: timedelta, limit: int = 1000) -> int:

@@ -1,4 +1,4 @@
-"""The daemon's group commit (`daemon.writer.PendingWrites`): which writes of one request fold into one group, and
+"""The daemon's group commit (`daemon.pending_writes.PendingWrites`): which writes of one request fold into one group, and
 which refusals of a retried group count as applied, as the transition table says."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from fusillade.daemon import writer
+from fusillade.daemon import pending_writes
 from fusillade.domain import ids, models, states, transitions
 
 State = states.RequestState
@@ -29,8 +29,8 @@ def _write(kind: type[models.RequestWrite], request_id: ids.RequestId) -> models
     raise AssertionError(f"No write of {kind.__name__} here: add it.")
 
 
-def _pending() -> writer.PendingWrites:
-    return writer.PendingWrites(max_size=100, on_arrival=lambda: None)
+def _pending() -> pending_writes.PendingWrites:
+    return pending_writes.PendingWrites(max_size=100, on_arrival=lambda: None)
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_two_writes_of_one_request_fold_as_the_table_says(
 ) -> None:
     pending = _pending()
     request_id = ids.new_request_id()
-    results: list[tuple[str, writer.WriteResult]] = []
+    results: list[tuple[str, pending_writes.WriteResult]] = []
     pending.submit(_write(earlier, request_id), lambda result: results.append(("earlier", result)))
     pending.submit(_write(later, request_id), lambda result: results.append(("later", result)))
     group = pending.take_group()
@@ -64,21 +64,21 @@ def test_two_writes_of_one_request_fold_as_the_table_says(
 def test_a_retried_write_refused_in_its_final_target_counts_as_applied(kind: type[models.RequestWrite]) -> None:
     target = transitions.DAEMON_WRITES[kind].target
     request_id = ids.new_request_id()
-    results: list[writer.WriteResult] = []
+    results: list[pending_writes.WriteResult] = []
     pending = _pending()
     pending.submit(_write(kind, request_id), results.append)
     pending.put_back(pending.take_group())  # its transaction failed: maybe committed unheard
     group = pending.take_group()
     refused = pending.settle(group, models.WriteReport(conflicts={request_id: target}))
     # Only a final state is proof enough: a request back in pending or processing may be another daemon's.
-    assert results == [writer.WriteResult(target.is_terminal, target)]
+    assert results == [pending_writes.WriteResult(target.is_terminal, target)]
     assert refused == (0 if target.is_terminal else 1)
 
 
 def test_a_first_try_refused_in_its_target_is_refused() -> None:
     request_id = ids.new_request_id()
-    results: list[writer.WriteResult] = []
+    results: list[pending_writes.WriteResult] = []
     pending = _pending()
     pending.submit(models.Complete(request_id, 200, "{}"), results.append)
     assert pending.settle(pending.take_group(), models.WriteReport(conflicts={request_id: State.COMPLETED})) == 1
-    assert results == [writer.WriteResult(False, State.COMPLETED)]
+    assert results == [pending_writes.WriteResult(False, State.COMPLETED)]
