@@ -1,5 +1,5 @@
-"""The daemon's group commit (`daemon.pending_writes.PendingWrites`): which writes of one request fold into one group, and
-which refusals of a retried group count as applied, as the transition table says."""
+"""The daemon's group commit (`daemon.pending_writes.PendingWrites`): which writes of one request fold into one
+group, and which refusals of a retried group count as applied, as the transition table says."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Group commit: the state writes of many concurrent request tasks wait here and go to the database together,
-one group per tick of the daemon's queue loop (`Daemon._tick_loop`, through
+one group per tick of the daemon's tick scheduler (`daemon.ticks.TickScheduler`, through
 `RequestQueue.apply_writes_and_claim`).
 
 A task submits a write with a callback (or awaits `write`); it runs once the transaction holding the write

@@ -3,10 +3,10 @@ leaves, and who takes it. The states themselves and their diagram are in `domain
 
 This table is the rule; the code that moves requests follows it:
 - the fences of the daemon's writes (`RequestQueue.apply_writes`) are built from it: SQLite's statements and
-  `ALLOWED_FROM` (`storage/sqlite/queue.py`), PostgreSQL's WHERE clauses (`storage/postgres/fenced_writes.py`,
-  where claimed and processing are one stored state, `in_flight`);
-- the daemon's group commit (`daemon/pending_writes.py`) takes from it which writes fold into a later one (`FOLDS`) and
-  which refused retries count as applied (a write whose final target the request already reached);
+  `ALLOWED_FROM` (`storage/sqlite/fenced_writes.py`), PostgreSQL's WHERE clauses
+  (`storage/postgres/fenced_writes.py`, where claimed and processing are one stored state, `in_flight`);
+- the daemon's group commit (`daemon/pending_writes.py`) takes from it which writes fold into a later one
+  (`FOLDS`) and which refused retries count as applied (a write whose final target the request already reached);
 - the other operations are written in SQL of their own (the claim, batch cancel, expiry, retry, reclaim):
   `tests/contract/test_transitions.py` runs each of them, and every daemon write, from every state on both
   backends and compares the outcome with this table (`delete_batch` and `finalize_batches` cancel pending
