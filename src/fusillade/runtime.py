@@ -14,9 +14,11 @@ starts; a program embedding the daemon may call `tune_interpreter` too).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -49,3 +51,18 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(main)
+
+
+@contextlib.contextmanager
+def stop_signals_handled(handler: Callable[[], None]) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT call `handler` on the running event loop (instead of killing the
+    process or raising `KeyboardInterrupt`), so that a command stops in order."""
+    loop = asyncio.get_running_loop()
+    numbers = (signal.SIGTERM, signal.SIGINT)
+    for number in numbers:
+        loop.add_signal_handler(number, handler)
+    try:
+        yield
+    finally:
+        for number in numbers:
+            loop.remove_signal_handler(number)

@@ -260,12 +260,15 @@ class Service:
         """`StateConflict` if the batch already completed, failed or expired."""
         return await self._storage.cancel_batch(batch_id, owner=owner)
 
-    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
-        """Put the batch's failed requests back to pending; returns how many (and wakes the daemon)."""
+    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Batch:
+        """Put the batch's failed requests back to pending and wake the daemon if any moved. Returns the batch as
+        the retry left it, read before the daemon is woken (so a fast daemon cannot have finished the retried
+        requests already: the caller sees them pending)."""
         moved = await self._storage.retry_failed(batch_id, owner=owner)
+        batch = await self._storage.get_batch(batch_id, owner=owner)
         if moved:
             self._notify_work()
-        return moved
+        return batch
 
     async def list_requests(
         self,

@@ -252,9 +252,11 @@ async def test_retry_failed_wakes_the_daemon_only_when_requests_moved(
     batch = await factories.create_batch(storage, count=3)
     await factories.run_to_completion(storage, batch, failing=2)
 
-    assert await service.retry_failed(batch.id, owner=OWNER) == 2
+    retried = await service.retry_failed(batch.id, owner=OWNER)
+    assert (retried.counts.pending, retried.counts.failed) == (2, 0)
     assert wakeups.count == 1
-    assert await service.retry_failed(batch.id, owner=OWNER) == 0
+    again = await service.retry_failed(batch.id, owner=OWNER)
+    assert again.counts.pending == 2
     assert wakeups.count == 1
 
 

@@ -15,20 +15,18 @@ what a run does with them: check the input, resume, show the progress, write the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import math
 import os
-import signal
 import socket
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fusillade import errors
+from fusillade import errors, runtime
 from fusillade.cli.progress import Display
 from fusillade.composition import LOCAL_OWNER
 from fusillade.composition.parts import open_run_parts
@@ -293,7 +291,7 @@ async def _drive(storage: Storage, daemon: Daemon, batch: models.Batch, progress
         progress.update(current.counts, in_flight=daemon.in_flight, retries=_retries(daemon.metrics))
         return current
 
-    with _signals_handled(on_signal):
+    with runtime.stop_signals_handled(on_signal):
         try:
             while not task.done():
                 if _finished(await refresh()):
@@ -312,18 +310,6 @@ def _retries(metrics: DaemonMetrics) -> int:
     """Attempts that failed and were scheduled again, in this run."""
     samples = (sample for family in metrics.retries.collect() for sample in family.samples)
     return int(sum(sample.value for sample in samples if sample.name.endswith("_total")))
-
-
-@contextlib.contextmanager
-def _signals_handled(handler: Callable[[], None]) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    for number in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(number, handler)
-    try:
-        yield
-    finally:
-        for number in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(number)
 
 
 async def _write(storage: Storage, file_id: ids.FileId, path: Path, *, lines: int) -> None:

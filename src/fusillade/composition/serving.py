@@ -23,11 +23,10 @@ import contextlib
 import functools
 import ipaddress
 import logging
-import signal
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from fusillade import errors
+from fusillade import errors, runtime
 from fusillade.api.app import create_app
 from fusillade.api.context import ApiContext
 from fusillade.api.server import ServerConfig
@@ -194,9 +193,8 @@ async def _run_until_stopped(
     daemon: DaemonProcess | None,
     on_listening: Callable[[str], None] | None,
 ) -> None:
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    with _signals_set(loop, stop.set):
+    with runtime.stop_signals_handled(stop.set):
         server_task = asyncio.create_task(server.serve(sockets=[listener]), name="fusillade-http")
         daemon_task = asyncio.create_task(daemon.run(), name="fusillade-daemon") if daemon else None
         stop_task = asyncio.create_task(stop.wait(), name="fusillade-stop")
@@ -235,14 +233,3 @@ async def _announce(
         logger.info("Listening on %s (%s).", url, "API; daemon in its own process" if with_daemon else "API only")
         if on_listening is not None:
             on_listening(url)
-
-
-@contextlib.contextmanager
-def _signals_set(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> Iterator[None]:
-    for number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(number, handler)
-    try:
-        yield
-    finally:
-        for number in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(number)

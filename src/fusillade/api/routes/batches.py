@@ -105,8 +105,7 @@ async def retry_failed(request: Request, caller: Caller, batch_id: str) -> schem
     the batch. A cancelling, cancelled or expired batch: 400."""
     service = context_of(request).service
     parsed = ids.parse_batch_id(batch_id)
-    await service.retry_failed(parsed, owner=caller.scope)
-    return schemas.BatchObject.of(await service.get_batch(parsed, owner=caller.scope))
+    return schemas.BatchObject.of(await service.retry_failed(parsed, owner=caller.scope))
 
 
 def _is_retry(retry_count: str | None) -> bool:
