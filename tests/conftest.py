@@ -34,6 +34,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+LONG_FIRST = ("tests/reliability/", "tests/packaging/")
+"""Folders whose tests run real processes, builds and outages (seconds to a minute each): they start first."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the long tests at the front (a stable sort: the order within each group stays). The workers of
+    `pytest -n 2` take tests in this order, so the long ones run while the many short ones fill the gaps, and
+    the two workers end together instead of one waiting for a minute-long test picked up last."""
+    root = config.rootpath
+
+    def short(item: pytest.Item) -> bool:
+        path = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        return not path.startswith(LONG_FIRST)
+
+    items.sort(key=short)
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No FUSILLADE_* variable of the developer's shell or CI may change what a test sees (the test server URL
