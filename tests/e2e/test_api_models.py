@@ -14,7 +14,7 @@ import yarl
 
 from fusillade.domain import served
 from fusillade.storage import base
-from tests.e2e.test_api import assert_error, bearer, form, request_lines
+from tests.e2e.api_client import assert_error, bearer, form, request_lines
 from tests.support.api_server import ADMIN_KEY, RunningApi, create_key, routed, running_api
 
 LOADED = datetime(2026, 1, 1, tzinfo=UTC)

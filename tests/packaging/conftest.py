@@ -1,7 +1,8 @@
 """The packaging tier: the sdist and the wheel built from this checkout as a release would be (`python -m build`),
 the wheel installed with its dependencies in a virtualenv of its own, and the installed `fusillade` run from
 outside the checkout. Built and installed once per session (`installed`); it reaches PyPI for the build backend
-and the dependencies, which pip's cache keeps quick after the first run."""
+and the dependencies, which pip's cache keeps quick after the first run. The deployment tests share `image`, the
+Dockerfile's last stage (read by `recipes.dockerfile_stages`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.packaging.recipes import Stage, dockerfile_stages
+
 CHECKOUT = Path(__file__).resolve().parents[2]
+DOCKERFILE = CHECKOUT / "Dockerfile"
 
 BUILD_WITHIN = 240.0
 """Seconds `python -m build` gets (two isolated environments, each fetching the build backend)."""
@@ -139,3 +143,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         "pip install of the wheel",
     )
     return Installed(sdist=sdist, wheel=wheel, venv=venv, workdir=workdir)
+
+
+@pytest.fixture(scope="module")
+def image() -> Stage:
+    stages = dockerfile_stages(DOCKERFILE.read_text())
+    assert len(stages) >= 2, "a builder stage and the image"
+    return stages[-1]

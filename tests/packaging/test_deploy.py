@@ -2,8 +2,9 @@
 hold is read by the CLI's own parser, every file they name exists, the configuration they give loads, their
 health checks ask real routes, and their stop timeouts leave the daemon its shutdown grace.
 
-Covers the Dockerfile and .dockerignore, deploy/compose.yaml with deploy/fusillade.toml, deploy/systemd/*.service,
-the shell and YAML examples of docs/deploy.md and README.md, and `make serve`/`make lint`."""
+Covers the Dockerfile and .dockerignore, deploy/compose.yaml with deploy/fusillade.toml, and
+deploy/systemd/*.service. The examples of docs/deploy.md and README.md, and `make serve`/`make lint`, are checked
+in `test_deploy_docs.py`."""
 
 from __future__ import annotations
 
@@ -13,45 +14,38 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import timedelta
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from fusillade.api.app import create_app
-from fusillade.api.context import ApiContext
-from fusillade.composition import serving
 from fusillade.config import Config, load_config
 from fusillade.mock_upstream import Behaviour, MockUpstream
-from tests.packaging.commands import UsageError, command_names, parse
-from tests.packaging.conftest import CHECKOUT, clean_environment
+from tests.packaging.commands import UsageError, parse
+from tests.packaging.conftest import CHECKOUT, DOCKERFILE, clean_environment
+from tests.packaging.recipes import (
+    DEFAULTS,
+    HTTP_DRAIN,
+    SHELL,
+    Stage,
+    api_routes,
+    check_cli,
+    dockerfile_environment,
+    dockerfile_stages,
+    fusillade_arguments,
+)
 from tests.support.processes import Processes
 
 pytestmark = pytest.mark.packaging
 
-DOCKERFILE = CHECKOUT / "Dockerfile"
 DOCKERIGNORE = CHECKOUT / ".dockerignore"
 COMPOSE = CHECKOUT / "deploy" / "compose.yaml"
 SYSTEMD_UNITS = sorted((CHECKOUT / "deploy" / "systemd").glob("*.service"))
-DOCUMENTS = [CHECKOUT / "docs" / "deploy.md", CHECKOUT / "README.md"]
-
-SHELL = {"FUSILLADE_ADMIN_KEY": "an-admin-key-from-the-shell"}
-"""The variables of the shell that runs `docker compose` or `docker run` in these tests."""
-HTTP_DRAIN = timedelta(seconds=serving.HTTP_SHUTDOWN_GRACE)
-DEFAULTS = load_config(None, environ={})
-
-
-def api_routes() -> set[str]:
-    """The paths the HTTP API answers GET on, from its OpenAPI schema. The app is built without a context: its
-    routes need one only when they are called."""
-    schema = create_app(cast(ApiContext, None)).openapi()
-    return {path for path, operations in schema["paths"].items() if "get" in operations}
 
 
 def mock_upstream_get_routes() -> set[str]:
@@ -69,24 +63,6 @@ def seconds(duration: str) -> timedelta:
     return timedelta(seconds=sum(float(number) * units[unit] for number, unit in parts))
 
 
-def fusillade_arguments(argv: list[str]) -> list[str] | None:
-    """The arguments after the program of a `fusillade` command line (`fusillade`, `/opt/.../bin/fusillade`);
-    None when `argv` runs something else."""
-    if argv and (argv[0] == "fusillade" or argv[0].endswith("/bin/fusillade")):
-        return argv[1:]
-    return None
-
-
-def check_cli(argv: list[str]) -> Any:
-    """`argv` must run fusillade, with arguments its parser accepts; the parsed context."""
-    arguments = fusillade_arguments(argv)
-    assert arguments is not None, f"{argv} does not run fusillade"
-    try:
-        return parse(arguments)
-    except UsageError as error:
-        pytest.fail(f"`{shlex.join(argv)}` is refused by the CLI: {error.format_message()}", pytrace=False)
-
-
 def test_the_command_checker_refuses_what_the_cli_refuses() -> None:
     for refused in (
         ["serv"],
@@ -100,62 +76,6 @@ def test_the_command_checker_refuses_what_the_cli_refuses() -> None:
 
 
 # ------------------------------------------------------------------------------------------ the Dockerfile
-
-
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [arguments for name, arguments in self.instructions if name == keyword]
-
-    def one(self, keyword: str) -> str:
-        [arguments] = self.all(keyword)
-        return arguments
-
-
-def dockerfile_stages(text: str) -> list[Stage]:
-    """The build stages of a Dockerfile: its instructions with continuation lines joined and comments left out,
-    `ARG` defaults substituted in `FROM`."""
-    logical: list[str] = []
-    current = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#") or not stripped:
-            continue
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        logical.append(current + stripped)
-        current = ""
-    assert current == "", "the Dockerfile ends in a continuation line"
-    arguments: dict[str, str] = {}
-    stages: list[Stage] = []
-    for instruction in logical:
-        keyword, _, rest = instruction.partition(" ")
-        keyword, rest = keyword.upper(), rest.strip()
-        if keyword == "ARG" and not stages:
-            name, _, default = rest.partition("=")
-            arguments[name] = default
-        elif keyword == "FROM":
-            base = re.sub(r"\$\{(\w+)\}", lambda match: arguments[match.group(1)], rest.split()[0])
-            words = rest.split()
-            stages.append(Stage(base, words[2] if len(words) == 3 and words[1].upper() == "AS" else None))
-        else:
-            stages[-1].instructions.append((keyword, rest))
-    return stages
-
-
-def dockerfile_environment(stage: Stage) -> dict[str, str]:
-    environment: dict[str, str] = {}
-    for arguments in stage.all("ENV"):
-        for word in shlex.split(arguments):
-            name, equals, value = word.partition("=")
-            assert equals, f"ENV {arguments}: write NAME=value"
-            environment[name] = value
-    return environment
 
 
 def dockerignored(path: str) -> bool:
@@ -172,13 +92,6 @@ def dockerignored(path: str) -> bool:
         if any(fnmatch(candidate, pattern) for candidate in candidates):
             excluded = not negated
     return excluded
-
-
-@pytest.fixture(scope="module")
-def image() -> Stage:
-    stages = dockerfile_stages(DOCKERFILE.read_text())
-    assert len(stages) >= 2, "a builder stage and the image"
-    return stages[-1]
 
 
 def test_the_image_runs_fusillade_serve_on_every_interface(image: Stage) -> None:
@@ -476,170 +389,3 @@ def test_systemd_units_run_fusillade_commands_that_parse_and_stop_in_time(unit: 
     assert seconds(service["TimeoutStopSec"]) > needed
     assert service["User"] == "fusillade" and service["Restart"] == "on-failure"
     assert {section for section, _, _ in entries} == {"Unit", "Service", "Install"}
-
-
-# ------------------------------------------------------------------------------------- docs and README
-
-
-def code_blocks(path: Path, *languages: str) -> Iterator[str]:
-    for match in re.finditer(r"^```(\w*)\n(.*?)^```", path.read_text(), re.MULTILINE | re.DOTALL):
-        if match.group(1) in languages:
-            yield match.group(2)
-
-
-def shell_commands(block: str) -> Iterator[list[str]]:
-    """The simple commands of a shell block: continuation lines joined, comments dropped, split at `&&`, `|`,
-    `;` and `&`."""
-    for line in block.replace("\\\n", " ").splitlines():
-        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        command: list[str] = []
-        for token in lexer:
-            if token and set(token) <= set("&|;()<>"):
-                if command:
-                    yield command
-                command = []
-            else:
-                command.append(token)
-        if command:
-            yield command
-
-
-def documented_fusillade_commands(path: Path) -> Iterator[list[str]]:
-    """Every `fusillade COMMAND ...` of the document's shell blocks, also inside `docker run`, `docker exec`,
-    `sudo ...`: from the program to the end of the simple command."""
-    names = command_names()
-    for block in code_blocks(path, "bash", "sh", "shell", "console"):
-        for command in shell_commands(block):
-            for index, word in enumerate(command[:-1]):
-                following = command[index + 1]
-                is_program = word == "fusillade" or word.endswith("/bin/fusillade")
-                if is_program and re.fullmatch(r"[a-z][a-z-]*", following) and following != "fusillade":
-                    assert following in names, f"{path.name}: `{shlex.join(command)}`: no command {following!r}"
-                    yield ["fusillade", *command[index + 1 :]]
-                    break
-
-
-@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
-def test_documented_commands_are_accepted_by_the_cli(
-    document: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    commands = list(documented_fusillade_commands(document))
-    # `run FILE` wants an existing file: the examples' files, empty, in a directory of the test's own.
-    monkeypatch.chdir(tmp_path)
-    for command in commands:
-        for word in command:
-            if word.endswith(".jsonl"):
-                (tmp_path / word).touch()
-
-    for command in commands:
-        check_cli(command)
-    assert len(commands) >= 4, commands
-
-
-def docker_runs(path: Path) -> Iterator[list[str]]:
-    for block in code_blocks(path, "bash"):
-        for command in shell_commands(block):
-            if command[:2] == ["docker", "run"]:
-                yield command
-
-
-@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: path.name)
-def test_documented_docker_runs_of_the_server_give_it_an_admin_key(document: Path, image: Stage) -> None:
-    """The image's server listens on 0.0.0.0, where it refuses to start without a key."""
-    servers = 0
-    for command in docker_runs(document):
-        arguments = (
-            fusillade_arguments(command[command.index("fusillade", 2) + 1 :]) or json.loads(image.one("CMD"))[1:]
-        )
-        if check_cli(["fusillade", *arguments]).info_name not in ("serve", "api"):
-            continue
-        servers += 1
-        given = [command[index + 1] for index, word in enumerate(command) if word in ("-e", "--env")]
-        environment = {**dockerfile_environment(image)}
-        for assignment in given:
-            name, equals, value = assignment.partition("=")
-            environment[name] = value if equals else SHELL[name]
-        # The configuration file such a command mounts is the reader's own: only the variables are checked.
-        environment.pop("FUSILLADE_CONFIG", None)
-        config = load_config(None, environ=environment)
-        assert config.admin_key(environment) == SHELL["FUSILLADE_ADMIN_KEY"], shlex.join(command)
-    assert servers >= 1
-
-
-def manifests() -> list[dict[str, Any]]:
-    documents: list[dict[str, Any]] = []
-    for block in code_blocks(CHECKOUT / "docs" / "deploy.md", "yaml"):
-        documents.extend(document for document in yaml.safe_load_all(block) if document)
-    return documents
-
-
-def pod_spec(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    return dict(manifest["spec"]["template"]["spec"])
-
-
-def test_kubernetes_examples_run_commands_that_parse_with_probes_on_real_routes(image: Stage) -> None:
-    routes, probes, kinds = api_routes(), [], []
-    uid = int(image.one("USER").split(":")[0])
-    for manifest in manifests():
-        kinds.append(manifest["kind"])
-        spec = pod_spec(manifest)
-        for container in spec["containers"]:
-            started = check_cli([*container["command"], *container.get("args", [])]).info_name
-            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-                if probe in container:
-                    path = container[probe]["httpGet"]["path"]
-                    assert path in routes, f"{probe} asks {path}, not a route of the API"
-                    probes.append((probe, path))
-            if started in ("serve", "daemon", "api"):
-                needed = {"serve": DEFAULTS.daemon.shutdown_grace + HTTP_DRAIN, "api": HTTP_DRAIN}.get(
-                    started, DEFAULTS.daemon.shutdown_grace
-                )
-                grace = timedelta(seconds=spec["terminationGracePeriodSeconds"])
-                assert grace > needed, f"{manifest['metadata']['name']}: {grace} leaves too little to stop"
-                assert spec["securityContext"]["runAsUser"] == uid
-    assert sorted(kinds) == ["Deployment", "Deployment", "Job"]
-    assert ("livenessProbe", "/healthz") in probes and ("readinessProbe", "/readyz") in probes
-
-
-@pytest.mark.parametrize("document", [*DOCUMENTS, CHECKOUT / "docs" / "operations.md"], ids=lambda path: path.name)
-def test_documents_link_to_files_that_exist(document: Path) -> None:
-    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", document.read_text())
-    local = [target for target in targets if not re.match(r"\w+://", target)]
-
-    missing = [target for target in local if not (document.parent / target).exists()]
-    assert missing == []
-    assert local
-
-
-# ------------------------------------------------------------------------------------------------ Makefile
-
-
-def make_dry_run(*arguments: str) -> list[str]:
-    result = subprocess.run(
-        ["make", "--no-print-directory", "-n", *arguments],
-        cwd=CHECKOUT,
-        # HOST and PORT of the caller's environment would be taken as the Makefile's defaults.
-        env={name: value for name, value in clean_environment().items() if name not in ("HOST", "PORT")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
-
-
-@pytest.mark.parametrize(
-    ("variables", "host", "port"), [((), "127.0.0.1", 8080), (("PORT=9000",), "127.0.0.1", 9000)]
-)
-def test_make_serve_takes_a_port(variables: tuple[str, ...], host: str, port: int) -> None:
-    [line] = [line for line in make_dry_run("serve", *variables) if " -m fusillade serve" in line]
-    words = shlex.split(line)
-
-    context = check_cli(["fusillade", *words[words.index("fusillade") + 1 :]])
-
-    assert (context.params["host"], context.params["port"], context.params["mock_upstream"]) == (host, port, True)
-
-
-def test_make_lint_runs_hadolint_on_the_dockerfile() -> None:
-    assert any(re.search(r"hadolint Dockerfile$", line) for line in make_dry_run("lint"))

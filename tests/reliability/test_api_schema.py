@@ -13,7 +13,7 @@ Asserted on every answer: no 5xx, a documented status code, content type, header
 for schema-invalid input (the checks below). Not asserted: schemathesis' `positive_data_acceptance`, by design:
 a schema-valid request may still be refused (an `after` cursor or a file id that does not exist, a file that
 is not valid JSONL). At the end, the server's log holds no traceback and no 5xx (the daemon also ran the
-batches the fuzzing made). A refused method's `Allow` header is checked in `test_hostile_input.py`.
+batches the fuzzing made). A refused method's `Allow` header is checked in `test_hostile_uploads.py`.
 
 schemathesis is driven through its Python API (`APIOperation.as_strategy`, `Case.call`,
 `Case.validate_response`) with hypothesis, not through its pytest plugin: `schemathesis.pytest.from_fixture`

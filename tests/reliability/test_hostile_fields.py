@@ -5,7 +5,7 @@ nothing is stored and nothing is logged at ERROR. Also: an upload whose `Content
 refused before its body is sent, a create body over 1 MiB is a 413, a model name over 256 characters is a bad
 line.
 
-The JSONL lines themselves are fuzzed in `test_hostile_input.py`.
+The JSONL lines themselves are fuzzed in `test_hostile_input.py` and `test_hostile_uploads.py`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 - the JSONL `url` (and everything else in a line or a batch) never sends a call anywhere but the route's host
   and base path: hostile urls are refused at upload, naming their lines; a decoy upstream receives nothing.
 
-`tests/e2e/test_api.py` covers the 404s of another owner's objects on an in-process API; this file adds the
+`tests/e2e/test_api_access.py` covers the 404s of another owner's objects on an in-process API; this file adds the
 equality with missing ids, output and error files, cursors, idempotency keys, and real processes.
 """
 

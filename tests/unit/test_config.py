@@ -1,54 +1,29 @@
-"""Configuration (`fusillade.config`): defaults, file and environment, error messages, durations, the mapping
-onto DaemonSettings/Route/Limits, and live reloading."""
+"""Configuration (`fusillade.config`): defaults, file and environment, error messages, the mapping onto
+DaemonSettings/Route/Limits, the redacted view and the docs. Durations and sizes are in `test_config_units.py`,
+live reloading in `test_config_reload.py`."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
-import signal
-import textwrap
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from fusillade import errors
 from fusillade.composition.routing import Routing
-from fusillade.config import (
-    Config,
-    ConfigWatcher,
-    InvalidConfiguration,
-    Problem,
-    RouteSection,
-    format_duration,
-    load_config,
-    parse_duration,
-    units,
-)
+from fusillade.config import Config, InvalidConfiguration, Problem, RouteSection, load_config
 from fusillade.config.problems import dotted_key
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import jsonl
 from fusillade.domain.retry import RetryPolicy
 from fusillade.upstream.routes import PhaseTimeouts, Route
-from tests.support.polling import until
+from tests.unit.config_files import ROUTE, write
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 EXAMPLE = DOCS / "fusillade.example.toml"
-ROUTE = """
-[models.m]
-base_url = "http://127.0.0.1:9000/v1"
-"""
-
-
-def write(tmp_path: Path, text: str, name: str = "fusillade.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text), encoding="utf-8")
-    return path
 
 
 def problems_of(path: Path | None = None, environ: dict[str, str] | None = None) -> list[Problem]:
@@ -590,222 +565,3 @@ def test_every_key_is_documented_and_in_the_example() -> None:
         leaf = key.rsplit(".", 1)[-1]
         assert f"`{leaf}`" in documented, key
         assert leaf in example, key
-
-
-# ----------------------------------------------------------------------------------------------- durations
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (30, timedelta(seconds=30)),
-        (0.5, timedelta(milliseconds=500)),
-        ("30", timedelta(seconds=30)),
-        (" 0.25 ", timedelta(milliseconds=250)),
-        ("250ms", timedelta(milliseconds=250)),
-        ("5s", timedelta(seconds=5)),
-        ("10m", timedelta(minutes=10)),
-        ("1h", timedelta(hours=1)),
-        ("1d", timedelta(days=1)),
-        ("1h30m", timedelta(hours=1, minutes=30)),
-        ("1.5h", timedelta(minutes=90)),
-        ("2 m 3 s", timedelta(minutes=2, seconds=3)),
-        ("10us", timedelta(microseconds=10)),
-        ("0", timedelta(0)),
-        (timedelta(seconds=3), timedelta(seconds=3)),
-    ],
-)
-def test_durations_are_read(value: object, expected: timedelta) -> None:
-    assert parse_duration(value) == expected
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("", "is not a duration"),
-        ("soon", "is not a duration"),
-        ("5", None),
-        ("5 sec", "unknown unit 'sec'"),
-        ("5M", "unknown unit 'M'"),
-        ("1h30", "is not a duration"),
-        ("-5s", "must not be negative"),
-        (-1, "must not be negative"),
-        (float("nan"), "is not a duration"),
-        (float("inf"), "is not a duration"),
-        (True, "must be a duration"),
-        (None, "must be a duration"),
-        ("99999999999d", "too long"),
-        (timedelta(seconds=-1), "must not be negative"),
-    ],
-)
-def test_bad_durations_are_explained(value: object, message: str | None) -> None:
-    if message is None:
-        assert parse_duration(value) == timedelta(seconds=5)
-        return
-    with pytest.raises(ValueError, match=message):
-        parse_duration(value)
-
-
-def test_none_means_no_limit_where_allowed() -> None:
-    assert units.parse_optional_duration("none") is None
-    assert units.parse_optional_duration(" None ") is None
-    assert units.parse_optional_duration("2s") == timedelta(seconds=2)
-    assert units.format_optional_duration(None) == "none"
-
-
-@given(st.timedeltas(min_value=timedelta(0)))
-def test_formatted_durations_read_back_exactly(duration: timedelta) -> None:
-    assert parse_duration(format_duration(duration)) == duration
-
-
-@given(st.integers(min_value=0, max_value=10**9))
-def test_bare_seconds_read_as_seconds(seconds: int) -> None:
-    assert parse_duration(seconds) == parse_duration(str(seconds)) == timedelta(seconds=seconds)
-
-
-def test_durations_format_with_the_largest_units() -> None:
-    assert format_duration(timedelta(0)) == "0s"
-    assert format_duration(timedelta(milliseconds=250)) == "250ms"
-    assert format_duration(timedelta(hours=1, minutes=30)) == "1h30m"
-    assert format_duration(timedelta(days=2, microseconds=1)) == "2d1us"
-
-
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (1000, 1000),
-        ("1000", 1000),
-        ("1kB", 1000),
-        ("200MiB", 200 * 1024**2),
-        ("1.5 KiB", 1536),
-        ("2gb", 2 * 10**9),
-    ],
-)
-def test_sizes_are_read(value: object, expected: int) -> None:
-    assert units.parse_byte_size(value) == expected
-
-
-@pytest.mark.parametrize("value", ["", "MiB", "1.5B", "10 parsecs", -1, 1.5, True])
-def test_bad_sizes_are_refused(value: object) -> None:
-    with pytest.raises(ValueError, match=r"size|negative|whole number"):
-        units.parse_byte_size(value)
-
-
-@given(st.integers(min_value=1, max_value=2**50))
-def test_formatted_sizes_read_back_exactly(size: int) -> None:
-    assert units.parse_byte_size(units.format_byte_size(size)) == size
-
-
-# ---------------------------------------------------------------------------------------------- reloading
-
-
-class Recorder:
-    """An on_change callback that keeps what it was given, and can refuse configurations."""
-
-    def __init__(self) -> None:
-        self.seen: list[Config] = []
-        self.refuse_port: int | None = None
-
-    async def __call__(self, config: Config) -> None:
-        if config.server.port == self.refuse_port:
-            raise errors.ConfigurationError("refused for the test")
-        self.seen.append(config)
-
-
-def concurrency(config: Config) -> int:
-    return config.models["m"].concurrency
-
-
-async def test_the_watcher_applies_a_changed_file_and_ignores_an_invalid_one(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = write(tmp_path, ROUTE + "concurrency = 1\n")
-    recorder = Recorder()
-    async with ConfigWatcher(
-        path, load_config(path, environ={}), recorder, environ={}, poll_interval=0.01
-    ) as watcher:
-        write(tmp_path, ROUTE + "concurrency = 22\n")
-        await until(lambda: recorder.seen, message="the new configuration")
-        assert [concurrency(config) for config in recorder.seen] == [22]
-        assert concurrency(watcher.config) == 22
-
-        with caplog.at_level(logging.ERROR, logger="fusillade.config"):
-            write(tmp_path, ROUTE + "concurrency = -1\n")
-            await until(lambda: "Not reloading" in caplog.text, message="the error to be logged")
-        assert "models.m.concurrency: must be at least 1" in caplog.text
-        assert concurrency(watcher.config) == 22
-
-        write(tmp_path, ROUTE + "concurrency = 333\n")
-        await until(lambda: len(recorder.seen) == 2, message="the next valid configuration")
-    assert [concurrency(config) for config in recorder.seen] == [22, 333]
-
-
-async def test_a_configuration_the_callback_refuses_is_not_kept(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = write(tmp_path, ROUTE)
-    recorder = Recorder()
-    recorder.refuse_port = 1
-    watcher = ConfigWatcher(path, load_config(path, environ={}), recorder, environ={})
-    write(tmp_path, ROUTE + "[server]\nport = 1\n")
-    with caplog.at_level(logging.ERROR, logger="fusillade.config"):
-        assert await watcher.reload() is False
-    assert "refused for the test" in caplog.text
-    assert watcher.config.server.port == 8080
-    assert await watcher.reload() is False  # the same file again: still refused, still not applied
-    assert recorder.seen == []
-
-
-async def test_a_reload_that_changes_nothing_calls_nothing_and_restart_keys_warn(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = write(tmp_path, ROUTE)
-    recorder = Recorder()
-    watcher = ConfigWatcher(path, load_config(path, environ={}), recorder, environ={})
-    assert await watcher.reload() is False
-    write(tmp_path, 'database_url = "sqlite:///./other.db"\n' + ROUTE)
-    with caplog.at_level(logging.WARNING, logger="fusillade.config"):
-        assert await watcher.reload() is True
-    assert "database_url changed" in caplog.text
-    assert "only after a restart" in caplog.text
-    assert len(recorder.seen) == 1
-
-
-@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
-async def test_sighup_reloads_even_when_the_file_looks_unchanged(tmp_path: Path) -> None:
-    path = write(tmp_path, ROUTE + "concurrency = 11\n")
-    before = os.stat(path)
-    recorder = Recorder()
-    async with ConfigWatcher(
-        path, load_config(path, environ={}), recorder, environ={}, poll_interval=3600
-    ) as watcher:
-        watcher.handle_sighup()
-        write(tmp_path, ROUTE + "concurrency = 12\n")  # same size; restore the time so polling cannot tell
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-        os.kill(os.getpid(), signal.SIGHUP)
-        await until(lambda: recorder.seen, message="the reload on SIGHUP")
-    assert concurrency(recorder.seen[0]) == 12
-
-
-async def test_a_deleted_file_keeps_the_configuration(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = write(tmp_path, ROUTE)
-    recorder = Recorder()
-    with caplog.at_level(logging.ERROR, logger="fusillade.config"):
-        async with ConfigWatcher(path, load_config(path, environ={}), recorder, environ={}, poll_interval=0.01):
-            path.unlink()
-            await until(lambda: "no such configuration file" in caplog.text, message="the error to be logged")
-    assert recorder.seen == []
-
-
-def test_the_poll_interval_must_be_positive(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="poll_interval"):
-        ConfigWatcher(tmp_path / "x.toml", Config(), Recorder(), poll_interval=0)
-
-
-async def test_the_watcher_stops_cleanly(tmp_path: Path) -> None:
-    path = write(tmp_path, ROUTE)
-    watcher = ConfigWatcher(path, load_config(path, environ={}), Recorder(), environ={}, poll_interval=0.01)
-    watcher.start()
-    await watcher.stop()
-    await watcher.stop()  # twice is fine
-    assert not [task for task in asyncio.all_tasks() if task.get_name() == "config-watcher"]

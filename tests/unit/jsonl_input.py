@@ -1,0 +1,42 @@
+"""JSONL input for the validation tests of `domain.jsonl` (`test_jsonl*.py`): `line` writes one request line,
+`collect` runs the validator over chunks and keeps what it yielded and raised."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import orjson
+
+from fusillade import errors
+from fusillade.domain import jsonl, models, served
+
+CHAT = "/v1/chat/completions"
+
+
+def line(custom_id: Any = "r1", *, method: Any = "POST", url: Any = CHAT, body: Any = None, **extra: Any) -> bytes:
+    record = {"custom_id": custom_id, "method": method, "url": url, "body": body or {"model": "m"}, **extra}
+    return orjson.dumps(record) + b"\n"
+
+
+async def collect(
+    chunks: AsyncIterator[bytes] | Iterable[bytes],
+    limits: jsonl.Limits = jsonl.DEFAULT_LIMITS,
+    model_allowed: Callable[[str], bool] | None = None,
+    routing: served.ServedModels | None = None,
+) -> tuple[list[models.TemplateInput], errors.ValidationError | None]:
+    """Every template yielded, and the ValidationError raised at the end (if any)."""
+    if not isinstance(chunks, AsyncIterator):
+        chunks = from_list(list(chunks))
+    templates = []
+    try:
+        async for template in jsonl.validate(chunks, limits, model_allowed=model_allowed, served=routing):
+            templates.append(template)
+    except errors.ValidationError as exc:
+        return templates, exc
+    return templates, None
+
+
+async def from_list(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
