@@ -20,8 +20,8 @@ import pytest
 from fusillade import clock as clocks
 from fusillade.domain import ids, models, states, transitions
 from fusillade.storage import base
-from fusillade.storage.postgres import fenced_writes
-from fusillade.storage.sqlite import fenced_writes as sqlite_fenced_writes
+from fusillade.storage.postgres import rows as postgres_rows
+from fusillade.storage.sqlite import rows as sqlite_rows
 from tests.support import backends, factories
 
 State = states.RequestState
@@ -229,25 +229,29 @@ async def test_operation_from_every_state(
 async def test_state_predicates_select_exactly_their_states(
     backend: backends.Backend, storage: base.Storage
 ) -> None:
-    """The function each backend renders its fences with, for every set of states, on the real table (on
-    PostgreSQL, claimed and processing are one stored state told apart by `started_at`)."""
+    """The function each backend renders its state conditions with, for every set of states, with and without a
+    table alias, on the real table (on PostgreSQL, claimed and processing are one stored state told apart by
+    `started_at`)."""
     _, _, placed = await _one_per_state(storage)
     subsets = [
         frozenset(subset) for size in range(len(State) + 1) for subset in itertools.combinations(State, size)
     ]
-    selected: list[set[uuid.UUID]] = []
     if backend.is_postgres:
         connection = await asyncpg.connect(backend.location)
         try:
             for subset in subsets:
-                sql = f"SELECT r.id FROM requests r WHERE {fenced_writes.state_predicate(subset)}"
-                selected.append({uuid.UUID(int=row[0].int) for row in await connection.fetch(sql)})
+                for alias in ("r", ""):
+                    table = f"requests {alias}" if alias else "requests"
+                    sql = f"SELECT id FROM {table} WHERE {postgres_rows.state_predicate(subset, alias=alias)}"
+                    found = {uuid.UUID(int=row[0].int) for row in await connection.fetch(sql)}
+                    assert found == {placed[state] for state in subset}, (sorted(subset), alias)
         finally:
             await connection.close()
     else:
         with contextlib.closing(sqlite3.connect(backend.location)) as database:
             for subset in subsets:
-                sql = f"SELECT id FROM requests WHERE {sqlite_fenced_writes.state_predicate(subset)}"
-                selected.append({uuid.UUID(bytes=row[0]) for row in database.execute(sql)})
-    for subset, found in zip(subsets, selected, strict=True):
-        assert found == {placed[state] for state in subset}, sorted(subset)
+                for alias in ("r", ""):
+                    table = f"requests AS {alias}" if alias else "requests"
+                    sql = f"SELECT id FROM {table} WHERE {sqlite_rows.state_predicate(subset, alias=alias)}"
+                    found = {uuid.UUID(bytes=row[0]) for row in database.execute(sql)}
+                    assert found == {placed[state] for state in subset}, (sorted(subset), alias)

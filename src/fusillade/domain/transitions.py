@@ -2,15 +2,19 @@
 leaves, and who takes it. The states themselves and their diagram are in `domain.states`.
 
 This table is the rule; the code that moves requests follows it:
-- the fences of the daemon's writes (`RequestQueue.apply_writes`) are built from it: SQLite's statements and
-  `ALLOWED_FROM` (`storage/sqlite/fenced_writes.py`), PostgreSQL's WHERE clauses
-  (`storage/postgres/fenced_writes.py`, where claimed and processing are one stored state, `in_flight`);
+- the state conditions of both backends' statements are rendered from its rows by each backend's
+  `rows.state_predicate` (PostgreSQL stores claimed and processing as one state, `in_flight`, told apart by
+  `started_at`): the fences of the daemon's writes (`RequestQueue.apply_writes`, `storage/*/fenced_writes.py`,
+  and SQLite's `ALLOWED_FROM`), batch cancel, expiry and retry (`storage/*/lifecycle.py`) and reclaim
+  (`storage/*/daemons.py`); cancel on return from `CANCEL_ON_RETURN_MARKS`;
 - the daemon's group commit (`daemon/pending_writes.py`) takes from it which writes fold into a later one
   (`FOLDS`) and which refused retries count as applied (a write whose final target the request already reached);
-- the other operations are written in SQL of their own (the claim, batch cancel, expiry, retry, reclaim):
-  `tests/contract/test_transitions.py` runs each of them, and every daemon write, from every state on both
-  backends and compares the outcome with this table (`delete_batch` and `finalize_batches` cancel pending
-  requests with the statement of `cancel_batch`).
+- the claim keeps `state = 'pending'` written out, as the claim indexes' own condition
+  (`functions/claim_requests.sql` on PostgreSQL, `queue.py` on SQLite): a planner uses a partial index only for
+  a query that states it.
+`tests/contract/test_transitions.py` runs every operation from every state on both backends and compares the
+outcome with this table (`delete_batch` and `finalize_batches` cancel pending requests with the statement of
+`cancel_batch`).
 
 A transition applies only when the request is in one of its `sources` (and, for a daemon's write, still owned by
 that daemon); otherwise it changes nothing. Each operation has conditions beyond the request's state (a claim

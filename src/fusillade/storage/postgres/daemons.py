@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from fusillade import errors
-from fusillade.domain import ids, lines, models
+from fusillade.domain import ids, lines, models, transitions
 from fusillade.storage import refusals
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
@@ -39,12 +39,13 @@ WHERE status = 'running' AND last_heartbeat < $2
 
 # A request goes back to pending, or ends canceled when its batch is being cancelled or was deleted. Rows are
 # locked first (SKIP LOCKED) so that two sweeps never move the same row.
-_RECLAIM = """
+_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
+_RECLAIM = f"""
 WITH stale AS (
-    SELECT r.id, (b.cancelling_at IS NOT NULL OR b.deleted_at IS NOT NULL) AS cancel
+    SELECT r.id, ({_RETURN_CANCELS}) AS cancel
     FROM requests r
     JOIN batches b ON b.id = r.batch_id
-    WHERE r.state = 'in_flight'
+    WHERE {rows.state_predicate(transitions.RECLAIM.sources)}
       AND NOT EXISTS (SELECT 1 FROM daemons d WHERE d.id = r.daemon_id AND d.status = 'running')
     LIMIT $1
     FOR UPDATE OF r SKIP LOCKED

@@ -1,12 +1,12 @@
 """Fenced request writes of one daemon, group-committed: ONE statement whose data-modifying CTEs update each
 kind of command present from arrays (one UPDATE per kind, never one per row). Each UPDATE applies only to rows
 owned by the daemon and in the states its command applies from (`transitions.DAEMON_WRITES`, rendered by
-`state_predicate`); the ids it returns are the writes applied."""
+`rows.state_predicate`); the ids it returns are the writes applied."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -14,28 +14,6 @@ from typing import Any
 from fusillade.domain import ids, lines, models, states, transitions
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
-
-
-def state_predicate(allowed: Collection[states.RequestState]) -> str:
-    """The condition on request `r` that holds when its state is one of `allowed`. Storage keeps claimed and
-    processing as one state, `in_flight`, told apart by `started_at` (`rows.STATE_EXPRESSION`): claimed is
-    `r.state = 'in_flight' AND r.started_at IS NULL`, processing the same with `IS NOT NULL`, both together
-    `r.state = 'in_flight'`; the other states are stored under their own names."""
-    terms = []
-    stored = [f"'{state.value}'" for state in states.RequestState if state in allowed and not state.is_in_flight]
-    if stored:
-        terms.append(f"r.state = {stored[0]}" if len(stored) == 1 else f"r.state IN ({', '.join(stored)})")
-    in_flight = states.IN_FLIGHT_STATES.intersection(allowed)
-    if in_flight == states.IN_FLIGHT_STATES:
-        terms.append("r.state = 'in_flight'")
-    elif in_flight:
-        started = "IS NULL" if states.RequestState.CLAIMED in in_flight else "IS NOT NULL"
-        terms.append(f"r.state = 'in_flight' AND r.started_at {started}")
-    if not terms:
-        return "FALSE"
-    if len(terms) == 1:
-        return terms[0]
-    return "(" + " OR ".join(f"({term})" for term in terms) + ")"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +29,7 @@ class _Kind:
 def _kind(write: type[models.RequestWrite], columns: tuple[tuple[str, str], ...], update: str) -> _Kind:
     """A kind whose UPDATE applies only to rows of the daemon ($1) in the states `write` applies from (`{fence}`
     in `update`)."""
-    fence = f"r.daemon_id = $1 AND {state_predicate(transitions.DAEMON_WRITES[write].sources)}"
+    fence = f"r.daemon_id = $1 AND {rows.state_predicate(transitions.DAEMON_WRITES[write].sources)}"
     return _Kind(write, columns, update.format(source="{source}", fence=fence))
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from fusillade import errors
-from fusillade.domain import ids, lines, models, states
+from fusillade.domain import ids, lines, models, states, transitions
 from fusillade.storage import refusals
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
@@ -28,11 +28,11 @@ WHERE id = $1 AND deleted_at IS NULL AND ($2::text IS NULL OR owner = $2)
 FOR UPDATE
 """
 
-_CANCEL_PENDING = """
+_CANCEL_PENDING = f"""
 UPDATE requests
 SET state = 'canceled', finished_at = $2, error_code = $3, error_message = $4,
     result_bytes = custom_id_bytes + $5
-WHERE batch_id = ANY($1::uuid[]) AND state = 'pending'
+WHERE batch_id = ANY($1::uuid[]) AND {rows.state_predicate(transitions.CANCEL_PENDING.sources, alias="")}
 """
 
 _MARK_CANCELLING = """
@@ -47,12 +47,12 @@ SET cancelling_at = $2::timestamptz,
 WHERE id = $1
 """
 
-_RETRY_FAILED = """
+_RETRY_FAILED = f"""
 UPDATE requests r
 SET state = 'pending', attempt = 0, not_before = NULL, daemon_id = NULL, claimed_at = NULL, started_at = NULL,
     finished_at = NULL, response_status = NULL, response_body = NULL, error_code = NULL, error_message = NULL,
     result_bytes = 0
-WHERE r.batch_id = $1 AND r.state = 'failed'
+WHERE r.batch_id = $1 AND {rows.state_predicate(transitions.RETRY_FAILED.sources)}
 """
 
 _REOPEN = "UPDATE batches SET finalizing_at = NULL, completed_at = NULL WHERE id = $1"
@@ -79,11 +79,11 @@ LIMIT $2
 FOR UPDATE SKIP LOCKED
 """
 
-_EXPIRE_REQUESTS = """
+_EXPIRE_REQUESTS = f"""
 UPDATE requests
 SET state = 'failed', finished_at = $2, error_code = $3, error_message = $4, response_status = NULL,
     response_body = NULL, result_bytes = custom_id_bytes + $5
-WHERE batch_id = ANY($1::uuid[]) AND (state = 'pending' OR state = 'in_flight')
+WHERE batch_id = ANY($1::uuid[]) AND {rows.state_predicate(transitions.EXPIRE.sources, alias="")}
 """
 
 _MARK_EXPIRED = "UPDATE batches SET expired_at = $2 WHERE id = ANY($1::uuid[])"

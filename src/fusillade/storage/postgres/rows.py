@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -220,3 +220,28 @@ def daemon_from_row(row: asyncpg.Record) -> models.DaemonRecord:
 def owner_parameter(owner: models.OwnerScope) -> str | None:
     """The `$owner` parameter of scoped queries: None stands for every owner (`owner_matches`)."""
     return None if owner is models.ALL_OWNERS else str(owner)
+
+
+def state_predicate(allowed: Collection[states.RequestState], *, alias: str = "r") -> str:
+    """The condition on a request row (of table alias `alias`; "" for none) that holds when its state is one of
+    `allowed` (a set of the transition table, `domain.transitions`). Storage keeps claimed and processing as one
+    state, `in_flight`, told apart by `started_at` (`STATE_EXPRESSION`): claimed is `state = 'in_flight' AND
+    started_at IS NULL`, processing the same with `IS NOT NULL`, both together `state = 'in_flight'`; the other
+    states are stored under their own names."""
+    prefix = f"{alias}." if alias else ""
+    terms = []
+    stored = [f"'{state.value}'" for state in states.RequestState if state in allowed and not state.is_in_flight]
+    if stored:
+        column = f"{prefix}state"
+        terms.append(f"{column} = {stored[0]}" if len(stored) == 1 else f"{column} IN ({', '.join(stored)})")
+    in_flight = states.IN_FLIGHT_STATES.intersection(allowed)
+    if in_flight == states.IN_FLIGHT_STATES:
+        terms.append(f"{prefix}state = 'in_flight'")
+    elif in_flight:
+        started = "IS NULL" if states.RequestState.CLAIMED in in_flight else "IS NOT NULL"
+        terms.append(f"{prefix}state = 'in_flight' AND {prefix}started_at {started}")
+    if not terms:
+        return "FALSE"
+    if len(terms) == 1:
+        return terms[0]
+    return "(" + " OR ".join(f"({term})" for term in terms) + ")"

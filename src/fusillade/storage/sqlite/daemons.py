@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import orjson
 
 from fusillade import errors
-from fusillade.domain import ids, lines, models, states
+from fusillade.domain import ids, lines, models, states, transitions
 from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import rows
@@ -25,23 +25,27 @@ MARK_STALE_DEAD = """
 UPDATE daemons SET status = 'dead', stopped_at = COALESCE(stopped_at, ?1)
 WHERE status = 'running' AND last_heartbeat < ?2
 """
-SELECT_ORPHANS = """
-SELECT r.id, (b.id IS NULL OR b.cancelling_at IS NOT NULL OR b.deleted_at IS NOT NULL) AS cancel
+# Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`), or a batch row gone.
+_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
+_RECLAIMABLE = rows.state_predicate(transitions.RECLAIM.sources)
+_RECLAIMABLE_ROW = rows.state_predicate(transitions.RECLAIM.sources, alias="r")
+SELECT_ORPHANS = f"""
+SELECT r.id, (b.id IS NULL OR {_RETURN_CANCELS}) AS cancel
 FROM requests AS r
 LEFT JOIN daemons AS d ON d.id = r.daemon_id
 LEFT JOIN batches AS b ON b.id = r.batch_id
-WHERE r.claimed_at IS NOT NULL AND r.finished_at IS NULL AND r.state IN ('claimed', 'processing')
+WHERE r.claimed_at IS NOT NULL AND r.finished_at IS NULL AND {_RECLAIMABLE_ROW}
     AND (d.id IS NULL OR d.status = 'dead')
 LIMIT ?
 """
-RETURN_TO_PENDING = """
+RETURN_TO_PENDING = f"""
 UPDATE requests SET state = 'pending', daemon_id = NULL, claimed_at = NULL, started_at = NULL
-WHERE id = ? AND state IN ('claimed', 'processing')
+WHERE id = ? AND {_RECLAIMABLE}
 """
-CANCEL_ORPHAN = """
+CANCEL_ORPHAN = f"""
 UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
     result_bytes = ? + custom_id_bytes
-WHERE id = ? AND state IN ('claimed', 'processing')
+WHERE id = ? AND {_RECLAIMABLE}
 """
 
 

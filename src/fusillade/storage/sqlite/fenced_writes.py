@@ -5,12 +5,13 @@ from. Runs inside the transaction of a tick (`RequestQueue.apply_writes[_and_cla
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
 from fusillade.domain import ids, lines, models, states, transitions
 from fusillade.storage.sqlite import connection as connections
+from fusillade.storage.sqlite import rows
 
 # The ids of a write group travel as one BLOB of concatenated 16-byte UUIDs, split here in SQL: one cached
 # statement whatever the group size.
@@ -24,20 +25,10 @@ SELECT r.id, r.state, r.daemon_id FROM wanted JOIN requests AS r ON r.id = wante
 """
 
 
-def state_predicate(allowed: Collection[states.RequestState]) -> str:
-    """The condition on a request row that holds when its state is one of `allowed`: `state = '…'` or
-    `state IN ('…', …)` (in the order of `RequestState`; `FALSE` for no state). SQLite stores every state under
-    its own name."""
-    if not allowed:
-        return "FALSE"
-    values = [f"'{state.value}'" for state in states.RequestState if state in allowed]
-    return f"state = {values[0]}" if len(values) == 1 else f"state IN ({', '.join(values)})"
-
-
 def _fence(write: type[models.RequestWrite]) -> str:
     """The WHERE clause of a daemon's write (its last two parameters are the request and the daemon): the row
     is the daemon's and in a state the transition table lets the write apply from."""
-    return f" WHERE id = ? AND daemon_id = ? AND {state_predicate(transitions.DAEMON_WRITES[write].sources)}"
+    return f" WHERE id = ? AND daemon_id = ? AND {rows.state_predicate(transitions.DAEMON_WRITES[write].sources)}"
 
 
 MARK_PROCESSING = "UPDATE requests SET state = 'processing', started_at = ?" + _fence(models.MarkProcessing)

@@ -9,17 +9,17 @@ from datetime import datetime, timedelta
 from typing import Final
 
 from fusillade import errors
-from fusillade.domain import ids, lines, models
+from fusillade.domain import ids, lines, models, transitions
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import files, rows
 from fusillade.storage.sqlite.batches import batch_from_row, get_batch, visible_batch_row
 
 _UNFINISHED: Final = "completed_at IS NULL AND failed_at IS NULL AND expired_at IS NULL AND cancelled_at IS NULL"
 
-CANCEL_PENDING = """
+CANCEL_PENDING = f"""
 UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
     result_bytes = ? + custom_id_bytes
-WHERE batch_id = ? AND state = 'pending'
+WHERE batch_id = ? AND {rows.state_predicate(transitions.CANCEL_PENDING.sources)}
 """
 ANY_IN_FLIGHT = """
 SELECT EXISTS (
@@ -28,11 +28,11 @@ SELECT EXISTS (
 )
 """
 MARK_CANCELLING = "UPDATE batches SET cancelling_at = ?, cancelled_at = ? WHERE id = ?"
-RETRY_FAILED = """
+RETRY_FAILED = f"""
 UPDATE requests SET state = 'pending', attempt = 0, not_before = NULL, daemon_id = NULL, claimed_at = NULL,
     started_at = NULL, finished_at = NULL, response_status = NULL, response_body = NULL, error_code = NULL,
     error_message = NULL, result_bytes = 0
-WHERE batch_id = ? AND state = 'failed'
+WHERE batch_id = ? AND {rows.state_predicate(transitions.RETRY_FAILED.sources)}
 """
 REOPEN_BATCH = "UPDATE batches SET finalizing_at = NULL, completed_at = NULL WHERE id = ?"
 DELETE_BATCH = "UPDATE batches SET deleted_at = ?, idempotency_key = NULL WHERE id = ?"
@@ -42,10 +42,10 @@ SELECT id FROM batches
 WHERE {_UNFINISHED} AND cancelling_at IS NULL AND deleted_at IS NULL AND expires_at <= ?
 ORDER BY expires_at, id LIMIT ?
 """
-EXPIRE_REQUESTS = """
+EXPIRE_REQUESTS = f"""
 UPDATE requests SET state = 'failed', finished_at = ?, error_code = ?, error_message = ?,
     result_bytes = ? + custom_id_bytes
-WHERE batch_id = ? AND state IN ('pending', 'claimed', 'processing')
+WHERE batch_id = ? AND {rows.state_predicate(transitions.EXPIRE.sources)}
 """
 MARK_EXPIRED = "UPDATE batches SET expired_at = ? WHERE id = ?"
 SELECT_FINISHED = f"""

@@ -7,7 +7,7 @@ so a query and the code reading its rows cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Final, NamedTuple
 
 import orjson
@@ -247,3 +247,14 @@ def daemon_from_row(row: DaemonRow) -> models.DaemonRecord:
         stopped_at=_micros_or_none(row.stopped_at),
         in_flight=row.in_flight,
     )
+
+
+def state_predicate(allowed: Collection[states.RequestState], *, alias: str = "") -> str:
+    """The condition on a request row (of table alias `alias`, if any) that holds when its state is one of
+    `allowed` (a set of the transition table, `domain.transitions`): `state = '…'` or `state IN ('…', …)` (in the
+    order of `RequestState`; `FALSE` for no state). SQLite stores every state under its own name."""
+    if not allowed:
+        return "FALSE"
+    column = f"{alias}.state" if alias else "state"
+    values = [f"'{state.value}'" for state in states.RequestState if state in allowed]
+    return f"{column} = {values[0]}" if len(values) == 1 else f"{column} IN ({', '.join(values)})"
