@@ -47,6 +47,7 @@ check: lint typecheck
 test: check pytest
 
 bench: install
+	$(PY) bench/daemon_throughput.py
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/upload_memory.py
 
