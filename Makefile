@@ -46,7 +46,10 @@ check: lint typecheck
 
 test: check pytest
 
+# The daemon's benchmark runs against Debian's nginx (installed here when missing, which needs root; or set
+# FUSILLADE_BENCH_NGINX to another nginx binary).
 bench: install
+	@test -n "$$FUSILLADE_BENCH_NGINX" || test -x /usr/sbin/nginx || (apt-get install -y -qq --no-install-recommends nginx || (apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx))
 	$(PY) bench/daemon_throughput.py
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/upload_memory.py
