@@ -28,8 +28,10 @@ from tests.support.processes import Processes
 
 pytestmark = [pytest.mark.reliability, pytest.mark.solo, pytest.mark.timeout(600)]
 
-FLOOR = 0.5
-"""The least share of the idle completion rate the batch must keep under load (in CI)."""
+FLOOR = 0.4
+"""The least share of the idle completion rate the batch must keep under load (in CI): a guard against the
+starvation issue 13 fixed (35% then on a machine where serve now keeps 71%), below the spread of the fixed code on
+the slowest machine kind CI runs on (47-60% on SQLite, docs/reliability.md)."""
 READ_P99 = 2.0
 """Seconds: the most the 99th percentile of batch reads may take under the load (the goal is 1 s)."""
 UPSTREAM_LATENCY_MS = "50"
