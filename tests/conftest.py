@@ -51,6 +51,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=short)
 
 
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    """A directory for spooled uploads (the service's `spool_directory`)."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    return directory
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No FUSILLADE_* variable of the developer's shell or CI may change what a test sees (the test server URL

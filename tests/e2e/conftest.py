@@ -24,13 +24,6 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    directory = tmp_path / "spool"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 async def api(storage: base.Storage, spool: Path, registry: CollectorRegistry) -> AsyncIterator[RunningApi]:
     async with running_api(
         storage, limits=jsonl.Limits(max_bytes=MAX_BYTES), spool_directory=spool, registry=registry

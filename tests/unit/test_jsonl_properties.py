@@ -14,20 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusillade.domain import jsonl
+from tests.support import strategies
 from tests.unit.jsonl_input import CHAT, collect, line
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12,
-)
+json_values = strategies.json_values(max_leaves=12)
 names = st.characters(exclude_categories=["Cc", "Cs"])
 """custom_ids and model names: any character but control characters (refused in both)."""
 bodies = st.builds(

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusillade.domain import ids, lines, models, states
+from tests.support import strategies
 
 FINISHED = datetime(2025, 1, 1, tzinfo=UTC)
 REQUEST_ID = ids.RequestId(uuid.UUID(int=0xABC))
@@ -126,18 +127,7 @@ def test_sizes_of_fixed_examples() -> None:
     )
 
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
-)
-json_bodies = st.recursive(
-    json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=10,
-).map(lambda value: orjson.dumps(value).decode())
+json_bodies = strategies.json_values(max_leaves=10).map(lambda value: orjson.dumps(value).decode())
 custom_ids = st.text(min_size=1, max_size=64)
 request_ids = st.uuids().map(ids.RequestId)
 

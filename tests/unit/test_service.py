@@ -50,13 +50,6 @@ def wakeups() -> Wakeups:
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    directory = tmp_path / "spool"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
 def service(storage: base.Storage, clock: clocks.ManualClock, wakeups: Wakeups, spool: Path) -> Service:
     return Service(
         storage,
