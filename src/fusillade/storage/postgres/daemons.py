@@ -39,10 +39,9 @@ WHERE status = 'running' AND last_heartbeat < $2
 
 # A request goes back to pending, or ends canceled when its batch is being cancelled or was deleted. Rows are
 # locked first (SKIP LOCKED) so that two sweeps never move the same row.
-_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
 _RECLAIM = f"""
 WITH stale AS (
-    SELECT r.id, ({_RETURN_CANCELS}) AS cancel
+    SELECT r.id, ({rows.CANCEL_ON_RETURN}) AS cancel
     FROM requests r
     JOIN batches b ON b.id = r.batch_id
     WHERE {rows.state_predicate(transitions.RECLAIM.sources)}

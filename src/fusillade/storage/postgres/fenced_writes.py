@@ -116,14 +116,13 @@ _KINDS = {
 
 # Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`): a request its daemon rescheduled or released while
 # its batch is being cancelled (or was deleted) ends canceled instead of pending, in the same transaction.
-_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
 _CANCEL_RETURNED = f"""
 UPDATE requests r
 SET state = 'canceled', finished_at = $2, error_code = $3, error_message = $4,
     result_bytes = r.custom_id_bytes + $5
 FROM batches b
 WHERE r.id = ANY($1::uuid[]) AND r.state = 'pending' AND b.id = r.batch_id
-  AND ({_RETURN_CANCELS})
+  AND ({rows.CANCEL_ON_RETURN})
 """
 _RETURNING_WRITES = tuple(
     kind for kind, transition in transitions.DAEMON_WRITES.items() if transition.returns_to_queue

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from fusillade.domain import ids, models, states
+from fusillade.domain import ids, models, states, transitions
 from fusillade.storage import refusals
 
 FILE_COLUMNS = """
@@ -245,3 +245,8 @@ def state_predicate(allowed: Collection[states.RequestState], *, alias: str = "r
     if len(terms) == 1:
         return terms[0]
     return "(" + " OR ".join(f"({term})" for term in terms) + ")"
+
+
+CANCEL_ON_RETURN = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
+"""The condition on batch `b` under which a request handed back to the queue ends canceled instead
+(`transitions.CANCEL_ON_RETURN_MARKS`): its batch is being cancelled or was deleted."""

@@ -26,11 +26,10 @@ UPDATE daemons SET status = 'dead', stopped_at = COALESCE(stopped_at, ?1)
 WHERE status = 'running' AND last_heartbeat < ?2
 """
 # Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`), or a batch row gone.
-_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
 _RECLAIMABLE = rows.state_predicate(transitions.RECLAIM.sources)
 _RECLAIMABLE_ROW = rows.state_predicate(transitions.RECLAIM.sources, alias="r")
 SELECT_ORPHANS = f"""
-SELECT r.id, (b.id IS NULL OR {_RETURN_CANCELS}) AS cancel
+SELECT r.id, (b.id IS NULL OR {rows.CANCEL_ON_RETURN}) AS cancel
 FROM requests AS r
 LEFT JOIN daemons AS d ON d.id = r.daemon_id
 LEFT JOIN batches AS b ON b.id = r.batch_id

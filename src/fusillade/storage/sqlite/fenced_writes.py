@@ -56,12 +56,11 @@ CANCEL = (
 
 # Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`): a request its daemon rescheduled or released while
 # its batch is being cancelled (or was deleted) ends canceled instead of pending, in the same transaction.
-_RETURN_CANCELS = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
 CANCEL_RETURNED = f"""
 UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
     result_bytes = ? + custom_id_bytes
 WHERE id = ? AND state = 'pending' AND EXISTS (
-    SELECT 1 FROM batches AS b WHERE b.id = requests.batch_id AND ({_RETURN_CANCELS})
+    SELECT 1 FROM batches AS b WHERE b.id = requests.batch_id AND ({rows.CANCEL_ON_RETURN})
 )
 """
 _RETURNING_WRITES = tuple(

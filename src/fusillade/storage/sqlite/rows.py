@@ -12,7 +12,7 @@ from typing import Final, NamedTuple
 
 import orjson
 
-from fusillade.domain import ids, models, states
+from fusillade.domain import ids, models, states, transitions
 from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 
@@ -258,3 +258,8 @@ def state_predicate(allowed: Collection[states.RequestState], *, alias: str = ""
     column = f"{alias}.state" if alias else "state"
     values = [f"'{state.value}'" for state in states.RequestState if state in allowed]
     return f"{column} = {values[0]}" if len(values) == 1 else f"{column} IN ({', '.join(values)})"
+
+
+CANCEL_ON_RETURN = " OR ".join(f"b.{mark} IS NOT NULL" for mark in transitions.CANCEL_ON_RETURN_MARKS)
+"""The condition on batch `b` under which a request handed back to the queue ends canceled instead
+(`transitions.CANCEL_ON_RETURN_MARKS`): its batch is being cancelled or was deleted."""
