@@ -43,7 +43,15 @@ class Calls:
     def start(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
         """Start the request's call (its slot counts as taken from now on)."""
         self._lanes.started(request)
-        self._tasks[request.id] = asyncio.create_task(self._run(request, executor))
+        abort_reason = functools.partial(self._abort_reasons.get, request.id)
+        finished = functools.partial(self._ended, request)
+        if self._headers.wanted():
+            call = self._with_headers(request, executor, abort_reason, finished)
+        else:
+            # The executor's coroutine is the task itself: no coroutine around it, as each level between the
+            # task and aiohttp costs at every suspension of the call.
+            call = executor.execute(request, headers=None, abort_reason=abort_reason, finished=finished)
+        self._tasks[request.id] = asyncio.create_task(call)
 
     def abort(self, request_id: ids.RequestId, reason: AbortReason) -> None:
         """Cancel the request's call, if it runs and was not aborted already; `reason` tells its task why."""
@@ -63,17 +71,28 @@ class Calls:
         with contextlib.suppress(TimeoutError):
             await self._context.clock.wait_for(asyncio.wait(list(self._tasks.values())), within)
 
-    async def _run(self, request: models.ClaimedRequest, executor: RequestExecutor) -> None:
+    async def _with_headers(
+        self,
+        request: models.ClaimedRequest,
+        executor: RequestExecutor,
+        abort_reason: Callable[[], AbortReason | None],
+        finished: Callable[[], None],
+    ) -> None:
         try:
-            await executor.execute(
-                request,
-                headers=await self._headers.for_call(request) if self._headers.wanted() else None,
-                abort_reason=functools.partial(self._abort_reasons.get, request.id),
-            )
+            headers = await self._headers.for_call(request)
         except Exception:
-            logger.exception("Request %s: its task failed.", ids.request_wire(request.id))
-        finally:
-            self._tasks.pop(request.id, None)
+            logger.exception("Request %s: its extra headers failed.", ids.request_wire(request.id))
+            finished()
+            return
+        except BaseException:
+            finished()
+            raise
+        await executor.execute(request, headers=headers, abort_reason=abort_reason, finished=finished)
+
+    def _ended(self, request: models.ClaimedRequest) -> None:
+        """The call ended, however it ended (called by its task, before the task ends): free its slot."""
+        self._tasks.pop(request.id, None)
+        if self._abort_reasons:
             self._abort_reasons.pop(request.id, None)
-            self._lanes.finished(request)
-            self._on_finished()
+        self._lanes.finished(request)
+        self._on_finished()

@@ -25,6 +25,8 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Protocol
 
+from prometheus_client import Counter
+
 from fusillade.clock import Clock
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.pending_writes import PendingWrites, WriteResult
@@ -186,6 +188,7 @@ class RequestExecutor:
         self._on_retry_scheduled = on_retry_scheduled
         self._on_lane_paused = on_lane_paused
         self._random = random.Random()
+        self._count_completed: dict[Counter, Callable[[WriteResult], None]] = {}
 
     async def execute(
         self,
@@ -193,16 +196,47 @@ class RequestExecutor:
         *,
         headers: Mapping[str, str] | None,
         abort_reason: Callable[[], AbortReason | None],
+        finished: Callable[[], None],
     ) -> None:
         """Run the request's call and submit its state write (committed with the daemon's next tick; the task
         does not wait for it). Cancelling the task aborts the call; `abort_reason` then says why (None: the
-        caller itself is being cancelled, and the cancellation propagates)."""
+        caller itself is being cancelled, and the cancellation propagates). `finished` is called at the end,
+        however it ends, before the task ends: the write submitted and the slot freed reach the same tick.
+        This coroutine is the call's task itself (see `Calls.start`): it logs a failure (a bug) instead of
+        raising it."""
+        try:
+            start = self._start(request)
+            if start is None:
+                return
+            route, deadline = start
+            started = time.perf_counter()  # for the metrics only: the real duration of the call
+            try:
+                result = await self._client.send(request, route, headers=headers, deadline=deadline)
+            except TimeoutError:  # the batch deadline passed during the call: the expiry sweep fails the row
+                self._metrics.model(request.model).latency["expired"].observe(time.perf_counter() - started)
+                return
+            except asyncio.CancelledError:
+                reason = abort_reason()
+                if reason is None:
+                    raise
+                await self._after_abort(request, reason)
+                return
+            finally:
+                marked = self._marks.ended(request.id)
+            self._submit(request, result, marked=marked, duration=time.perf_counter() - started)
+        except Exception:
+            logger.exception("Request %s: its task failed.", ids.request_wire(request.id))
+        finally:
+            finished()
+
+    def _start(self, request: models.ClaimedRequest) -> tuple[Route, float] | None:
+        """The route and deadline (event loop time) of a call that may start now; None when it may not (its
+        request is given back)."""
         route = self._lanes.route(request.model)
         if route is None:
             # The model left the routing table after the claim: give the request back.
             self._writes.submit(models.Release(request.id))
-            return
-        loop = asyncio.get_running_loop()
+            return None
         settings = self._settings
         now = self._clock.now()
         if now - request.claimed_at > settings.claim_max_age:
@@ -214,28 +248,29 @@ class RequestExecutor:
             )
             self._metrics.stale_claims.inc()
             self._writes.submit(models.Release(request.id))
-            return
+            return None
         self._marks.started(request.id, self._clock.monotonic())
         remaining = (request.deadline + settings.expiry_grace - now).total_seconds()
-        started = time.perf_counter()  # for the metrics only: the real duration of the call
-        try:
-            result = await self._client.send(request, route, headers=headers, deadline=loop.time() + remaining)
-        except TimeoutError:  # the batch deadline passed during the call: the expiry sweep fails the row
-            self._metrics.model(request.model).latency["expired"].observe(time.perf_counter() - started)
+        return route, asyncio.get_running_loop().time() + remaining
+
+    def _submit(
+        self, request: models.ClaimedRequest, result: outcomes.Outcome, *, marked: bool, duration: float
+    ) -> None:
+        """Submit the write the call's outcome calls for."""
+        instruments = self._metrics.model(request.model)
+        if type(result) is outcomes.Success:
+            # The common case, kept short: one write, counted by a callback made once per model label.
+            instruments.latency["success"].observe(duration)
+            self._writes.submit(
+                models.Complete(request.id, result.status_code, result.body),
+                self._completed(instruments.finished["completed"]),
+            )
             return
-        except asyncio.CancelledError:
-            reason = abort_reason()
-            if reason is None:
-                raise
-            await self._after_abort(request, reason)
-            return
-        finally:
-            marked = self._marks.ended(request.id)
-        self._metrics.model(request.model).latency[_result_label(result)].observe(time.perf_counter() - started)
+        instruments.latency[_result_label(result)].observe(duration)
         if isinstance(result, outcomes.Retriable) and result.status_code == 429:
             self._pause_lane(request.model, result.retry_after)
         decision = decide_write(
-            request, result, policy=settings.retry, now=self._clock.now(), random_value=self._random.random()
+            request, result, policy=self._settings.retry, now=self._clock.now(), random_value=self._random.random()
         )
         if not marked and isinstance(decision.write, models.Reschedule):
             self._writes.submit(models.MarkProcessing(request.id))  # a retry starts from processing
@@ -260,6 +295,20 @@ class RequestExecutor:
         if self._lanes.pause(model, self._clock.monotonic() + pause.total_seconds()):
             self._metrics.paused(model)
             self._on_lane_paused()
+
+    def _completed(self, completed: Counter) -> Callable[[WriteResult], None]:
+        """The callback that counts an applied `Complete` on `completed` (one per model label)."""
+        counted = self._count_completed.get(completed)
+        if counted is None:
+
+            def counted(written: WriteResult) -> None:
+                if written.applied:
+                    completed.inc()
+                else:
+                    logger.debug("A Complete write was refused (finished, expired or reclaimed meanwhile).")
+
+            self._count_completed[completed] = counted
+        return counted
 
     def _count(self, request: models.ClaimedRequest, decision: Decision, written: WriteResult) -> None:
         if not written.applied:

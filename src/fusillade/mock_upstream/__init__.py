@@ -7,7 +7,11 @@ counters of what it saw (`UpstreamStats`).
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fusillade.mock_upstream.behaviour import (
+    CUSTOM_ID_HEADER,
     NO_LATENCY,
     Behaviour,
     ConnectionReset,
@@ -25,10 +29,20 @@ from fusillade.mock_upstream.behaviour import (
     UniformLatency,
     choose_fault,
 )
-from fusillade.mock_upstream.command import main, run
 from fusillade.mock_upstream.responses import embedding_vector, prompt_of, reply_text
-from fusillade.mock_upstream.server import CUSTOM_ID_HEADER, MockUpstream
 from fusillade.mock_upstream.stats import Arrival, UpstreamStats
+
+if TYPE_CHECKING:
+    from fusillade.mock_upstream.command import main, run
+    from fusillade.mock_upstream.server import MockUpstream
+
+_LAZY = {
+    "MockUpstream": "fusillade.mock_upstream.server",
+    "main": "fusillade.mock_upstream.command",
+    "run": "fusillade.mock_upstream.command",
+}
+"""Imported when first asked for: the server (aiohttp's web framework) is not loaded by a process that only
+registers the `mock-upstream` command, such as every other `fusillade` command."""
 
 __all__ = [
     "CUSTOM_ID_HEADER",
@@ -57,3 +71,13 @@ __all__ = [
     "reply_text",
     "run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a lazily loaded name from its module the first time it is asked for (PEP 562)."""
+    home = _LAZY.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

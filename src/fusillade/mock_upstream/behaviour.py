@@ -25,6 +25,9 @@ from types import MappingProxyType
 _Z_99 = 2.3263478740408408
 """The 99th percentile of the standard normal distribution."""
 
+CUSTOM_ID_HEADER = "X-Fusillade-Custom-Id"
+"""The header a request's custom id comes in (the daemon sets it): faults counted per custom id use it."""
+
 
 # ------------------------------------------------------------------------------------------- latency
 

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from fusillade.mock_upstream.behaviour import (
+    CUSTOM_ID_HEADER,
     NO_LATENCY,
     Behaviour,
     ConnectionReset,
@@ -24,7 +25,6 @@ from fusillade.mock_upstream.behaviour import (
     LogNormalLatency,
     UniformLatency,
 )
-from fusillade.mock_upstream.server import CUSTOM_ID_HEADER, MockUpstream
 
 
 async def run(
@@ -41,6 +41,9 @@ async def run(
     loop = asyncio.get_running_loop()
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, stop.set)
+    # Imported here: registering this command (every `fusillade` command does) must not load aiohttp's server.
+    from fusillade.mock_upstream.server import MockUpstream
+
     try:
         upstream = MockUpstream(
             behaviour, host=host, port=port, track_custom_ids=track_custom_ids, header_history=header_history

@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from fusillade.mock_upstream.behaviour import (
+    CUSTOM_ID_HEADER,
     FAULT_KINDS,
     Behaviour,
     ConnectionReset,
@@ -46,7 +47,6 @@ from fusillade.mock_upstream.responses import (
 )
 from fusillade.mock_upstream.stats import Arrival, UpstreamStats
 
-CUSTOM_ID_HEADER = "X-Fusillade-Custom-Id"
 STREAM_HEADER = "X-Fusillade-Stream"
 """Like the onwards proxy of the Rust original, `X-Fusillade-Stream: true` asks for a stream with usage."""
 MALFORMED_EVENT = b"data: {this is not JSON\n\n"

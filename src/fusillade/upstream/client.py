@@ -40,7 +40,7 @@ import yarl
 from fusillade.clock import SystemClock, WallClock
 from fusillade.domain import ids, models
 from fusillade.upstream import classify, reassemble, sse, stream_request
-from fusillade.upstream.outcome import Outcome, Retriable, Success
+from fusillade.upstream.outcome import Outcome, Permanent, Retriable, Success
 from fusillade.upstream.routes import PhaseTimeouts, Route
 
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -121,44 +121,17 @@ class UpstreamClient:
         session = self._session
         if session is None:
             raise RuntimeError("UpstreamClient is not open: use `async with UpstreamClient(...) as client`.")
-        if deadline is not None and deadline <= asyncio.get_running_loop().time():
+        loop = asyncio.get_running_loop()
+        if deadline is not None and deadline <= loop.time():
             # Checked here, not left to the timer: on a pooled connection aiohttp writes the request before the
             # first suspension, so a timer already due would still let it reach the upstream.
             raise TimeoutError("the caller's deadline passed before the call started")
-        try:
-            url = _target(route.base_url, request.url)
-        except ValueError as exc:
-            outcome: Outcome = classify.invalid_request(f"no valid URL from the route and path ({exc})")
-            return self._logged(request, outcome)
-        new_reassembler = _reassembler_factory(request.url)
-        body: bytes
-        if route.stream and new_reassembler is not None:
-            streaming_body = stream_request.streaming_body(
-                request.body.encode(), usage=new_reassembler is not reassemble.ResponsesReassembler
-            )
-            if streaming_body is None:
-                outcome = classify.invalid_request("a streamed request needs a JSON object body")
-                return self._logged(request, outcome)
-            body = streaming_body
-        else:
-            body = request.body.encode()
-        outcome = await self._call(
-            session, request.method, url, body, _headers(request, route, headers), route, new_reassembler, deadline
-        )
-        return self._logged(request, outcome)
-
-    async def _call(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: yarl.URL,
-        body: bytes,
-        headers: Mapping[str, str],
-        route: Route,
-        new_reassembler: Callable[[], reassemble.Reassembler] | None,
-        deadline: float | None,
-    ) -> Outcome:
-        loop = asyncio.get_running_loop()
+        prepared = _prepare(request, route)
+        if not isinstance(prepared, tuple):
+            return self._logged(request, prepared)
+        url, body, new_reassembler = prepared
+        # The call itself is in this coroutine, not one more: every suspension of a call (and a call has a few)
+        # resumes through each coroutine between the task and aiohttp, so each level costs on every call.
         timers = _Timers(loop, route.timeouts, deadline)
         scope = asyncio.timeout_at(timers.first_byte_deadline)
         response: aiohttp.ClientResponse | None = None
@@ -167,63 +140,54 @@ class UpstreamClient:
             async with scope:
                 try:
                     response = await session.request(
-                        method,
+                        request.method,
                         url,
                         data=body,
-                        headers=headers,
+                        headers=_headers(request, route, headers),
                         allow_redirects=False,
                         timeout=_aiohttp_timeout(route.timeouts),
                     )
                 except ValueError as exc:  # a header value aiohttp refuses (e.g. a newline), or a bad URL
-                    return classify.invalid_request(str(exc))
-                reassembler = None
-                ok = 200 <= response.status <= 299
-                if new_reassembler is not None and ok and _is_event_stream(response.headers.get("Content-Type")):
-                    reassembler = new_reassembler()
+                    return self._logged(request, classify.invalid_request(str(exc)))
+                reassembler = _stream_reassembler(new_reassembler, response)
                 if reassembler is not None:
                     reading_stream = True
                     timers.waiting_for = "first SSE event"
                     outcome = await self._read_stream(response, reassembler, scope, timers, route)
                 else:
-                    if not response.content.is_eof():  # a small body often came with the headers
+                    content = response.content
+                    if content.is_eof():  # a small body often came with the headers: no waiting
+                        data: bytes | None = _capped(content.read_nowait(), self._max_bytes)
+                    else:
                         timers.enter_idle(scope, "next body chunk")
-                    data = await self._read_body(response, scope, timers)
+                        data = await self._read_body(response, scope, timers)
                     if data is None:
-                        return classify.response_too_large(self._max_bytes)
+                        return self._logged(request, classify.response_too_large(self._max_bytes))
                     outcome = classify.classify_response(
                         response.status, response.headers, data, clock=self._clock, retry_404=route.retry_404
                     )
                 clean = True
-                return outcome
         except TimeoutError as exc:
-            if scope.expired():
-                return timers.timed_out(scope)
-            # Only the connect phase is timed by aiohttp (see `_aiohttp_timeout`).
-            limit = route.timeouts.connect
-            return classify.timeout("connect", f"no connection within {_seconds(limit)}" if limit else str(exc))
+            outcome = timers.timed_out(scope) if scope.expired() else _connect_timeout(route, exc)
         except aiohttp.ClientError as exc:
-            if reading_stream:
-                return classify.stream_error(exc)
-            return classify.connection_error(exc)
+            outcome = classify.stream_error(exc) if reading_stream else classify.connection_error(exc)
         finally:
             if response is not None:
                 if clean:
                     response.release()
                 else:
                     response.close()
+        return self._logged(request, outcome)
 
     async def _read_body(
         self, response: aiohttp.ClientResponse, scope: asyncio.Timeout, timers: _Timers
     ) -> bytes | None:
-        """The whole body, or None when it is larger than the cap."""
+        """The rest of the body (not all of it came with the headers), or None when it is larger than the cap."""
         limit = self._max_bytes
         length = response.content_length
         if length is not None and length > limit:
             return None
         content = response.content
-        if content.is_eof():  # a small body often came with the headers: no waiting
-            data = content.read_nowait()
-            return None if len(data) > limit else data
         chunks: list[bytes] = []
         size = 0
         while chunk := await content.readany():
@@ -295,15 +259,13 @@ class _Timers:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: PhaseTimeouts, deadline: float | None) -> None:
         start = loop.time()
+        first_byte, self._idle, total = _phase_seconds(timeouts)
         self._loop = loop
         self._timeouts = timeouts
         self._deadline = deadline
-        self._idle = None if timeouts.idle is None else timeouts.idle.total_seconds()
         # The caller's deadline caps the call like its total timeout (and wins a tie: see `_call`).
-        total_at = None if timeouts.total is None else start + timeouts.total.total_seconds()
-        self._total_at = _earliest(deadline, total_at)
-        first_byte_at = None if timeouts.first_byte is None else start + timeouts.first_byte.total_seconds()
-        self.first_byte_deadline = _earliest(first_byte_at, self._total_at)
+        self._total_at = _earliest(deadline, None if total is None else start + total)
+        self.first_byte_deadline = _earliest(None if first_byte is None else start + first_byte, self._total_at)
         self.phase = "first_byte"
         self.waiting_for = "response headers"
 
@@ -323,6 +285,46 @@ class _Timers:
         limit = timeouts.first_byte if self.phase == "first_byte" else timeouts.idle
         within = f" within {_seconds(limit)}" if limit is not None else ""
         return classify.timeout(self.phase, f"no {self.waiting_for}{within}")
+
+
+Reassemblers = Callable[[], reassemble.Reassembler] | None
+
+
+def _prepare(request: models.ClaimedRequest, route: Route) -> tuple[yarl.URL, bytes, Reassemblers] | Permanent:
+    """The URL and body to send, and how to reassemble a stream of the path (None: not a streaming path); or
+    why the request cannot be sent."""
+    try:
+        url = _target(route.base_url, request.url)
+    except ValueError as exc:
+        return classify.invalid_request(f"no valid URL from the route and path ({exc})")
+    new_reassembler = _reassembler_factory(request.url)
+    if route.stream and new_reassembler is not None:
+        body = stream_request.streaming_body(
+            request.body.encode(), usage=new_reassembler is not reassemble.ResponsesReassembler
+        )
+        if body is None:
+            return classify.invalid_request("a streamed request needs a JSON object body")
+        return url, body, new_reassembler
+    return url, request.body.encode(), new_reassembler
+
+
+def _stream_reassembler(
+    new_reassembler: Reassemblers, response: aiohttp.ClientResponse
+) -> reassemble.Reassembler | None:
+    """A reassembler when the response is a 2xx event stream on a streaming path; None: read it whole."""
+    if new_reassembler is None or not 200 <= response.status <= 299:
+        return None
+    return new_reassembler() if _is_event_stream(response.headers.get("Content-Type")) else None
+
+
+def _capped(data: bytes, limit: int) -> bytes | None:
+    return None if len(data) > limit else data
+
+
+def _connect_timeout(route: Route, exc: TimeoutError) -> Retriable:
+    """aiohttp's own timer ran out: only the connect phase is timed by aiohttp (see `_aiohttp_timeout`)."""
+    limit = route.timeouts.connect
+    return classify.timeout("connect", f"no connection within {_seconds(limit)}" if limit else str(exc))
 
 
 def _is_event_stream(content_type: str | None) -> bool:
@@ -360,6 +362,16 @@ def _target(base_url: str, path: str) -> yarl.URL:
 
 
 _reassembler_factory = functools.lru_cache(maxsize=256)(reassemble.reassembler_for)
+
+
+@functools.lru_cache(maxsize=64)
+def _phase_seconds(timeouts: PhaseTimeouts) -> tuple[float | None, float | None, float | None]:
+    """The first byte, idle and total limits in seconds (None: no limit), worked out once per set of limits."""
+    return _seconds_or_none(timeouts.first_byte), _seconds_or_none(timeouts.idle), _seconds_or_none(timeouts.total)
+
+
+def _seconds_or_none(limit: timedelta | None) -> float | None:
+    return None if limit is None else limit.total_seconds()
 
 
 @functools.lru_cache(maxsize=64)

@@ -189,7 +189,7 @@ def _row(write: models.RequestWrite) -> tuple[str, tuple[Any, ...]]:
 
 def _response_bytes(status: int, body: str | None) -> int:
     """Size of a result line with a response, without its custom_id (a missing body renders as `null`)."""
-    return lines.response_line_bytes(0, status, 4 if body is None else len(body.encode()))
+    return lines.response_line_bytes(0, status, 4 if body is None else lines.utf8_size(body))
 
 
 def named_requests(writes: Sequence[models.RequestWrite]) -> frozenset[ids.RequestId]:

@@ -135,9 +135,9 @@ def _statement(write: models.RequestWrite, now: int) -> tuple[str, tuple[Any, ..
         case models.MarkProcessing():
             return MARK_PROCESSING, (now,)
         case models.Complete(status_code=status, body=body):
-            return COMPLETE, (now, status, body, lines.response_line_bytes(0, status, len(body.encode())))
+            return COMPLETE, (now, status, body, lines.response_line_bytes(0, status, lines.utf8_size(body)))
         case models.Fail(status_code=int() as status, body=body):
-            size = NULL_BODY_BYTES if body is None else len(body.encode())
+            size = NULL_BODY_BYTES if body is None else lines.utf8_size(body)
             return FAIL, (now, status, body, None, None, lines.response_line_bytes(0, status, size))
         case models.Fail(code=code, message=message):
             code = code or "error"

@@ -53,7 +53,7 @@ SELECT {rows.TEMPLATE_COLUMNS} FROM request_templates
 WHERE file_id = ? AND line_number > ? ORDER BY line_number LIMIT {PAGE_ROWS}
 """
 SELECT_OUTPUT_PAGE = f"""
-SELECT {rows.REQUEST_COLUMNS} FROM requests
+SELECT id, custom_id, response_status, response_body, finished_at FROM requests
 WHERE batch_id = ? AND state = 'completed' AND {_SETTLED} AND (finished_at, id) > (?, ?)
 ORDER BY finished_at, id LIMIT {PAGE_ROWS}
 """
@@ -284,9 +284,18 @@ def content_page(
         chunk = b"".join(lines.input_line(rows.template_from_row(row)) for row in templates)
         count = len(templates)
         next_cursor: Cursor = (templates[-1].line_number, b"") if templates else cursor
+    elif source.purpose is states.FilePurpose.BATCH_OUTPUT:
+        # Only the columns of the line, formatted as read: no request object per line.
+        found = connection.execute(SELECT_OUTPUT_PAGE, (source.key, *cursor)).fetchall()
+        chunk = b"".join(
+            lines.response_line(key.hex(), custom_id, status, body) for key, custom_id, status, body, _ in found
+        )
+        count = len(found)
+        next_cursor = (found[-1][4] or 0, found[-1][0]) if found else cursor
     else:
-        sql = SELECT_OUTPUT_PAGE if source.purpose is states.FilePurpose.BATCH_OUTPUT else SELECT_ERRORS_PAGE
-        results = [rows.RequestRow._make(row) for row in connection.execute(sql, (source.key, *cursor))]
+        results = [
+            rows.RequestRow._make(row) for row in connection.execute(SELECT_ERRORS_PAGE, (source.key, *cursor))
+        ]
         chunk = b"".join(lines.result_line(rows.request_from_row(row)) for row in results)
         count = len(results)
         last = results[-1] if results else None
