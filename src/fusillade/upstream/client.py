@@ -133,11 +133,10 @@ class UpstreamClient:
         # The call itself is in this coroutine, not one more: every suspension of a call (and a call has a few)
         # resumes through each coroutine between the task and aiohttp, so each level costs on every call.
         timers = _Timers(loop, route.timeouts, deadline)
-        scope = asyncio.timeout_at(timers.first_byte_deadline)
         response: aiohttp.ClientResponse | None = None
-        reading_stream = clean = False
+        reading_stream = clean = timed_out = False
         try:
-            async with scope:
+            try:
                 try:
                     response = await session.request(
                         request.method,
@@ -153,24 +152,26 @@ class UpstreamClient:
                 if reassembler is not None:
                     reading_stream = True
                     timers.waiting_for = "first SSE event"
-                    outcome = await self._read_stream(response, reassembler, scope, timers, route)
+                    outcome = await self._read_stream(response, reassembler, timers, route)
                 else:
                     content = response.content
                     if content.is_eof():  # a small body often came with the headers: no waiting
                         data: bytes | None = _capped(content.read_nowait(), self._max_bytes)
                     else:
-                        timers.enter_idle(scope, "next body chunk")
-                        data = await self._read_body(response, scope, timers)
+                        timers.enter_idle("next body chunk")
+                        data = await self._read_body(response, timers)
                     if data is None:
                         return self._logged(request, classify.response_too_large(self._max_bytes))
                     outcome = classify.classify_response(
                         response.status, response.headers, data, clock=self._clock, retry_404=route.retry_404
                     )
                 clean = True
-        except TimeoutError as exc:
-            outcome = timers.timed_out(scope) if scope.expired() else _connect_timeout(route, exc)
-        except aiohttp.ClientError as exc:
-            outcome = classify.stream_error(exc) if reading_stream else classify.connection_error(exc)
+            finally:
+                timed_out = timers.stop()
+        except (asyncio.CancelledError, TimeoutError, aiohttp.ClientError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not timed_out:
+                raise  # the caller aborts the call
+            outcome = _failure(exc, timers, route, reading_stream=reading_stream)
         finally:
             if response is not None:
                 if clean:
@@ -179,9 +180,7 @@ class UpstreamClient:
                     response.close()
         return self._logged(request, outcome)
 
-    async def _read_body(
-        self, response: aiohttp.ClientResponse, scope: asyncio.Timeout, timers: _Timers
-    ) -> bytes | None:
+    async def _read_body(self, response: aiohttp.ClientResponse, timers: _Timers) -> bytes | None:
         """The rest of the body (not all of it came with the headers), or None when it is larger than the cap."""
         limit = self._max_bytes
         length = response.content_length
@@ -197,14 +196,13 @@ class UpstreamClient:
             chunks.append(chunk)
             if content.at_eof():
                 break
-            timers.enter_idle(scope, "next body chunk")
+            timers.enter_idle("next body chunk")
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _read_stream(
         self,
         response: aiohttp.ClientResponse,
         reassembler: reassemble.Reassembler,
-        scope: asyncio.Timeout,
         timers: _Timers,
         route: Route,
     ) -> Outcome:
@@ -227,7 +225,7 @@ class UpstreamClient:
                 if events:
                     for event in events:
                         reassembler.add(event)
-                    timers.enter_idle(scope, "next SSE event")
+                    timers.enter_idle("next SSE event")
             body = reassembler.finish()
         except (sse.SSEError, reassemble.StreamError) as exc:
             return classify.stream_error(exc)
@@ -243,48 +241,84 @@ class UpstreamClient:
 
 
 class _Timers:
-    """The deadlines of one call, on the event loop's clock. One `asyncio.Timeout` scope covers the call and
-    is moved on as the phases go (first byte, then idle gaps), never past the total deadline."""
+    """The deadlines of one call, on the event loop's clock, and the one timer that holds the call to them: when
+    it runs out it cancels the call's task, as `asyncio.timeout` would, at a fraction of its cost per call (one
+    loop timer, no context manager). It is moved on as the phases go (first byte, then idle gaps), never past
+    the total deadline; `stop` says whether the cancellation the call met was the timer's own."""
 
     __slots__ = (
+        "_cancelling",
         "_deadline",
+        "_fired",
+        "_handle",
         "_idle",
         "_loop",
+        "_task",
         "_timeouts",
         "_total_at",
-        "first_byte_deadline",
+        "_when",
         "phase",
         "waiting_for",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeouts: PhaseTimeouts, deadline: float | None) -> None:
+        """Start timing the call of the current task."""
         start = loop.time()
         first_byte, self._idle, total = _phase_seconds(timeouts)
+        task = asyncio.current_task(loop)
+        if task is None:
+            raise RuntimeError("An upstream call must run in a task.")
         self._loop = loop
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._fired = False
         self._timeouts = timeouts
         self._deadline = deadline
-        # The caller's deadline caps the call like its total timeout (and wins a tie: see `_call`).
+        # The caller's deadline caps the call like its total timeout (and wins a tie: see `timed_out`).
         self._total_at = _earliest(deadline, None if total is None else start + total)
-        self.first_byte_deadline = _earliest(None if first_byte is None else start + first_byte, self._total_at)
         self.phase = "first_byte"
         self.waiting_for = "response headers"
+        self._handle: asyncio.TimerHandle | None = None
+        self._when: float | None = None
+        self._arm(_earliest(None if first_byte is None else start + first_byte, self._total_at))
 
-    def enter_idle(self, scope: asyncio.Timeout, waiting_for: str) -> None:
+    def enter_idle(self, waiting_for: str) -> None:
         self.phase = "idle"
         self.waiting_for = waiting_for
         idle_at = None if self._idle is None else self._loop.time() + self._idle
-        scope.reschedule(_earliest(idle_at, self._total_at))
+        when = _earliest(idle_at, self._total_at)
+        if when != self._when:
+            self._arm(when)
 
-    def timed_out(self, scope: asyncio.Timeout) -> Retriable:
+    def stop(self) -> bool:
+        """Stop timing; True when the timer ran out and its cancellation is the only one the task got (the
+        call timed out, nothing else is cancelling the task)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        return self._fired and self._task.uncancel() <= self._cancelling
+
+    def timed_out(self) -> Retriable:
         """The outcome of a phase timeout; `TimeoutError` if it was the caller's deadline."""
-        if self._deadline is not None and scope.when() == self._deadline:
+        if self._deadline is not None and self._when == self._deadline:
             raise TimeoutError(f"the caller's deadline passed ({self.waiting_for})")
         timeouts = self._timeouts
-        if self._total_at is not None and scope.when() == self._total_at and timeouts.total is not None:
+        if self._total_at is not None and self._when == self._total_at and timeouts.total is not None:
             return classify.timeout("total", f"the call took more than {_seconds(timeouts.total)}")
         limit = timeouts.first_byte if self.phase == "first_byte" else timeouts.idle
         within = f" within {_seconds(limit)}" if limit is not None else ""
         return classify.timeout(self.phase, f"no {self.waiting_for}{within}")
+
+    def _arm(self, when: float | None) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._when = when
+        self._handle = None if when is None else self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._fired = True
+        self._task.cancel()
 
 
 Reassemblers = Callable[[], reassemble.Reassembler] | None
@@ -321,10 +355,21 @@ def _capped(data: bytes, limit: int) -> bytes | None:
     return None if len(data) > limit else data
 
 
-def _connect_timeout(route: Route, exc: TimeoutError) -> Retriable:
-    """aiohttp's own timer ran out: only the connect phase is timed by aiohttp (see `_aiohttp_timeout`)."""
-    limit = route.timeouts.connect
-    return classify.timeout("connect", f"no connection within {_seconds(limit)}" if limit else str(exc))
+def _failure(
+    exc: asyncio.CancelledError | TimeoutError | aiohttp.ClientError,
+    timers: _Timers,
+    route: Route,
+    *,
+    reading_stream: bool,
+) -> Retriable:
+    """What a call that failed came to: our timer ran out (the cancellation was its own), aiohttp's ran out (it
+    times only the connect phase, see `_aiohttp_timeout`), or the connection or the stream broke."""
+    if isinstance(exc, asyncio.CancelledError):
+        return timers.timed_out()
+    if isinstance(exc, TimeoutError):
+        limit = route.timeouts.connect
+        return classify.timeout("connect", f"no connection within {_seconds(limit)}" if limit else str(exc))
+    return classify.stream_error(exc) if reading_stream else classify.connection_error(exc)
 
 
 def _is_event_stream(content_type: str | None) -> bool:
