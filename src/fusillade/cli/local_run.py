@@ -43,6 +43,10 @@ SHA256_KEY = "input_sha256"
 """Metadata key of a run's batch: the SHA-256 of its input file."""
 REFRESH_INTERVAL = 0.2
 """Seconds between two refreshes of the progress display."""
+COUNT_INTERVAL = 2.0
+"""Seconds between two reads of the batch's counts from the database while it runs. Counting reads the batch's
+index of finished requests (a million entries for a million-request batch), so the refreshes in between show the
+last counts plus what this run's daemon finished since; the batch is known finished only from a real count."""
 _CHUNK = 1024 * 1024
 _SHOWN_LINES = 5
 
@@ -286,15 +290,30 @@ async def _drive(storage: Storage, daemon: Daemon, batch: models.Batch, progress
             f"Stopping: the {daemon.in_flight:,} requests in flight may finish (press Ctrl-C again to quit now)."
         )
 
-    async def refresh() -> models.Batch:
-        current = await storage.get_batch(batch.id, owner=LOCAL_OWNER)
-        progress.update(current.counts, in_flight=daemon.in_flight, retries=_retries(daemon.metrics))
+    estimate = _Estimate(daemon.metrics, batch.counts)
+
+    async def refresh(*, count: bool) -> models.Batch | None:
+        """Show the progress; the batch read from the database with `count` (None without)."""
+        current = None
+        if count:
+            current = await storage.get_batch(batch.id, owner=LOCAL_OWNER)
+            estimate.counted(current.counts)
+            counts = current.counts
+        else:
+            counts = estimate.now()
+        progress.update(counts, in_flight=daemon.in_flight, retries=_retries(daemon.metrics))
         return current
 
+    loop = asyncio.get_running_loop()
+    counted_at = float("-inf")
     with runtime.stop_signals_handled(on_signal):
         try:
             while not task.done():
-                if _finished(await refresh()):
+                count = loop.time() - counted_at >= COUNT_INTERVAL or estimate.now().active == 0
+                if count:
+                    counted_at = loop.time()
+                current = await refresh(count=count)
+                if current is not None and _finished(current):
                     daemon.stop()
                 await asyncio.wait({task}, timeout=REFRESH_INTERVAL)
         finally:
@@ -302,8 +321,47 @@ async def _drive(storage: Storage, daemon: Daemon, batch: models.Batch, progress
             await asyncio.wait({task})
     if not task.cancelled() and (failure := task.exception()) is not None:
         raise failure
-    await refresh()
+    await refresh(count=True)
     return interrupted
+
+
+class _Estimate:
+    """The batch's counts between two reads from the database: the last read, with the requests this run's
+    daemon finished since moved from active to their outcome (retries and expiry show at the next read)."""
+
+    def __init__(self, metrics: DaemonMetrics, counts: models.RequestCounts) -> None:
+        self._metrics = metrics
+        self.counted(counts)
+
+    def counted(self, counts: models.RequestCounts) -> None:
+        self._counts = counts
+        self._finished_then = _finished_here(self._metrics)
+
+    def now(self) -> models.RequestCounts:
+        finished = _finished_here(self._metrics)
+        counts = self._counts
+        done = {outcome: finished[outcome] - self._finished_then[outcome] for outcome in finished}
+        moved = sum(done.values())
+        in_progress = max(0, counts.in_progress - moved)
+        pending = max(0, counts.pending - max(0, moved - counts.in_progress))
+        return dataclasses.replace(
+            counts,
+            pending=pending,
+            in_progress=in_progress,
+            completed=counts.completed + done["completed"],
+            failed=counts.failed + done["failed"],
+            canceled=counts.canceled + done["canceled"],
+        )
+
+
+def _finished_here(metrics: DaemonMetrics) -> Counter[str]:
+    """Requests this run's daemon finished, by outcome (completed, failed, canceled)."""
+    samples = (sample for family in metrics.requests_finished.collect() for sample in family.samples)
+    finished: Counter[str] = Counter(completed=0, failed=0, canceled=0)
+    for sample in samples:
+        if sample.name.endswith("_total"):
+            finished[sample.labels["outcome"]] += int(sample.value)
+    return finished
 
 
 def _retries(metrics: DaemonMetrics) -> int:
