@@ -80,6 +80,15 @@ ORDER BY r.finished_at, r.id
 LIMIT $5
 """
 
+# The output file's lines need only these columns: each line is formatted as read, no request object per line.
+_OUTPUT_PAGE = """
+SELECT r.id, r.custom_id, r.response_status, r.response_body, r.finished_at
+FROM requests r
+WHERE r.batch_id = $1 AND r.state = 'completed' AND (r.finished_at, r.id) > ($2, $3)
+ORDER BY r.finished_at, r.id
+LIMIT $4
+"""
+
 _RESULT_STATES = {
     states.FilePurpose.BATCH_OUTPUT: [states.RequestState.COMPLETED.value],
     states.FilePurpose.BATCH_ERROR: [states.RequestState.FAILED.value, states.RequestState.CANCELED.value],
@@ -212,6 +221,20 @@ async def delete_file(
 async def input_page(connection: Connection, file_id: ids.FileId, after_line: int) -> list[models.RequestTemplate]:
     found = await connection.fetch(_INPUT_PAGE, file_id, after_line, CONTENT_PAGE_ROWS)
     return [rows.template_from_row(row) for row in found]
+
+
+OutputCursor = tuple[datetime, uuid.UUID]
+"""Where a page of results ended: (finished_at, request id)."""
+
+
+async def output_page(
+    connection: Connection, batch_id: ids.BatchId, after: OutputCursor | None
+) -> tuple[bytes, int, OutputCursor | None]:
+    """A page of the batch's output file: its lines, how many, and where it ended (None: empty page)."""
+    finished_at, request_id = after or _BEGINNING
+    found = await connection.fetch(_OUTPUT_PAGE, batch_id, finished_at, request_id, CONTENT_PAGE_ROWS)
+    chunk = b"".join(lines.response_line(row[0].hex, row[1], row[2], row[3]) for row in found)
+    return chunk, len(found), ((found[-1][4], found[-1][0]) if found else None)
 
 
 async def result_page(

@@ -169,6 +169,10 @@ class PostgresStorage:
             after_line = page[-1].line_number
 
     async def _result_content(self, batch_id: ids.BatchId, purpose: states.FilePurpose) -> AsyncIterator[bytes]:
+        if purpose is states.FilePurpose.BATCH_OUTPUT:
+            async for chunk in self._output_content(batch_id):
+                yield chunk
+            return
         cursor: tuple[datetime, ids.RequestId] | None = None
         while True:
             async with self._db.connection() as connection:
@@ -181,6 +185,16 @@ class PostgresStorage:
             last = page[-1]
             assert last.finished_at is not None  # terminal requests always have one
             cursor = (last.finished_at, last.id)
+
+    async def _output_content(self, batch_id: ids.BatchId) -> AsyncIterator[bytes]:
+        cursor: files.OutputCursor | None = None
+        while True:
+            async with self._db.connection() as connection:
+                chunk, count, cursor = await files.output_page(connection, batch_id, cursor)
+            if chunk:
+                yield chunk
+            if count < files.CONTENT_PAGE_ROWS:
+                return
 
     # ------------------------------------------------------------------------------------------ batches
 
