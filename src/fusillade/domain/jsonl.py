@@ -116,7 +116,7 @@ async def validate(
     seen_ids: Callable[[], SeenIds] = IdsInMemory,
 ) -> AsyncIterator[models.TemplateInput]:
     """Yield one `TemplateInput` per good line, in file order, as the stream is read (once the chunk that ends
-    the line is read, or with `batched` `seen_ids`, up to `SETTLE_LINES` lines later).
+    the line is read; with `batched` `seen_ids`, up to `SETTLE_LINES` lines or `SETTLE_BYTES` later).
 
     Raises `errors.ValidationError` (with `errors` = the bad lines, at most `limits.max_errors` of them and
     then a line-0 summary) after the last chunk if any line was bad (a line longer than `limits.max_line_bytes`
@@ -163,8 +163,8 @@ class _NoRoute:
 
 @dataclass(frozen=True, slots=True)
 class _Taken:
-    """A bad line whose custom_id is valid, and so taken by it (a later line with the same id is a duplicate),
-    unless this line itself is a duplicate: the reason then."""
+    """A bad line whose custom_id is valid, and so taken (a later line with the same id is a duplicate): its
+    `problem`, unless it repeats the id of an earlier line, which is then its reason."""
 
     line: int
     custom_id: str
