@@ -53,6 +53,7 @@ bench: install
 	$(PY) bench/daemon_throughput.py
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/upload_memory.py
+	$(PY) bench/run_memory.py
 
 # The sdist and the wheel in dist/ (tests/packaging builds them too, and installs the wheel in a clean virtualenv).
 dist: install

@@ -10,6 +10,7 @@ import orjson
 
 from fusillade import errors
 from fusillade.domain import jsonl, models, served
+from fusillade.domain.seen_ids import IdsInMemory, SeenIds
 
 CHAT = "/v1/chat/completions"
 
@@ -24,13 +25,15 @@ async def collect(
     limits: jsonl.Limits = jsonl.DEFAULT_LIMITS,
     model_allowed: Callable[[str], bool] | None = None,
     routing: served.ServedModels | None = None,
+    seen_ids: Callable[[], SeenIds] = IdsInMemory,
 ) -> tuple[list[models.TemplateInput], errors.ValidationError | None]:
     """Every template yielded, and the ValidationError raised at the end (if any)."""
     if not isinstance(chunks, AsyncIterator):
         chunks = from_list(list(chunks))
     templates = []
     try:
-        async for template in jsonl.validate(chunks, limits, model_allowed=model_allowed, served=routing):
+        validated = jsonl.validate(chunks, limits, model_allowed=model_allowed, served=routing, seen_ids=seen_ids)
+        async for template in validated:
             templates.append(template)
     except errors.ValidationError as exc:
         return templates, exc

@@ -35,7 +35,7 @@ from fusillade.config import Config
 from fusillade.daemon import Daemon
 from fusillade.domain import ids, jsonl, models, states
 from fusillade.metrics import DaemonMetrics
-from fusillade.service import Service
+from fusillade.service import Service, SpilledIds
 from fusillade.storage import urls
 from fusillade.storage.base import Storage
 
@@ -116,7 +116,8 @@ class AnotherRun(errors.ConfigurationError):
 
 async def check_input(path: Path, limits: jsonl.Limits, accepts: Callable[[str], bool]) -> CheckedInput:
     """Read the whole file once: validate every line, check that a route serves each model and that every
-    line has the same `url`, and compute the file's SHA-256. Raises `InvalidInput` listing what is wrong."""
+    line has the same `url`, and compute the file's SHA-256. Raises `InvalidInput` listing what is wrong. The
+    custom_ids seen are kept as the service keeps an upload's (`SpilledIds`: on disk past 50,000)."""
     digest = hashlib.sha256()
     unrouted: dict[str, list[int]] = {}
     unrouted_lines: Counter[str] = Counter()
@@ -131,7 +132,7 @@ async def check_input(path: Path, limits: jsonl.Limits, accepts: Callable[[str],
 
     bad: list[errors.LineError] = []
     try:
-        async for template in jsonl.validate(chunks(), limits):
+        async for template in jsonl.validate(chunks(), limits, seen_ids=SpilledIds):
             if not accepts(template.model):
                 unrouted_lines[template.model] += 1
                 first_lines = unrouted.setdefault(template.model, [])

@@ -4,13 +4,13 @@ Each line must be one JSON object:
 
     {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m", ...}}
 
-`validate` reads the file chunk by chunk and yields a `TemplateInput` for every good line as soon as it is
-read, so memory stays flat whatever the file size: only the unfinished last line of a chunk (at most
-`Limits.max_line_bytes`: a longer line is dropped as it streams by, and reported) and the set of custom_ids seen
-so far (bounded by `Limits.max_lines`) are kept. When the stream ends, if any line was bad, it raises
-`errors.ValidationError` listing the bad lines by number; a consumer stores the yielded templates inside a
-transaction, so that raise rolls the whole upload back. Going over the line count or byte limit raises at once,
-without reading the rest of the file.
+`validate` reads the file chunk by chunk and yields a `TemplateInput` for every good line once the chunk that
+ends it is read, so memory stays flat whatever the file size: only the unfinished last line of a chunk (at most
+`Limits.max_line_bytes`: a longer line is dropped as it streams by, and reported), the lines of a chunk, and the
+custom_ids seen so far (`seen_ids.SeenIds`: a dict by default; the service's keeps them on disk past 50,000) are
+kept. When the stream ends, if any line was bad, it raises `errors.ValidationError` listing the bad lines by
+number; a consumer stores the yielded templates inside a transaction, so that raise rolls the whole upload back.
+Going over the line count or byte limit raises at once, without reading the rest of the file.
 
 A template's `body` is the line's `body` exactly as written (its bytes, validated as JSON, never re-serialised),
 so that the upstream gets what the user wrote: numbers beyond 64 bits, escapes and key order unchanged.
@@ -31,6 +31,8 @@ import orjson
 
 from fusillade import errors
 from fusillade.domain import json_spans, models, served
+from fusillade.domain.jsonl_lines import TOO_LONG, size_text, split_lines
+from fusillade.domain.seen_ids import IdsInMemory, SeenIds
 from fusillade.domain.served import ServedModels
 
 SUPPORTED_URLS = frozenset(
@@ -39,7 +41,6 @@ SUPPORTED_URLS = frozenset(
 
 _BYTE_ORDER_MARK = b"\xef\xbb\xbf"
 _JSON_WHITESPACE = b" \t\r"
-_NOT_BLANK = re.compile(rb"[^ \t\r\n]")
 _MISSING: Any = object()
 _SHOWN_CHARACTERS = 60
 """Values quoted back in messages are cut to this many characters."""
@@ -63,12 +64,13 @@ _BODY_LAST = re.compile(
 body is also the last member, the line is read as two small JSON documents, without locating the body's end."""
 
 
-class _TooLong:
-    """A line longer than `Limits.max_line_bytes`, in the stream of lines: its bytes were dropped."""
-
-
-_TOO_LONG = _TooLong()
 _CLOSE_BRACE = ord("}")
+
+SETTLE_LINES = 16_384
+SETTLE_BYTES = 4 * 1024 * 1024
+"""When a look-up of custom_ids is costly (`SeenIds.batched`: in a database), lines wait to be looked up until
+there are this many, or until they hold this many bytes (one look-up costs less per line the more lines it
+has); their templates are yielded after."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,8 +113,10 @@ async def validate(
     *,
     model_allowed: Callable[[str], bool] | None = None,
     served: ServedModels | None = None,
+    seen_ids: Callable[[], SeenIds] = IdsInMemory,
 ) -> AsyncIterator[models.TemplateInput]:
-    """Yield one `TemplateInput` per good line, in file order, as the stream is read.
+    """Yield one `TemplateInput` per good line, in file order, as the stream is read (once the chunk that ends
+    the line is read; with `batched` `seen_ids`, up to `SETTLE_LINES` lines or `SETTLE_BYTES` later).
 
     Raises `errors.ValidationError` (with `errors` = the bad lines, at most `limits.max_errors` of them and
     then a line-0 summary) after the last chunk if any line was bad (a line longer than `limits.max_line_bytes`
@@ -121,116 +125,83 @@ async def validate(
     whether the server routes a model; a line whose model it refuses is bad. `served`, if given, is the routing
     table in force: it decides in place of a missing `model_allowed`, and the first line with a model it does
     not serve names the served models (`ServedModels.describe`; the next such lines refer to that line).
+    `seen_ids` makes the store of the custom_ids seen (one per call; closed at the end).
     """
     if model_allowed is None and served is not None:
         model_allowed = served.accepts
-    scan = _Scan(limits, model_allowed, served)
-    async for lines in _split_lines(chunks, limits.max_bytes, limits.max_line_bytes):
-        for line in lines:
-            if isinstance(line, int):
-                scan.skip_blank_lines(line)
-                continue
-            if line is _TOO_LONG:
-                scan.too_long()
-                continue
-            assert isinstance(line, bytes)
-            template = scan.read(line)
-            if template is not None:
-                yield template
-    scan.finish()
+    scan = _Scan(limits, model_allowed, served, seen_ids())
+    try:
+        async for lines in split_lines(chunks, limits.max_bytes, limits.max_line_bytes):
+            for line in lines:
+                if isinstance(line, int):
+                    scan.skip_blank_lines(line)
+                elif line is TOO_LONG:
+                    scan.too_long()
+                else:
+                    assert isinstance(line, bytes)
+                    scan.read(line)
+                if scan.over_limit:
+                    break
+            if scan.settle_due:
+                for template in scan.settle():
+                    yield template
+            if scan.over_limit:
+                raise scan.too_many_lines()
+        for template in scan.settle():
+            yield template
+        scan.finish()
+    finally:
+        scan.close()
 
 
-async def _split_lines(
-    chunks: AsyncIterable[bytes], max_bytes: int, max_line_bytes: int
-) -> AsyncIterator[list[bytes | int | _TooLong]]:
-    """Yield the complete lines of each chunk (without their `\\n`), and at the end the last line if the file
-    does not end with a newline. Only the unfinished last line is kept between chunks, and only while it is at
-    most `max_line_bytes` long: past that its bytes are dropped as they come, and the line comes as `_TOO_LONG`
-    (a line of whitespace alone is blank, whatever its length, as it is within a chunk).
+@dataclass(frozen=True, slots=True)
+class _NoRoute:
+    """A line whose model no route serves (its message is written in line order: see `_Scan._no_route`)."""
 
-    A run of blank lines comes as its count (an int): a file of newlines then costs a few C calls per chunk
-    instead of Python work per line.
-    """
-    total = 0
-    unfinished = _Unfinished(max_line_bytes)
-    async for chunk in chunks:
-        if not chunk:
-            continue
-        total += len(chunk)
-        if total > max_bytes:
-            raise _file_too_large(max_bytes)
-        end = chunk.find(b"\n")
-        if end < 0:
-            unfinished.add(chunk)  # a line longer than a chunk: its parts are joined once, at its end
-            continue
-        unfinished.add(chunk[:end])
-        found: list[bytes | int | _TooLong] = [unfinished.take()]
-        unfinished.add(_chunk_lines(chunk, end + 1, found, max_line_bytes))
-        yield found
-    if not unfinished.empty:
-        yield [unfinished.take()]
+    model: str
 
 
-class _Unfinished:
-    """The parts of the line being read, while it is at most `limit` bytes long (or blank: whitespace alone is
-    kept as nothing)."""
+@dataclass(frozen=True, slots=True)
+class _Taken:
+    """A bad line whose custom_id is valid, and so taken (a later line with the same id is a duplicate): its
+    `problem`, unless it repeats the id of an earlier line, which is then its reason."""
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._blank = True
-        self._too_long = False
-
-    @property
-    def empty(self) -> bool:
-        return self._size == 0
-
-    def add(self, part: bytes) -> None:
-        if not part:
-            return
-        self._size += len(part)
-        self._blank = self._blank and _NOT_BLANK.search(part) is None
-        if self._size <= self._limit:
-            self._parts.append(part)
-        else:
-            self._parts = []
-            self._too_long = not self._blank
-
-    def take(self) -> bytes | _TooLong:
-        """The line (its end was found), and start the next one."""
-        line: bytes | _TooLong = _TOO_LONG if self._too_long else b"".join(self._parts)
-        self._parts, self._size, self._blank, self._too_long = [], 0, True, False
-        return line
+    line: int
+    custom_id: str
+    problem: str | _NoRoute
 
 
-def _chunk_lines(chunk: bytes, position: int, found: list[bytes | int | _TooLong], max_line_bytes: int) -> bytes:
-    """Append the complete lines of `chunk` from `position` on to `found`; return the unfinished rest."""
-    while True:
-        content = _NOT_BLANK.search(chunk, position)
-        if content is None:
-            blanks = chunk.count(b"\n", position)
-            if blanks:
-                found.append(blanks)
-            last = chunk.rfind(b"\n", position)
-            return chunk[position if last < 0 else last + 1 :]
-        previous = chunk.rfind(b"\n", position, content.start())
-        start = position if previous < 0 else previous + 1
-        blanks = chunk.count(b"\n", position, start)
-        if blanks:
-            found.append(blanks)
-        end = chunk.find(b"\n", content.start())
-        if end < 0:
-            return chunk[start:]
-        found.append(chunk[start:end] if end - start <= max_line_bytes else _TOO_LONG)
-        position = end + 1
+@dataclass(frozen=True, slots=True)
+class _Rejected:
+    line: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _BlankRun:
+    """Blank lines `first` to `end` (excluded), followed by a request line."""
+
+    first: int
+    end: int
+
+
+_Read = models.TemplateInput | _Taken | _Rejected | _BlankRun
+"""What a line turned out to be, before its custom_id is looked up among those seen (`_Scan.settle`)."""
 
 
 class _Scan:
-    """The state of one validation: line numbers, custom_ids seen, bad lines found so far."""
+    """The state of one validation: line numbers, custom_ids seen, bad lines found so far.
+
+    Each line is checked as it is read, but whether its custom_id was seen on an earlier line is looked up for
+    many lines at once (`settle`); until then what was read waits, in order, in `_pending`, and the bad lines
+    are counted and listed only when settled, in line order (as they would be one by one)."""
 
     def __init__(
-        self, limits: Limits, model_allowed: Callable[[str], bool] | None, served: ServedModels | None
+        self,
+        limits: Limits,
+        model_allowed: Callable[[str], bool] | None,
+        served: ServedModels | None,
+        seen: SeenIds,
     ) -> None:
         self.limits = limits
         self.model_allowed = model_allowed
@@ -239,46 +210,70 @@ class _Scan:
         """The line whose message names the served models (the first line with a model without a route)."""
         self.line_number = 0
         self.requests = 0
-        self.first_line_of_seen: dict[str, int] = {}
+        self.over_limit = False
+        """The last line read is a request over `Limits.max_lines`."""
+        self.seen = seen
         self.listed: list[errors.LineError] = []
         self.bad_lines = 0
         self.blank_since: int | None = None
         """First line of the run of blank lines just read (an error only if a request line follows)."""
+        self._pending: list[_Read] = []
+        self._pending_ids: list[tuple[str, int]] = []
+        """The custom_ids taken by the lines in `_pending` (good lines and `_Taken`), with their line numbers."""
+        self._pending_bytes = 0
 
-    def read(self, line: bytes) -> models.TemplateInput | None:
-        """Check the next line; return its template if it is a good request line."""
+    @property
+    def settle_due(self) -> bool:
+        """Whether `settle` should run now: after every chunk, or when the ids are `batched`, once enough lines
+        wait; and at once when the file has too many requests (then raise `too_many_lines`)."""
+        return (
+            not self.seen.batched
+            or self.over_limit
+            or len(self._pending) >= SETTLE_LINES
+            or self._pending_bytes >= SETTLE_BYTES
+        )
+
+    def read(self, line: bytes) -> None:
+        """Check the next line (its outcome waits for `settle`)."""
         self.line_number += 1
         if self.line_number == 1 and line.startswith(_BYTE_ORDER_MARK):
             line = line[len(_BYTE_ORDER_MARK) :]
         if not line.strip(_JSON_WHITESPACE):
             if self.blank_since is None:
                 self.blank_since = self.line_number
-            return None
-        self._count_request()
+            return
+        if not self._count_request():
+            return
+        self._pending_bytes += len(line)
         outcome = self._check(line)
         if isinstance(outcome, str):
-            self._reject(self.line_number, outcome)
-            return None
-        return outcome
+            self._pending.append(_Rejected(self.line_number, outcome))
+        else:
+            self._pending.append(outcome)
+            self._pending_ids.append((outcome.custom_id, self.line_number))
 
     def too_long(self) -> None:
         """Note a line longer than `Limits.max_line_bytes` (a bad request line; its content was not kept)."""
         self.line_number += 1
-        self._count_request()
+        if not self._count_request():
+            return
         limit = self.limits.max_line_bytes
-        self._reject(
-            self.line_number,
-            f"The line is longer than {_size(limit)}, the limit for one request line; shorten its body "
-            "(such as inline images) or ask the operator to raise [uploads] max_line_bytes.",
+        self._pending.append(
+            _Rejected(
+                self.line_number,
+                f"The line is longer than {size_text(limit)}, the limit for one request line; shorten its body "
+                "(such as inline images) or ask the operator to raise [uploads] max_line_bytes.",
+            )
         )
 
-    def _count_request(self) -> None:
+    def _count_request(self) -> bool:
+        """Count a request line; False if it is one too many (`over_limit`: nothing more is read)."""
         if self.blank_since is not None:
-            self._reject_blank_run(self.blank_since, self.line_number)
+            self._pending.append(_BlankRun(self.blank_since, self.line_number))
             self.blank_since = None
         self.requests += 1
-        if self.requests > self.limits.max_lines:
-            raise self._too_many_lines()
+        self.over_limit = self.requests > self.limits.max_lines
+        return not self.over_limit
 
     def skip_blank_lines(self, count: int) -> None:
         """Note `count` blank lines (errors only if a request line follows them)."""
@@ -286,8 +281,37 @@ class _Scan:
             self.blank_since = self.line_number + 1
         self.line_number += count
 
+    def settle(self) -> list[models.TemplateInput]:
+        """Look up the custom_ids of the lines read since the last call, count and list the bad lines among
+        them in line order, and return the good lines' templates."""
+        pending, self._pending = self._pending, []
+        taken, self._pending_ids = self._pending_ids, []
+        self._pending_bytes = 0
+        firsts = iter(self.seen.first_lines(taken) if taken else ())
+        good: list[models.TemplateInput] = []
+        for read in pending:
+            if isinstance(read, models.TemplateInput):
+                first = next(firsts)
+                if first == read.line_number:
+                    good.append(read)
+                else:
+                    self._reject(read.line_number, self._used_again(read.custom_id, first))
+            elif isinstance(read, _Taken):
+                first = next(firsts)
+                if first != read.line:
+                    self._reject(read.line, self._used_again(read.custom_id, first))
+                elif isinstance(read.problem, _NoRoute):
+                    self._reject(read.line, self._no_route(read.line, read.problem.model))
+                else:
+                    self._reject(read.line, read.problem)
+            elif isinstance(read, _BlankRun):
+                self._reject_blank_run(read.first, read.end)
+            else:
+                self._reject(read.line, read.reason)
+        return good
+
     def finish(self) -> None:
-        """Raise unless every line was good and there was at least one."""
+        """Raise unless every line was good and there was at least one (after the last `settle`)."""
         if self.bad_lines:
             found = list(self.listed)
             unlisted = self.bad_lines - len(found)
@@ -301,6 +325,9 @@ class _Scan:
             reason = "The file contains no requests."
             raise errors.ValidationError(reason, errors=[errors.LineError(0, reason)])
 
+    def close(self) -> None:
+        self.seen.close()
+
     def _reject(self, line_number: int, reason: str) -> None:
         self.bad_lines += 1
         if len(self.listed) < self.limits.max_errors:
@@ -312,7 +339,8 @@ class _Scan:
         self.listed.extend(errors.LineError(number, reason) for number in range(first, min(end, first + room)))
         self.bad_lines += end - first
 
-    def _too_many_lines(self) -> errors.ValidationError:
+    def too_many_lines(self) -> errors.ValidationError:
+        """The error of a file with more than `max_lines` requests (`over_limit`; after `settle`)."""
         limit = self.limits.max_lines
         reason = f"The file has more than {limit} requests; the limit is {limit}. Split it into smaller files."
         return errors.ValidationError(
@@ -320,32 +348,37 @@ class _Scan:
             errors=[*self.listed, errors.LineError(self.line_number, reason)],
         )
 
-    def _check(self, line: bytes) -> models.TemplateInput | str:
-        """The line's template, or the first reason it is bad."""
+    def _check(self, line: bytes) -> models.TemplateInput | _Taken | str:
+        """The line's template, or the first reason it is bad (`_Taken` once its custom_id is valid: a
+        duplicate id is the first reason then, known at `settle`)."""
         read = _parse(line)
         if isinstance(read, str):
             return read
         parsed, body_start, body_end = read
         custom_id = parsed.get("custom_id", _MISSING)
-        problem = self._check_custom_id(custom_id) or _check_target(parsed, self.limits)
+        problem = _check_custom_id(custom_id, self.limits)
         if problem:
             return problem
+        problem = _check_target(parsed, self.limits)
+        if problem:
+            return _Taken(self.line_number, custom_id, problem)
         body = parsed.get("body", _MISSING)
         if not isinstance(body, dict):
-            return _wrong("body", body, "a JSON object holding the request for the upstream")
+            return _Taken(
+                self.line_number,
+                custom_id,
+                _wrong("body", body, "a JSON object holding the request for the upstream"),
+            )
         model = body.get("model", _MISSING)
-        if not isinstance(model, str) or not model:
-            return _wrong("body.model", model, "a non-empty string naming the model")
-        if len(model) > MAX_MODEL_LENGTH:
-            return f"body.model is {len(model)} characters long; a model name has at most {MAX_MODEL_LENGTH}."
-        control = _CONTROL_CHARACTER.search(model)
-        if control:
-            return f"body.model contains the control character {control.group()!r}; a model name cannot."
+        problem = _check_model(model)
+        if problem:
+            return _Taken(self.line_number, custom_id, problem)
         if self.model_allowed is not None and not self.model_allowed(model):
-            return self._no_route(model)
+            return _Taken(self.line_number, custom_id, _NoRoute(model))
         brackets = line.count(b"{", body_start, body_end) + line.count(b"[", body_start, body_end)
         if brackets > MAX_BODY_DEPTH and json_spans.value_span(line, body_start)[1] > MAX_BODY_DEPTH:
-            return f"body is nested too deeply (over {MAX_BODY_DEPTH} levels of objects and arrays)."
+            reason = f"body is nested too deeply (over {MAX_BODY_DEPTH} levels of objects and arrays)."
+            return _Taken(self.line_number, custom_id, reason)
         return models.TemplateInput(
             line_number=self.line_number,
             custom_id=custom_id,
@@ -355,34 +388,47 @@ class _Scan:
             body=str(memoryview(line)[body_start:body_end], "utf-8"),
         )
 
-    def _no_route(self, model: str) -> str:
+    def _no_route(self, line_number: int, model: str) -> str:
         unrouted = f"model {_show(model)} has no route configured on this server"
         if self.served is None:
             return f"{unrouted}; use a model it serves."
         if self.served_named_on is None:
-            self.served_named_on = self.line_number
+            self.served_named_on = line_number
             return f"{unrouted}; {self.served.describe()}."
         return f"{unrouted}; the served models are named on line {self.served_named_on}."
 
-    def _check_custom_id(self, custom_id: Any) -> str | None:
-        if not isinstance(custom_id, str) or not custom_id:
-            return _wrong("custom_id", custom_id, "a non-empty string that is unique within the file")
-        limit = self.limits.max_custom_id_length
-        if len(custom_id) > limit:
-            return f"custom_id is {len(custom_id)} characters long; the limit is {limit}."
-        control = _CONTROL_CHARACTER.search(custom_id)
-        if control:
-            return (
-                f"custom_id contains the control character {control.group()!r} (at character "
-                f"{control.start() + 1}); use printable characters only."
-            )
-        first = self.first_line_of_seen.setdefault(custom_id, self.line_number)
-        if first != self.line_number:
-            return (
-                f"custom_id {_show(custom_id, limit)} is used again (first on line {first}); every custom_id "
-                "must be unique within the file."
-            )
-        return None
+    def _used_again(self, custom_id: str, first: int) -> str:
+        shown = _show(custom_id, self.limits.max_custom_id_length)
+        return (
+            f"custom_id {shown} is used again (first on line {first}); every custom_id must be unique within the "
+            "file."
+        )
+
+
+def _check_custom_id(custom_id: Any, limits: Limits) -> str | None:
+    if not isinstance(custom_id, str) or not custom_id:
+        return _wrong("custom_id", custom_id, "a non-empty string that is unique within the file")
+    limit = limits.max_custom_id_length
+    if len(custom_id) > limit:
+        return f"custom_id is {len(custom_id)} characters long; the limit is {limit}."
+    control = _CONTROL_CHARACTER.search(custom_id)
+    if control:
+        return (
+            f"custom_id contains the control character {control.group()!r} (at character "
+            f"{control.start() + 1}); use printable characters only."
+        )
+    return None
+
+
+def _check_model(model: Any) -> str | None:
+    if not isinstance(model, str) or not model:
+        return _wrong("body.model", model, "a non-empty string naming the model")
+    if len(model) > MAX_MODEL_LENGTH:
+        return f"body.model is {len(model)} characters long; a model name has at most {MAX_MODEL_LENGTH}."
+    control = _CONTROL_CHARACTER.search(model)
+    if control:
+        return f"body.model contains the control character {control.group()!r}; a model name cannot."
+    return None
 
 
 def _parse(line: bytes) -> tuple[dict[str, Any], int, int] | str:
@@ -489,17 +535,3 @@ def _show(text: str, limit: int = _SHOWN_CHARACTERS) -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def _size(limit: int) -> str:
-    """`10,485,760 bytes (10 MiB)`"""
-    return f"{limit:,} bytes" + (f" ({limit // 2**20} MiB)" if limit % 2**20 == 0 else "")
-
-
-def _file_too_large(max_bytes: int) -> errors.ValidationError:
-    size = _size(max_bytes)
-    reason = f"The file is larger than {size}, the limit; split it into smaller files."
-    return errors.ValidationError(
-        f"The file is larger than {size}, the limit; nothing was stored.",
-        errors=[errors.LineError(0, reason)],
-    )
