@@ -149,7 +149,8 @@ def finished_requests(daemon: Daemon) -> float:
 
 
 @contextlib.contextmanager
-def mock_upstream() -> Iterator[str]:
+def mock_upstream(*options: str) -> Iterator[str]:
+    """The Python mock upstream in a process of its own, with its command line `options`; its URL."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -160,6 +161,7 @@ def mock_upstream() -> Iterator[str]:
             "--port",
             "0",
             "--no-track-custom-ids",
+            *options,
         ],
         stdout=subprocess.PIPE,
         text=True,
