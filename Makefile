@@ -54,6 +54,8 @@ bench: install
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/upload_memory.py
 	$(PY) bench/run_memory.py
+	$(PY) bench/latency_bound.py
+	$(PY) bench/first_request.py
 
 # The sdist and the wheel in dist/ (tests/packaging builds them too, and installs the wheel in a clean virtualenv).
 dist: install
