@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shlex
 import statistics
@@ -47,34 +48,52 @@ SAMPLE_INTERVAL = 0.01
 STEADY_FROM, STEADY_TO = 0.1, 0.9
 
 
-def steady_rate(progress: Sequence[tuple[float, float]], requests: int) -> float:
-    """Completions per second between `STEADY_FROM` and `STEADY_TO` of `requests` done, from `progress`: (time,
-    requests done) in time order; the time each share was reached is interpolated between two samples."""
+Sample = tuple[float, float, float]
+"""(time, requests done, CPU time of the process), all in seconds."""
 
-    def reached(count: float) -> float:
-        previous = progress[0]
-        for sample in progress:
-            if sample[1] >= count:
-                (t0, c0), (t1, c1) = previous, sample
-                return t1 if c1 == c0 else t0 + (t1 - t0) * (count - c0) / (c1 - c0)
-            previous = sample
-        raise ValueError(f"Only {progress[-1][1]:.0f} requests done, not {count:.0f}.")
 
-    low, high = requests * STEADY_FROM, requests * STEADY_TO
-    return (high - low) / (reached(high) - reached(low))
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """One run: the steady rate, the CPU microseconds per request over the same stretch, the whole run's rate."""
+
+    steady: float
+    cpu_us: float
+    whole: float
+
+    @classmethod
+    def of(cls, progress: Sequence[Sample], requests: int) -> Measure:
+        """From `progress`, in time order: the time each share of `requests` was reached is interpolated
+        between two samples, the CPU time is that of the first sample past it."""
+
+        def reached(count: float) -> tuple[float, float]:
+            previous = progress[0]
+            for sample in progress:
+                if sample[1] >= count:
+                    (t0, c0, _), (t1, c1, cpu) = previous, sample
+                    return (t1 if c1 == c0 else t0 + (t1 - t0) * (count - c0) / (c1 - c0)), cpu
+                previous = sample
+            raise ValueError(f"Only {progress[-1][1]:.0f} requests done, not {count:.0f}.")
+
+        low, high = requests * STEADY_FROM, requests * STEADY_TO
+        (start, cpu_start), (end, cpu_end) = reached(low), reached(high)
+        return cls(
+            steady=(high - low) / (end - start),
+            cpu_us=(cpu_end - cpu_start) / (high - low) * 1e6,
+            whole=requests / (progress[-1][0] - progress[0][0]),
+        )
 
 
 # ------------------------------------------------------------------------------------------- the two sides
 
 
-async def bare_loop(url: str, requests: int, concurrency: int) -> tuple[float, float]:
-    """`daemon_throughput.bare_loop`, each completion's time recorded: the steady rate and the whole run's."""
+async def bare_loop(url: str, requests: int, concurrency: int) -> Measure:
+    """`daemon_throughput.bare_loop`, each completion's time recorded."""
     import aiohttp
 
     remaining = iter(range(requests))
     body = BODY.encode()
     headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
-    done: list[float] = []
+    progress: list[Sample] = []
 
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
@@ -87,16 +106,15 @@ async def bare_loop(url: str, requests: int, concurrency: int) -> tuple[float, f
                 async with session.post(f"{url}/v1/chat/completions", data=body, headers=headers) as response:
                     await response.read()
                     assert response.status == 200, response.status
-                done.append(time.perf_counter())
+                progress.append((time.perf_counter(), len(progress), time.process_time()))
 
-        started = time.perf_counter()
+        progress.append((time.perf_counter(), 0.0, time.process_time()))
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    progress = [(started, 0.0), *((moment, float(count)) for count, moment in enumerate(done, 1))]
-    return steady_rate(progress, requests), requests / (done[-1] - started)
+    return Measure.of(progress, requests)
 
 
-async def daemon_run(url: str, database_url: str, requests: int, concurrency: int) -> tuple[float, float]:
-    """One daemon (default settings) drains a batch of `requests`: the steady rate and the whole run's."""
+async def daemon_run(url: str, database_url: str, requests: int, concurrency: int) -> Measure:
+    """One daemon (default settings) drains a batch of `requests`, its progress sampled from its counters."""
     from fusillade.storage import factory
     from fusillade.storage.base import WritePriority
     from fusillade.upstream.client import UpstreamClient
@@ -117,12 +135,11 @@ async def daemon_run(url: str, database_url: str, requests: int, concurrency: in
                 {MODEL: Route(base_url=url, api_key="bench", concurrency=concurrency)},
                 settings=DaemonSettings(purge_interval=None),
             )
-            started = time.perf_counter()
-            progress = [(started, 0.0)]
+            progress: list[Sample] = [(time.perf_counter(), 0.0, time.process_time())]
             task = asyncio.create_task(daemon.run())
             while progress[-1][1] < requests:
                 await asyncio.sleep(SAMPLE_INTERVAL)
-                progress.append((time.perf_counter(), finished_requests(daemon)))
+                progress.append((time.perf_counter(), finished_requests(daemon), time.process_time()))
                 if task.done():
                     task.result()
                     raise RuntimeError("The daemon stopped before the batch finished.")
@@ -131,18 +148,12 @@ async def daemon_run(url: str, database_url: str, requests: int, concurrency: in
                 raise RuntimeError(f"Only {current.counts.completed} of {requests} requests completed.")
             daemon.stop()
             await task
-            return steady_rate(progress, requests), requests / (progress[-1][0] - started)
+            return Measure.of(progress, requests)
     finally:
         await storage.close()
 
 
 # ------------------------------------------------------------------------------------------ harness
-
-
-class Measure:
-    def __init__(self, steady: float, whole: float) -> None:
-        self.steady = steady
-        self.whole = whole
 
 
 async def one_run(mode: str, url: str, requests: int, concurrency: int) -> Measure:
@@ -167,20 +178,19 @@ async def one_run(mode: str, url: str, requests: int, concurrency: int) -> Measu
         output, _ = await process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"The {mode} run failed (exit {process.returncode}).")
-        result = json.loads(output.decode().strip().splitlines()[-1])
-        return Measure(result["steady"], result["whole"])
+        return Measure(**json.loads(output.decode().strip().splitlines()[-1]))
 
 
 def child(arguments: argparse.Namespace) -> None:
     install_uvloop()
     runtime.tune_interpreter()
     if arguments.role == "bare":
-        steady, whole = asyncio.run(bare_loop(arguments.upstream_url, arguments.requests, arguments.concurrency))
+        measure = asyncio.run(bare_loop(arguments.upstream_url, arguments.requests, arguments.concurrency))
     else:
-        steady, whole = asyncio.run(
+        measure = asyncio.run(
             daemon_run(arguments.upstream_url, arguments.database, arguments.requests, arguments.concurrency)
         )
-    print(json.dumps({"steady": steady, "whole": whole}), flush=True)
+    print(json.dumps(dataclasses.asdict(measure)), flush=True)
 
 
 def main() -> None:
@@ -213,11 +223,14 @@ def main() -> None:
     steady = {mode: statistics.median(run.steady for run in runs) for mode, runs in results.items()}
     for mode, runs in results.items():
         whole = statistics.median(run.whole for run in runs)
+        cpu = statistics.median(run.cpu_us for run in runs)
         share = f", {steady[mode] / steady['bare']:.3f} of bare" if "bare" in results and mode != "bare" else ""
+        rates = ", ".join(f"{run.steady:,.0f}" for run in runs)
+        cpus = ", ".join(f"{run.cpu_us:,.0f}" for run in runs)
         print(
             f"{mode:>8}: steady median {steady[mode]:,.0f} requests/s "
-            f"({steady[mode] / ideal:.3f} of ideal{share}); whole run {whole:,.0f}/s  "
-            f"(steady runs: {', '.join(f'{run.steady:,.0f}' for run in runs)})"
+            f"({steady[mode] / ideal:.3f} of ideal{share}), {cpu:,.0f} us CPU per request; "
+            f"whole run {whole:,.0f}/s  (steady runs: {rates}; CPU us: {cpus})"
         )
 
 
