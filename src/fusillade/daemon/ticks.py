@@ -9,9 +9,8 @@
 ```
 
 What a tick claims (`_claim_order`) comes from the lanes: each model's free slots, none for a model paused by a
-429, with the owners' calls in flight for fairness. A tick takes its claim and its group of writes when it
-starts, not when the loop decides on it: what freed and came in meanwhile goes with it. The slots a claim asks
-for are reserved until its answer, so that no other tick claims them twice. All timers read the daemon's clock.
+429, with the owners' calls in flight for fairness. The slots a claim asks for are reserved until its answer,
+so that no other tick claims them twice. All timers read the daemon's clock.
 """
 
 from __future__ import annotations
@@ -125,20 +124,26 @@ class TickScheduler:
                         await context.database_failed("claim", exc, backoff)
                         continue
                     self._uncertain = False
-                claim = not stopping and self._claim_due()
+                try:
+                    claim = None if stopping else await self._claim_order()
+                except errors.StorageError as exc:
+                    await context.database_failed("claim", exc, backoff)
+                    continue
                 next_mark = marks.submit_due(
                     clock.monotonic(), context.settings.processing_mark_delay.total_seconds()
                 )
-                if not claim and not writes.ready():
+                if claim is None and not writes.ready():
                     idle_poll = None if stopping else context.settings.idle_poll_interval
                     await self._sleep_until_woken(idle_poll, next_mark)
                     idle = True
                     continue
-                if idle and not claim and not stopping:
+                if idle and claim is None and not stopping:
                     await self._gather_writes(writes)
                 idle = False
                 last_tick = clock.monotonic()
-                tick = asyncio.create_task(self._tick(daemon_id, writes, executor, backoff, claim=claim))
+                tick = asyncio.create_task(
+                    self._tick(daemon_id, writes, writes.take_group(), claim, executor, backoff, stopping)
+                )
                 tick.add_done_callback(self._tick_ended)
                 ticks.add(tick)
         finally:
@@ -184,32 +189,19 @@ class TickScheduler:
 
     # ----------------------------------------------------------------------------------------- one tick
 
-    def _claim_due(self) -> bool:
-        """Whether a claim is wanted and may find a free slot (or models to learn first)."""
-        if not self._claim_wanted:
-            return False
-        if self._discovery_due() or self._lanes.capacities(self._context.clock.monotonic()):
-            return True
-        self._claim_wanted = False
-        return False
-
-    def _discovery_due(self) -> bool:
-        """Whether to ask the queue which models have pending work (for the default route) before claiming."""
-        interval = self._context.settings.idle_poll_interval.total_seconds()
-        return self._lanes.has_default and (
-            self._discover or self._context.clock.monotonic() - self._discovered_at >= interval
-        )
-
     async def _claim_order(self) -> _ClaimOrder | None:
         """What to claim now, or None (nothing wanted, or no free slot)."""
         if not self._claim_wanted:
             return None
         settings, clock = self._context.settings, self._context.clock
-        self._claim_wanted = False  # a tick starting meanwhile claims nothing more
-        if self._discovery_due():
+        if self._lanes.has_default and (
+            self._discover
+            or clock.monotonic() - self._discovered_at >= settings.idle_poll_interval.total_seconds()
+        ):
             self._lanes.learn(await self._queue.pending_models())
             self._discover = False
             self._discovered_at = clock.monotonic()
+        self._claim_wanted = False
         capacities = self._lanes.capacities(clock.monotonic())
         if not capacities:
             return None
@@ -224,36 +216,13 @@ class TickScheduler:
         self,
         daemon_id: ids.DaemonId,
         writes: PendingWrites,
-        executor: RequestExecutor,
-        backoff: Backoff,
-        *,
-        claim: bool,
-    ) -> None:
-        """One trip: the claim and the group are taken as the tick starts, not when the loop decided on it, so
-        that the slots freed and the writes submitted meanwhile go with it, and no write of a request is sent
-        while the group holding its previous write waits to leave."""
-        try:
-            order = await self._claim_order() if claim and not self._context.stop.is_set() else None
-        except errors.StorageError as exc:
-            await self._context.database_failed("claim", exc, backoff)
-            self._claim_wanted = True  # still to make, after the pause
-            return
-        group = writes.take_group()
-        if order is None and not group:
-            return
-        await self._trip(daemon_id, writes, group, order, executor, backoff)
-
-    async def _trip(
-        self,
-        daemon_id: ids.DaemonId,
-        writes: PendingWrites,
         group: Group,
         claim: _ClaimOrder | None,
         executor: RequestExecutor,
         backoff: Backoff,
+        stopping: bool,
     ) -> None:
         started = time.perf_counter()  # for the metrics only: the real cost of the trip
-        stopping = self._context.stop.is_set()
         try:
             report, claimed = await self._queue.apply_writes_and_claim(
                 daemon_id,
