@@ -53,6 +53,8 @@ bench: install
 	$(PY) bench/daemon_throughput.py
 	$(PY) bench/queue_throughput.py
 	$(PY) bench/upload_memory.py
+	$(PY) bench/latency_bound.py
+	$(PY) bench/first_request.py
 
 # The sdist and the wheel in dist/ (tests/packaging builds them too, and installs the wheel in a clean virtualenv).
 dist: install
