@@ -11,8 +11,10 @@ fusillade.mock_upstream --latency-ms L --no-track-custom-ids`). Modes:
   (default settings, model limit C) drains it, its progress sampled every 10 ms from its own counters.
 Both sides run on uvloop with `fusillade.runtime.tune_interpreter()`, as the CLI does, each run in a fresh
 process. Reported: the STEADY rate, completions per second between 10% and 90% of the requests done (start-up
-and the draining tail left out), as a share of the ideal C / L and of the bare loop's; and the whole run's rate
-(N over the time to the last request). Each mode runs `--runs` times, interleaved; medians.
+and the draining tail left out), as a share of the ideal C / L and of the bare loop's; over the same stretch,
+the process's CPU time per request (all its threads) and the share of the time its event loop's thread was busy
+(its own CPU time over the wall time: near 100%, the loop is the bottleneck, whatever the upstream's pace); and
+the whole run's rate (N over the time to the last request). Each mode runs `--runs` times, interleaved; medians.
 
     .venv/bin/python bench/latency_bound.py [--requests 20000] [--concurrency 256] [--latency-ms 100]
         [--runs 3] [--modes bare sqlite postgres]
@@ -48,37 +50,44 @@ SAMPLE_INTERVAL = 0.01
 STEADY_FROM, STEADY_TO = 0.1, 0.9
 
 
-Sample = tuple[float, float, float]
-"""(time, requests done, CPU time of the process), all in seconds."""
+Sample = tuple[float, float, float, float]
+"""(time, requests done, CPU time of the process, CPU time of its main thread: the event loop's), in seconds."""
+
+
+def sample(done: float) -> Sample:
+    return time.perf_counter(), done, time.process_time(), time.thread_time()
 
 
 @dataclasses.dataclass(frozen=True)
 class Measure:
-    """One run: the steady rate, the CPU microseconds per request over the same stretch, the whole run's rate."""
+    """One run: the steady rate, the CPU microseconds per request over the same stretch and the share of it the
+    event loop's thread was busy, the whole run's rate."""
 
     steady: float
     cpu_us: float
+    loop_busy: float
     whole: float
 
     @classmethod
     def of(cls, progress: Sequence[Sample], requests: int) -> Measure:
         """From `progress`, in time order: the time each share of `requests` was reached is interpolated
-        between two samples, the CPU time is that of the first sample past it."""
+        between two samples, the CPU times are those of the first sample past it."""
 
-        def reached(count: float) -> tuple[float, float]:
+        def reached(count: float) -> tuple[float, float, float]:
             previous = progress[0]
-            for sample in progress:
-                if sample[1] >= count:
-                    (t0, c0, _), (t1, c1, cpu) = previous, sample
-                    return (t1 if c1 == c0 else t0 + (t1 - t0) * (count - c0) / (c1 - c0)), cpu
-                previous = sample
+            for current in progress:
+                if current[1] >= count:
+                    (t0, c0, _, _), (t1, c1, cpu, loop) = previous, current
+                    return (t1 if c1 == c0 else t0 + (t1 - t0) * (count - c0) / (c1 - c0)), cpu, loop
+                previous = current
             raise ValueError(f"Only {progress[-1][1]:.0f} requests done, not {count:.0f}.")
 
         low, high = requests * STEADY_FROM, requests * STEADY_TO
-        (start, cpu_start), (end, cpu_end) = reached(low), reached(high)
+        (start, cpu_start, loop_start), (end, cpu_end, loop_end) = reached(low), reached(high)
         return cls(
             steady=(high - low) / (end - start),
             cpu_us=(cpu_end - cpu_start) / (high - low) * 1e6,
+            loop_busy=(loop_end - loop_start) / (end - start),
             whole=requests / (progress[-1][0] - progress[0][0]),
         )
 
@@ -106,9 +115,9 @@ async def bare_loop(url: str, requests: int, concurrency: int) -> Measure:
                 async with session.post(f"{url}/v1/chat/completions", data=body, headers=headers) as response:
                     await response.read()
                     assert response.status == 200, response.status
-                progress.append((time.perf_counter(), len(progress), time.process_time()))
+                progress.append(sample(len(progress)))
 
-        progress.append((time.perf_counter(), 0.0, time.process_time()))
+        progress.append(sample(0.0))
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return Measure.of(progress, requests)
 
@@ -135,11 +144,11 @@ async def daemon_run(url: str, database_url: str, requests: int, concurrency: in
                 {MODEL: Route(base_url=url, api_key="bench", concurrency=concurrency)},
                 settings=DaemonSettings(purge_interval=None),
             )
-            progress: list[Sample] = [(time.perf_counter(), 0.0, time.process_time())]
+            progress: list[Sample] = [sample(0.0)]
             task = asyncio.create_task(daemon.run())
             while progress[-1][1] < requests:
                 await asyncio.sleep(SAMPLE_INTERVAL)
-                progress.append((time.perf_counter(), finished_requests(daemon), time.process_time()))
+                progress.append(sample(finished_requests(daemon)))
                 if task.done():
                     task.result()
                     raise RuntimeError("The daemon stopped before the batch finished.")
@@ -224,12 +233,14 @@ def main() -> None:
     for mode, runs in results.items():
         whole = statistics.median(run.whole for run in runs)
         cpu = statistics.median(run.cpu_us for run in runs)
+        busy = statistics.median(run.loop_busy for run in runs)
         share = f", {steady[mode] / steady['bare']:.3f} of bare" if "bare" in results and mode != "bare" else ""
         rates = ", ".join(f"{run.steady:,.0f}" for run in runs)
         cpus = ", ".join(f"{run.cpu_us:,.0f}" for run in runs)
         print(
             f"{mode:>8}: steady median {steady[mode]:,.0f} requests/s "
-            f"({steady[mode] / ideal:.3f} of ideal{share}), {cpu:,.0f} us CPU per request; "
+            f"({steady[mode] / ideal:.3f} of ideal{share}), {cpu:,.0f} us CPU per request, "
+            f"event loop busy {busy:.0%}; "
             f"whole run {whole:,.0f}/s  (steady runs: {rates}; CPU us: {cpus})"
         )
 
