@@ -189,11 +189,18 @@ async def one_run(mode: str, url: str, requests: int, concurrency: int, ticks_in
     """Run one measurement in a fresh process."""
     if mode == "run":
         return await asyncio.to_thread(command_run, url, requests, concurrency)
+    output = await child_output(HERE, mode, url, requests, concurrency, "--ticks-in-flight", str(ticks_in_flight))
+    elapsed, cpu = map(float, output.split())
+    return Measure(requests, elapsed, cpu)
+
+
+async def child_output(script: Path, mode: str, url: str, requests: int, concurrency: int, *extra: str) -> str:
+    """Run `script --role MODE` in a fresh process (a scratch database for the daemon's modes); its last line."""
     async with contextlib.AsyncExitStack() as stack:
         target = "-" if mode == "bare" else await stack.enter_async_context(database(mode))
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(HERE),
+            str(script),
             "--role",
             mode,
             "--upstream-url",
@@ -204,15 +211,13 @@ async def one_run(mode: str, url: str, requests: int, concurrency: int, ticks_in
             str(requests),
             "--concurrency",
             str(concurrency),
-            "--ticks-in-flight",
-            str(ticks_in_flight),
+            *extra,
             stdout=asyncio.subprocess.PIPE,
         )
         output, _ = await process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"The {mode} run failed (exit {process.returncode}).")
-        elapsed, cpu = map(float, output.decode().strip().splitlines()[-1].split())
-        return Measure(requests, elapsed, cpu)
+        return output.decode().strip().splitlines()[-1]
 
 
 def command_run(url: str, requests: int, concurrency: int) -> Measure:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import shlex
@@ -38,11 +37,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import machine
-from daemon_throughput import finished_requests, install_uvloop, mock_upstream
+from daemon_throughput import child_output, finished_requests, install_uvloop, mock_upstream
 from fusillade import runtime
 from fusillade.daemon import Daemon, DaemonSettings
 from fusillade.domain import models
-from queue_throughput import BODY, MODEL, database, templates
+from queue_throughput import BODY, MODEL, templates
 
 HERE = Path(__file__).resolve()
 MODES = ("bare", "sqlite", "postgres")
@@ -167,27 +166,8 @@ async def daemon_run(url: str, database_url: str, requests: int, concurrency: in
 
 async def one_run(mode: str, url: str, requests: int, concurrency: int) -> Measure:
     """Run one measurement in a fresh process."""
-    async with contextlib.AsyncExitStack() as stack:
-        target = "-" if mode == "bare" else await stack.enter_async_context(database(mode))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(HERE),
-            "--role",
-            mode,
-            "--upstream-url",
-            url,
-            "--database",
-            target,
-            "--requests",
-            str(requests),
-            "--concurrency",
-            str(concurrency),
-            stdout=asyncio.subprocess.PIPE,
-        )
-        output, _ = await process.communicate()
-        if process.returncode != 0:
-            raise RuntimeError(f"The {mode} run failed (exit {process.returncode}).")
-        return Measure(**json.loads(output.decode().strip().splitlines()[-1]))
+    output = await child_output(HERE, mode, url, requests, concurrency)
+    return Measure(**json.loads(output))
 
 
 def child(arguments: argparse.Namespace) -> None:
