@@ -291,14 +291,15 @@ async def _drive(storage: Storage, daemon: Daemon, batch: models.Batch, progress
             f"Stopping: the {daemon.in_flight:,} requests in flight may finish (press Ctrl-C again to quit now)."
         )
 
-    estimate = _Estimate(daemon.metrics, batch.counts)
+    estimate = Estimate(daemon.metrics, batch.counts)
 
     async def refresh(*, count: bool) -> models.Batch | None:
         """Show the progress; the batch read from the database with `count` (None without)."""
         current = None
         if count:
+            before = estimate.finished_here()  # before the read: what finishes during it is in neither
             current = await storage.get_batch(batch.id, owner=LOCAL_OWNER)
-            estimate.counted(current.counts)
+            estimate.counted(current.counts, finished_before=before)
             counts = current.counts
         else:
             counts = estimate.now()
@@ -326,22 +327,35 @@ async def _drive(storage: Storage, daemon: Daemon, batch: models.Batch, progress
     return interrupted
 
 
-class _Estimate:
+class Estimate:
     """The batch's counts between two reads from the database: the last read, with the requests this run's
-    daemon finished since moved from active to their outcome (retries and expiry show at the next read)."""
+    daemon finished since moved from active to their outcome (retries and expiry show at the next read).
+
+    The daemon's counters move only once a write committed, so a read started after `finished_before` was
+    taken sees at least those requests finished: a request finished while the read ran is then counted twice at
+    worst (the estimate shows it finished early, which only brings the next real count forward), never left
+    active, which would hold the end of the batch back until the next scheduled count."""
 
     def __init__(self, metrics: DaemonMetrics, counts: models.RequestCounts) -> None:
         self._metrics = metrics
-        self.counted(counts)
+        self.counted(counts, finished_before=self.finished_here())
 
-    def counted(self, counts: models.RequestCounts) -> None:
+    def finished_here(self) -> Counter[str]:
+        return _finished_here(self._metrics)
+
+    def counted(self, counts: models.RequestCounts, *, finished_before: Counter[str]) -> None:
+        """`counts` were read from the database after the daemon's counters showed `finished_before`."""
         self._counts = counts
-        self._finished_then = _finished_here(self._metrics)
+        self._finished_then = finished_before
 
     def now(self) -> models.RequestCounts:
-        finished = _finished_here(self._metrics)
+        finished = self.finished_here()
         counts = self._counts
-        done = {outcome: finished[outcome] - self._finished_then[outcome] for outcome in finished}
+        room = counts.active  # never more finished than there were active requests (the read saw some)
+        done: dict[str, int] = {}
+        for outcome in ("completed", "failed", "canceled"):
+            done[outcome] = min(room, finished[outcome] - self._finished_then[outcome])
+            room -= done[outcome]
         moved = sum(done.values())
         in_progress = max(0, counts.in_progress - moved)
         pending = max(0, counts.pending - max(0, moved - counts.in_progress))
