@@ -31,8 +31,8 @@ top-level object (only more members of scalar or flat values, then the final `}`
 of the top-level object, and the last one of that name, as a full parse would read it. Whenever the shape is not
 one it can be sure of (a `"usage"` inside a string or a nested object, escaped keys, a nested value after it),
 it parses the whole body with orjson instead. The body must be JSON text, as every stored body is (the upstream
-classifier stores a body that is not JSON as a JSON string): on text that is not JSON, the answer is `None` only
-when the full parse runs.
+classifier stores a body that is not JSON as a JSON string); on other text the answer means nothing (it is `None`
+when the full parse runs).
 
 Cost is exact `Decimal` arithmetic (never rounded): cached input tokens at `Pricing.cached_input`, the other input
 tokens at `Pricing.input`, output tokens (reasoning included: reasoning tokens are output tokens, counted once) at
@@ -204,13 +204,18 @@ then the `}` that ends the text, closing the object the usage is in: so that obj
 
 def _usage_near_the_end(body: str) -> Usage | _Unsure | None:
     """The usage read from the last `"usage"` key alone, when the text around it proves that a full parse would
-    read the same (module docstring); `_Unsure.UNSURE` otherwise."""
+    read the same (module docstring); `_Unsure.UNSURE` otherwise.
+
+    Why a match is a key: inside a JSON string every quote is escaped, so `"usage"` with no backslash before it
+    is a whole string token, and a string followed by a colon is a key. Why it is the key a full parse keeps:
+    the text after its value closes the object it is in and ends (so that object is the top-level one), and
+    no key after it is `usage` (the match is the last plain one, and the keys after it have no escapes)."""
     key = body.rfind(_USAGE_KEY)
     if key < 0:
         # no key spelled plainly; a key spelled with escapes (`"us\u0061ge"`) needs a `\u`
         return None if "\\u" not in body else _Unsure.UNSURE
     if key > 0 and body[key - 1] == "\\":
-        return _Unsure.UNSURE  # the end of a string holding `\"usage`
+        return _Unsure.UNSURE  # an escaped quote: the match is the end of a string or key holding `"usage`
     value = _USAGE_VALUE.match(body, key + len(_USAGE_KEY))
     if value is None or _END_OF_TOP_LEVEL.fullmatch(body, value.end()) is None:
         return _Unsure.UNSURE
