@@ -33,6 +33,7 @@ from typing import IO, Final
 from fusillade import clock as clocks
 from fusillade import errors
 from fusillade.domain import ids, jsonl, models, served, states
+from fusillade.domain.prices import NO_PRICES, Prices
 from fusillade.storage import base
 
 RETRY_WINDOW: Final = timedelta(minutes=10)
@@ -86,6 +87,7 @@ class Service:
         spool_directory: Path | None = None,
         notify_work: Callable[[], None] = lambda: None,
         clock: clocks.WallClock | None = None,
+        prices: Prices = NO_PRICES,
     ) -> None:
         if model_allowed is None and served_models is None:
             raise ValueError("A Service needs served_models (or model_allowed) to check the models of uploads.")
@@ -97,6 +99,7 @@ class Service:
         self._notify_work = notify_work
         self._clock = clock or clocks.SystemClock()
         self._creating: dict[_Fingerprint, asyncio.Future[models.Batch]] = {}
+        self._prices = prices
 
     @property
     def limits(self) -> jsonl.Limits:
@@ -105,6 +108,15 @@ class Service:
     def replace_limits(self, limits: jsonl.Limits) -> None:
         """New upload limits, for the next uploads (uploads already running keep theirs)."""
         self._limits = limits
+
+    @property
+    def prices(self) -> Prices:
+        """The models' pricing in force, for the cost of batches (`Prices.batch_cost`)."""
+        return self._prices
+
+    def replace_prices(self, prices: Prices) -> None:
+        """New pricing (a configuration reload): costs read from now on use it."""
+        self._prices = prices
 
     # ------------------------------------------------------------------------------------------ files
 

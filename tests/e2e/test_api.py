@@ -51,6 +51,8 @@ BATCH_FIELDS = {
     "metadata",
     "model",
     "usage",
+    "requests_without_usage",  # fusillade extras
+    "cost",
 }
 LIST_FIELDS = {"object", "data", "first_id", "last_id", "has_more"}
 

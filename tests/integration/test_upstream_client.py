@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from fusillade.domain import ids, models
+from fusillade.domain.usage import usage_in
 from fusillade.upstream.client import UpstreamClient
 from fusillade.upstream.outcome import Permanent, Retriable, Success
 from fusillade.upstream.routes import PhaseTimeouts, Route
@@ -161,7 +162,7 @@ async def test_a_json_answer_is_a_success_and_the_request_is_sent_as_specified(
 
     outcome = await http_client.send(request, route(server, api_key="sk-test"), headers=extra)
 
-    assert outcome == Success(status_code=200, body=orjson.dumps(COMPLETION).decode())
+    assert outcome == Success(status_code=200, body=orjson.dumps(COMPLETION).decode(), usage=usage_in(COMPLETION))
     [received] = server.received
     assert received.path == CHAT_PATH
     assert orjson.loads(received.body) == CHAT_BODY
@@ -281,7 +282,7 @@ async def test_a_2xx_that_is_not_json_is_stored_as_a_json_string(
 
     server = await serve(text)
     outcome = await http_client.send(claimed(), route(server))
-    assert outcome == Success(status_code=200, body='"just words"')
+    assert outcome == Success(status_code=200, body='"just words"', usage=None)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -364,7 +365,7 @@ async def test_a_responses_stream_asks_only_for_stream(serve: Serve, http_client
     server = await serve(sse_answer({"type": "response.completed", "response": response}, done=False))
     body = {"model": "m", "input": "hi"}
     outcome = await http_client.send(claimed(url="/v1/responses", body=body), route(server, stream=True))
-    assert outcome == Success(status_code=200, body=orjson.dumps(response).decode())
+    assert outcome == Success(status_code=200, body=orjson.dumps(response).decode(), usage=usage_in(response))
     assert orjson.loads(server.received[0].body) == {**body, "stream": True}
 
 
@@ -390,7 +391,7 @@ async def test_an_unasked_stream_is_reassembled_whatever_the_media_type_spelling
 async def test_a_streaming_route_takes_a_plain_json_answer_too(serve: Serve, http_client: UpstreamClient) -> None:
     server = await serve(json_answer(COMPLETION))
     outcome = await http_client.send(claimed(), route(server, stream=True))
-    assert outcome == Success(status_code=200, body=orjson.dumps(COMPLETION).decode())
+    assert outcome == Success(status_code=200, body=orjson.dumps(COMPLETION).decode(), usage=usage_in(COMPLETION))
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from fusillade import api_keys, errors
 from fusillade.api import ApiContext, create_app
 from fusillade.domain import jsonl, models, served
+from fusillade.domain.prices import NO_PRICES, Prices
 from fusillade.service import Service
 from fusillade.storage import base
 from tests.support import polling
@@ -73,6 +74,7 @@ def make_context(
     open_owner: str | None = None,
     registry: CollectorRegistry | None = None,
     metrics_key: str | None = None,
+    prices: Prices = NO_PRICES,
 ) -> ApiContext:
     """An API context on `storage`; `served_models` (default: `ROUTED_MODELS`, no default route) is read at each
     upload and listing, so a test may change what it returns."""
@@ -83,6 +85,7 @@ def make_context(
         served_models=served_models or (lambda: default),
         spool_directory=spool_directory,
         notify_work=notify_work,
+        prices=prices,
     )
     return ApiContext(
         storage=storage,

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusillade.clock import ManualClock
+from fusillade.domain.usage import Usage
 from fusillade.upstream import classify
 from fusillade.upstream.outcome import Outcome, Permanent, Retriable, Success
 from fusillade.upstream.reassemble import EmbeddedError
@@ -23,7 +24,14 @@ def classify_response(status: int, body: bytes, headers: dict[str, str] | None =
 
 def test_a_json_2xx_is_a_success_with_the_body_as_sent() -> None:
     body = b'{"id": "chatcmpl-1", "choices": []}'
-    assert classify_response(200, body) == Success(status_code=200, body=body.decode())
+    assert classify_response(200, body) == Success(status_code=200, body=body.decode(), usage=None)
+
+
+def test_a_success_carries_the_usage_its_body_reported() -> None:
+    body = b'{"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}'
+    result = classify_response(200, body)
+    assert isinstance(result, Success)
+    assert result.usage == Usage(input_tokens=9, output_tokens=4)
 
 
 @pytest.mark.parametrize(("body", "stored"), [(b"plain text", "plain text"), (b"", ""), (b"\xff ok", "\ufffd ok")])

@@ -13,6 +13,7 @@ from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import ids, models
 from fusillade.domain.retry import RetryPolicy
+from fusillade.domain.usage import Usage
 from fusillade.upstream import outcome
 from fusillade.upstream.routes import Route
 
@@ -42,9 +43,14 @@ def claimed(
 def test_success_completes_with_the_body() -> None:
     request = claimed()
     decision = decide_write(
-        request, outcome.Success(status_code=200, body='{"ok":1}'), policy=POLICY, now=NOW, random_value=0.5
+        request,
+        outcome.Success(status_code=200, body='{"ok":1}', usage=Usage(input_tokens=3, output_tokens=1)),
+        policy=POLICY,
+        now=NOW,
+        random_value=0.5,
     )
-    assert decision.write == models.Complete(request.id, 200, '{"ok":1}')
+    spend = models.Spend(request.batch_id, request.owner, request.model, Usage(input_tokens=3, output_tokens=1))
+    assert decision.write == models.Complete(request.id, 200, '{"ok":1}', spend)
     assert decision.retry_at is None
 
 

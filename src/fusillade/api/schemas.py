@@ -20,7 +20,8 @@ from typing import Any, Final, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from fusillade.domain import ids, models, served, states
+from fusillade.domain import ids, models, served, states, usage
+from fusillade.domain.prices import NO_PRICES, Prices
 
 
 def unix(moment: datetime | None) -> int | None:
@@ -110,13 +111,18 @@ class BatchObject(WireModel):
     request_counts: RequestCounts
     metadata: dict[str, str] | None
     model: str | None = None
-    """Not tracked (a file may mix models): always null."""
+    """The model every request of the batch names; null when its input file mixes models."""
     usage: dict[str, Any] | None = None
-    """Token usage is not aggregated: always null."""
+    """OpenAI's usage shape: the tokens of the completed requests whose response reported usage."""
+    requests_without_usage: int = 0
+    """fusillade extra: completed requests whose response carried no usage (not in `usage`, never guessed)."""
+    cost: BatchCost | None = None
+    """fusillade extra: what `usage` cost, when every model of the batch has `pricing` configured."""
 
     @classmethod
-    def of(cls, batch: models.Batch) -> BatchObject:
+    def of(cls, batch: models.Batch, prices: Prices = NO_PRICES) -> BatchObject:
         counts = batch.counts
+        cost = prices.batch_cost(batch)
         return cls(
             id=ids.batch_wire(batch.id),
             endpoint=batch.endpoint,
@@ -146,7 +152,24 @@ class BatchObject(WireModel):
             cancelled_at=unix(batch.cancelled_at),
             request_counts=RequestCounts(total=counts.total, completed=counts.completed, failed=counts.failed),
             metadata=None if batch.metadata is None else dict(batch.metadata),
+            model=batch.model,
+            usage=usage.openai_usage(batch.total_usage),
+            requests_without_usage=batch.usage_unknown,
+            cost=None if cost is None else BatchCost.of(cost),
         )
+
+
+class BatchCost(WireModel):
+    """What a batch's reported usage cost, in US dollars (exact decimals, as JSON numbers)."""
+
+    currency: Literal["usd"] = "usd"
+    input: float
+    output: float
+    total: float
+
+    @classmethod
+    def of(cls, cost: usage.Cost) -> BatchCost:
+        return cls(input=float(cost.input), output=float(cost.output), total=float(cost.total))
 
 
 class CreateBatchBody(BaseModel):

@@ -71,6 +71,7 @@ async def open_run_parts(config: Config, routing: Routing, *, database_url: str)
                 model_allowed=routing.accepts,
                 spool_directory=config.uploads.spool_directory,
                 notify_work=daemon.notify_work,
+                prices=config.prices(),
             )
             yield RunParts(storage=storage, service=service, daemon=daemon, settings=settings)
     finally:

@@ -137,6 +137,7 @@ async def serve(
             served_models=live.served,
             spool_directory=config.uploads.spool_directory,
             notify_work=daemon.notify_work if daemon is not None else _nothing,
+            prices=config.prices(),
         )
         admin_key = config.admin_key()
         more_metrics = daemon.metrics if daemon is not None else None
@@ -163,6 +164,7 @@ async def serve(
         def apply(newer: Config) -> None:
             live.replace(overlay(newer))
             service.replace_limits(newer.upload_limits())
+            service.replace_prices(newer.prices())
             if daemon is not None:
                 daemon.reload()
 

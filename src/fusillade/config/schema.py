@@ -14,6 +14,7 @@ import re
 import tempfile
 from collections.abc import Mapping
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -36,7 +37,9 @@ from fusillade.config import units
 from fusillade.config.problems import InvalidConfiguration, Problem, dotted_key
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import jsonl
+from fusillade.domain.prices import Prices
 from fusillade.domain.retry import RetryPolicy
+from fusillade.domain.usage import Pricing
 from fusillade.storage import urls
 from fusillade.storage.base import DEFAULT_DATABASE_TIMEOUT
 from fusillade.upstream.routes import PhaseTimeouts, Route
@@ -161,6 +164,7 @@ OptionalPositiveDuration = Annotated[
 ]
 """A positive duration, or `"none"` for no limit."""
 Count = Annotated[int, Field(ge=1)]
+Price = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
 ByteSize = Annotated[
     int,
     BeforeValidator(units.parse_byte_size),
@@ -351,6 +355,21 @@ class TimeoutsSection(Section):
         return PhaseTimeouts(**dict(self))
 
 
+class PricingSection(Section):
+    """`[models."<name>".pricing]`: what the upstream charges, in USD per million tokens, for the batch's `cost`
+    (exact decimals: write them as in the provider's price list, e.g. `input = 0.15`)."""
+
+    input: Price
+    """Input (prompt) tokens."""
+    output: Price
+    """Output (completion) tokens, reasoning tokens included."""
+    cached_input: Price | None = None
+    """Input tokens served from the upstream's prompt cache; none: priced as other input."""
+
+    def pricing(self) -> Pricing:
+        return Pricing.per_million(input=self.input, output=self.output, cached_input=self.cached_input)
+
+
 class RouteSection(Section):
     """`[models."<name>"]` and the default route (`[default_route]` or `[models."*"]`): where a model's requests
     go and how many run at once."""
@@ -367,6 +386,8 @@ class RouteSection(Section):
     """Treat 404 as retriable (an upstream still loading a model may answer 404 for a while)."""
     timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
     """Limits of each phase of a call."""
+    pricing: PricingSection | None = None
+    """The model's prices, for the cost of batches; none: their cost is unknown (usage is counted anyway)."""
 
     def route(self, api_key: str | None) -> Route:
         """This route with the key already read from the environment."""
@@ -498,6 +519,18 @@ class Config(BaseSettings):
         if problems:
             raise InvalidConfiguration(problems)
         return routes
+
+    def prices(self) -> Prices:
+        """The pricing of each route (`[models."NAME".pricing]`), for the cost of batches. Reads no secret."""
+        default = self._default_section()
+        return Prices(
+            routed={
+                model: None if section.pricing is None else section.pricing.pricing()
+                for model, section in self.models.items()
+                if model != DEFAULT_ROUTE_MODEL
+            },
+            default=None if default is None or default[1].pricing is None else default[1].pricing.pricing(),
+        )
 
     def _default_section(self) -> tuple[tuple[str, ...], RouteSection] | None:
         """Where the default route is written, and its table: `[default_route]`, else `[models."*"]`, else None.

@@ -71,6 +71,12 @@ class Decision:
     """Why a retriable failure was not retried (`max_attempts` or `deadline`)."""
 
 
+def completion(request: models.ClaimedRequest, result: outcomes.Success) -> models.Complete:
+    """The `Complete` of a successful call, with the usage its response reported (None: unknown)."""
+    spend = models.Spend(request.batch_id, request.owner, request.model, result.usage)
+    return models.Complete(request.id, result.status_code, result.body, spend)
+
+
 def decide_write(
     request: models.ClaimedRequest,
     result: outcomes.Outcome,
@@ -81,7 +87,7 @@ def decide_write(
 ) -> Decision:
     """The state write an outcome calls for (pure)."""
     if isinstance(result, outcomes.Success):
-        return Decision(models.Complete(request.id, result.status_code, result.body))
+        return Decision(completion(request, result))
     if isinstance(result, outcomes.Permanent):
         return Decision(
             models.Fail(
@@ -261,10 +267,7 @@ class RequestExecutor:
         if type(result) is outcomes.Success:
             # The common case, kept short: one write, counted by a callback made once per model label.
             instruments.latency["success"].observe(duration)
-            self._writes.submit(
-                models.Complete(request.id, result.status_code, result.body),
-                self._completed(instruments.finished["completed"]),
-            )
+            self._writes.submit(completion(request, result), self._completed(instruments.finished["completed"]))
             return
         instruments.latency[_result_label(result)].observe(duration)
         if isinstance(result, outcomes.Retriable) and result.status_code == 429:

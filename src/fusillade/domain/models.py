@@ -13,6 +13,7 @@ from typing import Any, Final, Generic, TypeVar
 from fusillade import errors
 from fusillade.domain import counts as batch_counts
 from fusillade.domain import ids, states
+from fusillade.domain.usage import Usage
 
 T = TypeVar("T")
 
@@ -171,6 +172,10 @@ class Batch:
     cancelled_at: datetime | None = None
     errors: Sequence[BatchError] = ()
     counts: RequestCounts = field(default_factory=RequestCounts)
+    model: str | None = None
+    """The model every request of the batch names; None when its input file mixes models."""
+    usage: Sequence[ModelUsage] = ()
+    """The token usage of its completed requests, by model (models without a completed request are left out)."""
 
     def __post_init__(self) -> None:
         _check_aware(
@@ -188,6 +193,28 @@ class Batch:
     @property
     def status(self) -> states.BatchStatus:
         return batch_counts.batch_status(self)
+
+    @property
+    def total_usage(self) -> Usage:
+        """The usage of every completed request whose response reported it."""
+        return sum((model.usage for model in self.usage), Usage())
+
+    @property
+    def usage_unknown(self) -> int:
+        """Completed requests whose response carried no usage (counted, never guessed)."""
+        return sum(model.unknown for model in self.usage)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """The token usage of one model's completed requests (in a batch, or an owner's usage report)."""
+
+    model: str
+    requests: int
+    """Completed requests whose response reported usage (summed in `usage`)."""
+    unknown: int
+    """Completed requests whose response carried no usage."""
+    usage: Usage
 
 
 # ------------------------------------------------------------------------------------------- requests
@@ -269,6 +296,21 @@ class Complete:
     request_id: ids.RequestId
     status_code: int
     body: str
+    spend: Spend | None = None
+    """Where the response's token usage counts; None counts it nowhere (a write made outside a daemon's call)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """What a completed request spent and where it counts: its batch, owner and model. `usage` is None when the
+    response carried none: the request is counted as usage unknown, never guessed. Storage adds it to the batch's
+    sums in the transaction of the `Complete`, only when that write applies (so a request sent twice counts once:
+    the result kept)."""
+
+    batch_id: ids.BatchId
+    owner: str
+    model: str
+    usage: Usage | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,6 +25,7 @@ import orjson
 
 from fusillade.clock import WallClock
 from fusillade.domain import retry
+from fusillade.domain.usage import usage_in
 from fusillade.upstream import reassemble
 from fusillade.upstream.outcome import Outcome, Permanent, Retriable, Success
 
@@ -62,11 +63,11 @@ def classify_response(
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return Success(status_code=status, body=_json_string(body))
+            return Success(status_code=status, body=_json_string(body), usage=None)
         error = reassemble.embedded_error(document)
         if error is not None:
             return classify_embedded_error(reassemble.EmbeddedError(error, body.decode()), retry_404=retry_404)
-        return Success(status_code=status, body=body.decode())
+        return Success(status_code=status, body=body.decode(), usage=usage_in(document))
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -39,6 +39,7 @@ import yarl
 
 from fusillade.clock import SystemClock, WallClock
 from fusillade.domain import ids, models
+from fusillade.domain.usage import usage_of
 from fusillade.upstream import classify, reassemble, sse, stream_request
 from fusillade.upstream.outcome import Outcome, Permanent, Retriable, Success
 from fusillade.upstream.routes import PhaseTimeouts, Route
@@ -231,7 +232,8 @@ class UpstreamClient:
             return classify.stream_error(exc)
         except reassemble.EmbeddedError as exc:
             return classify.classify_embedded_error(exc, retry_404=route.retry_404)
-        return Success(status_code=response.status, body=body.decode())
+        text = body.decode()
+        return Success(status_code=response.status, body=text, usage=usage_of(text))
 
     def _logged(self, request: models.ClaimedRequest, outcome: Outcome) -> Outcome:
         if _log.isEnabledFor(logging.DEBUG):

@@ -6,12 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+from fusillade.domain.usage import Usage
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Success:
     status_code: int
     body: str
     """The response body as JSON text (for streams: the events reassembled into the non-streaming shape)."""
+    usage: Usage | None
+    """The token usage the response reported (`domain.usage`), read while the body was parsed anyway; None
+    when it reported none."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -42,14 +42,16 @@ async def create_batch(
         metadata=body.metadata,
         idempotency_key=idempotency_key,
     )
-    batch = await context_of(request).service.create_batch(spec, retried=_is_retry(retry_count))
-    return schemas.BatchObject.of(batch)
+    service = context_of(request).service
+    batch = await service.create_batch(spec, retried=_is_retry(retry_count))
+    return schemas.BatchObject.of(batch, service.prices)
 
 
 @router.get("/{batch_id}", response_model=schemas.BatchObject, summary="Retrieve a batch")
 async def retrieve_batch(request: Request, caller: Caller, batch_id: str) -> schemas.BatchObject:
-    batch = await context_of(request).service.get_batch(ids.parse_batch_id(batch_id), owner=caller.scope)
-    return schemas.BatchObject.of(batch)
+    service = context_of(request).service
+    batch = await service.get_batch(ids.parse_batch_id(batch_id), owner=caller.scope)
+    return schemas.BatchObject.of(batch, service.prices)
 
 
 @router.get("", response_model=schemas.BatchList, summary="List batches")
@@ -60,12 +62,13 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> schemas.BatchList:
     """Newest first."""
+    service = context_of(request).service
     try:
         cursor = ids.parse_batch_id(after) if after is not None else None
-        page = await context_of(request).service.list_batches(owner=caller.scope, after=cursor, limit=limit)
+        page = await service.list_batches(owner=caller.scope, after=cursor, limit=limit)
     except errors.NotFound as exc:
         raise ApiError(400, f"after: {exc.message}", code="invalid_value", param="after") from exc
-    data = [schemas.BatchObject.of(batch) for batch in page.items]
+    data = [schemas.BatchObject.of(batch, service.prices) for batch in page.items]
     return schemas.BatchList(data=data, **schemas.ListEnvelope.cursors(data, has_more=page.has_more))
 
 
@@ -73,8 +76,9 @@ async def list_batches(
 async def cancel_batch(request: Request, caller: Caller, batch_id: str) -> schemas.BatchObject:
     """Pending requests are cancelled at once; requests in flight are aborted by their daemon, then the batch
     is `cancelled`. Finished results stay in the output file. A completed, failed or expired batch: 400."""
-    batch = await context_of(request).service.cancel_batch(ids.parse_batch_id(batch_id), owner=caller.scope)
-    return schemas.BatchObject.of(batch)
+    service = context_of(request).service
+    batch = await service.cancel_batch(ids.parse_batch_id(batch_id), owner=caller.scope)
+    return schemas.BatchObject.of(batch, service.prices)
 
 
 @router.get("/{batch_id}/requests", response_model=schemas.RequestList, summary="List a batch's requests")
@@ -105,7 +109,7 @@ async def retry_failed(request: Request, caller: Caller, batch_id: str) -> schem
     the batch. A cancelling, cancelled or expired batch: 400."""
     service = context_of(request).service
     parsed = ids.parse_batch_id(batch_id)
-    return schemas.BatchObject.of(await service.retry_failed(parsed, owner=caller.scope))
+    return schemas.BatchObject.of(await service.retry_failed(parsed, owner=caller.scope), service.prices)
 
 
 def _is_retry(retry_count: str | None) -> bool:

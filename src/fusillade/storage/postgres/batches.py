@@ -23,14 +23,17 @@ ORDER BY line_number
 LIMIT $3
 """
 
+# `model`: the one model of the input file's lines, NULL when they name several.
 _INSERT_BATCH = """
 INSERT INTO batches (
     id, owner, input_file_id, output_file_id, error_file_id, endpoint, completion_window, metadata,
-    idempotency_key, total_requests, created_at, expires_at, in_progress_at
+    idempotency_key, total_requests, created_at, expires_at, in_progress_at, model
 )
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $11)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $11,
+    (SELECT CASE WHEN min(t.model) = max(t.model) THEN min(t.model) END
+     FROM request_templates t WHERE t.file_id = $3))
 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL AND deleted_at IS NULL DO NOTHING
-RETURNING id
+RETURNING model
 """
 
 _INSERT_RESULT_FILES = """
@@ -150,7 +153,7 @@ async def create_batch(
     output_file_id, error_file_id = ids.new_file_id(), ids.new_file_id()
     expires_at = now + window
     metadata = None if spec.metadata is None else dict(spec.metadata)
-    inserted = await connection.fetchval(
+    inserted = await connection.fetchrow(
         _INSERT_BATCH,
         batch_id,
         spec.owner,
@@ -165,12 +168,16 @@ async def create_batch(
         now,
         expires_at,
     )
-    if inserted is None and spec.idempotency_key is not None:
-        # A concurrent create with the same key committed first (ON CONFLICT waited for it): return it.
-        winner = await find_by_idempotency_key(connection, spec.owner, spec.idempotency_key)
+    if inserted is None:
+        # Only an idempotency key conflicts: a concurrent create with the same key committed first (ON CONFLICT
+        # waited for it): return it.
+        winner = None
+        if spec.idempotency_key is not None:
+            winner = await find_by_idempotency_key(connection, spec.owner, spec.idempotency_key)
         if winner is not None:
             return winner
         raise errors.StorageError("A batch with this idempotency key exists but could not be read.")
+    model: str | None = inserted["model"]
     await connection.execute(
         _INSERT_RESULT_FILES,
         output_file_id,
@@ -195,6 +202,7 @@ async def create_batch(
         expires_at=expires_at,
         in_progress_at=now,
         counts=models.RequestCounts(total=total, pending=total),
+        model=model,
     )
 
 

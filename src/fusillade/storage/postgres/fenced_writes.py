@@ -47,7 +47,17 @@ _KINDS = {
     ),
     "completed": _kind(
         models.Complete,
-        (("id", "uuid"), ("status", "integer"), ("body", "text"), ("line_bytes", "bigint")),
+        (
+            ("id", "uuid"),
+            ("status", "integer"),
+            ("body", "text"),
+            ("line_bytes", "bigint"),
+            ("counted", "boolean"),
+            ("input_tokens", "bigint"),
+            ("cached_tokens", "bigint"),
+            ("output_tokens", "bigint"),
+            ("reasoning_tokens", "bigint"),
+        ),
         """
         UPDATE requests r
         SET state = 'completed', started_at = COALESCE(r.started_at, r.claimed_at), finished_at = $2,
@@ -55,7 +65,8 @@ _KINDS = {
             result_bytes = r.custom_id_bytes + w.line_bytes
         FROM {source}
         WHERE r.id = w.id AND {fence}
-        RETURNING r.id
+        RETURNING r.id, r.batch_id, r.model, r.owner, w.counted, w.input_tokens, w.cached_tokens, w.output_tokens,
+            w.reasoning_tokens
         """,
     ),
     "failed": _kind(
@@ -114,6 +125,27 @@ _KINDS = {
     ),
 }
 
+# The usage of the `Complete` writes that applied (the rows `completed` returns), added to this daemon's rows of
+# the day (UTC) in the same statement: no trip of its own, and a refused write adds nothing. A row per daemon, so
+# replicas never wait on each other's lock. A usage of null counts the request as usage unknown.
+_ADD_USAGE = """
+INSERT INTO batch_usage AS u (batch_id, model, day, daemon_id, owner, requests, unknown, input_tokens,
+    cached_tokens, output_tokens, reasoning_tokens)
+SELECT c.batch_id, c.model, ($2::timestamptz AT TIME ZONE 'UTC')::date, $1::uuid, c.owner,
+       count(c.input_tokens), count(*) - count(c.input_tokens), COALESCE(sum(c.input_tokens), 0),
+       COALESCE(sum(c.cached_tokens), 0), COALESCE(sum(c.output_tokens), 0), COALESCE(sum(c.reasoning_tokens), 0)
+FROM completed c
+WHERE c.counted
+GROUP BY c.batch_id, c.model, c.owner
+ON CONFLICT (batch_id, model, day, daemon_id) DO UPDATE SET
+    requests = u.requests + excluded.requests,
+    unknown = u.unknown + excluded.unknown,
+    input_tokens = u.input_tokens + excluded.input_tokens,
+    cached_tokens = u.cached_tokens + excluded.cached_tokens,
+    output_tokens = u.output_tokens + excluded.output_tokens,
+    reasoning_tokens = u.reasoning_tokens + excluded.reasoning_tokens
+"""
+
 # Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`): a request its daemon rescheduled or released while
 # its batch is being cancelled (or was deleted) ends canceled instead of pending, in the same transaction.
 _CANCEL_RETURNED = f"""
@@ -148,6 +180,8 @@ def _statement(kinds: tuple[str, ...]) -> str:
         )
         source = f"(SELECT {columns} FROM jsonb_array_elements(${number}::jsonb) AS v) AS w"
         parts.append(f"{name} AS ({kind.update.format(source=source)})")
+    if "completed" in kinds:
+        parts.append(f"usage AS ({_ADD_USAGE})")
     selects = " UNION ALL ".join(f"SELECT id FROM {name}" for name in kinds)
     return f"WITH {', '.join(parts)} {selects}"
 
@@ -157,9 +191,22 @@ def _row(write: models.RequestWrite) -> tuple[str, tuple[Any, ...]]:
     match write:
         case models.MarkProcessing():
             return "processing", (write.request_id,)
-        case models.Complete():
+        case models.Complete(spend=spend):
             line_bytes = _response_bytes(write.status_code, write.body)
-            return "completed", (write.request_id, write.status_code, write.body, line_bytes)
+            usage = None if spend is None else spend.usage
+            tokens = (
+                (None, None, None, None)
+                if usage is None
+                else (usage.input_tokens, usage.cached_tokens, usage.output_tokens, usage.reasoning_tokens)
+            )
+            return "completed", (
+                write.request_id,
+                write.status_code,
+                write.body,
+                line_bytes,
+                spend is not None,
+                *tokens,
+            )
         case models.Fail(status_code=int(status_code)):
             line_bytes = _response_bytes(status_code, write.body)
             return "failed", (write.request_id, status_code, write.body, None, None, line_bytes)

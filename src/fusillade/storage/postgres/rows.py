@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from fusillade.domain import ids, models, states, transitions
+from fusillade.domain.usage import Usage
 from fusillade.storage import refusals
 
 FILE_COLUMNS = """
@@ -40,7 +41,8 @@ BATCH_COLUMNS = """
     b.id, b.owner, b.input_file_id, b.output_file_id, b.error_file_id, b.endpoint, b.completion_window,
     b.metadata, b.created_at, b.expires_at, b.in_progress_at, b.finalizing_at, b.completed_at, b.failed_at,
     b.expired_at, b.cancelling_at, b.cancelled_at, b.errors, b.total_requests,
-    c.pending, b.total_requests - c.not_in_flight AS in_progress, c.completed, c.failed, c.canceled
+    c.pending, b.total_requests - c.not_in_flight AS in_progress, c.completed, c.failed, c.canceled,
+    b.model, u.usage
 """
 
 BATCH_SOURCE = """
@@ -54,8 +56,22 @@ BATCH_SOURCE = """
         FROM requests r
         WHERE r.batch_id = b.id AND r.state <> 'in_flight'
     ) c
+    CROSS JOIN LATERAL (
+        SELECT jsonb_agg(jsonb_build_array(m.model, m.requests, m.unknown, m.input_tokens, m.cached_tokens,
+                                           m.output_tokens, m.reasoning_tokens) ORDER BY m.model) AS usage
+        FROM (
+            SELECT bu.model, sum(bu.requests)::bigint AS requests, sum(bu.unknown)::bigint AS unknown,
+                   sum(bu.input_tokens)::bigint AS input_tokens, sum(bu.cached_tokens)::bigint AS cached_tokens,
+                   sum(bu.output_tokens)::bigint AS output_tokens,
+                   sum(bu.reasoning_tokens)::bigint AS reasoning_tokens
+            FROM batch_usage bu
+            WHERE bu.batch_id = b.id
+            GROUP BY bu.model
+        ) m
+    ) u
 """
-"""`batches b` with the request counts of each batch. A batch has exactly `total_requests` requests, and
+"""`batches b` with the request counts and the usage by model (`u.usage`: rows of `[model, requests, unknown,
+input, cached, output, reasoning]`, or null) of each batch. A batch has exactly `total_requests` requests, and
 requests_batch_state leaves out the in-flight ones: their count is what the other states leave."""
 
 STATE_EXPRESSION = """
@@ -130,6 +146,11 @@ def batch_from_row(row: asyncpg.Record) -> models.Batch:
             completed=row["completed"],
             failed=row["failed"],
             canceled=row["canceled"],
+        ),
+        model=row["model"],
+        usage=tuple(
+            models.ModelUsage(model=model, requests=requests, unknown=unknown, usage=Usage(*tokens))
+            for model, requests, unknown, *tokens in row["usage"] or ()
         ),
     )
 

@@ -26,10 +26,17 @@ SELECT_MISMATCHED_URLS = f"""
 SELECT line_number, url FROM request_templates WHERE file_id = ? AND url != ?
 ORDER BY line_number LIMIT {refusals.MAX_ENDPOINT_ERRORS}
 """
+# `model`: the one model of the input file's lines, NULL when they name several.
 INSERT_BATCH = """
 INSERT INTO batches (id, owner, input_file_id, output_file_id, error_file_id, endpoint, completion_window,
-    metadata, idempotency_key, total_requests, created_at, expires_at, in_progress_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    metadata, idempotency_key, total_requests, created_at, expires_at, in_progress_at, model)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+    (SELECT CASE WHEN min(model) = max(model) THEN min(model) END FROM request_templates WHERE file_id = ?3))
+"""
+SELECT_USAGE = """
+SELECT model, sum(requests), sum(unknown), sum(input_tokens), sum(cached_tokens), sum(output_tokens),
+    sum(reasoning_tokens)
+FROM batch_usage WHERE batch_id = ? GROUP BY model ORDER BY model
 """
 INSERT_REQUESTS = """
 INSERT INTO requests (id, batch_id, template_id, owner, custom_id, custom_id_bytes, model, line_number, deadline,
@@ -54,9 +61,10 @@ def visible_batch_row(
 
 
 def batch_from_row(connection: sqlite3.Connection, row: rows.BatchRow) -> models.Batch:
-    """The batch of a row, with counts of its requests."""
+    """The batch of a row, with counts of its requests and its usage by model."""
     counted = connection.execute(COUNT_SETTLED, (row.id,))
-    return rows.batch_from_row(row, rows.counts_from_rows(row.total_requests, counted))
+    usage = tuple(rows.model_usage(found) for found in connection.execute(SELECT_USAGE, (row.id,)))
+    return rows.batch_from_row(row, rows.counts_from_rows(row.total_requests, counted), usage)
 
 
 def get_batch(connection: sqlite3.Connection, batch_id: ids.BatchId, owner: models.OwnerScope) -> models.Batch:

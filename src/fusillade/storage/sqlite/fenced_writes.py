@@ -12,6 +12,7 @@ from typing import Any, Final
 from fusillade.domain import ids, lines, models, states, transitions
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import rows
+from fusillade.storage.usage_sums import usage_sums
 
 # The ids of a write group travel as one BLOB of concatenated 16-byte UUIDs, split here in SQL: one cached
 # statement whatever the group size.
@@ -63,6 +64,20 @@ WHERE id = ? AND state = 'pending' AND EXISTS (
     SELECT 1 FROM batches AS b WHERE b.id = requests.batch_id AND ({rows.CANCEL_ON_RETURN})
 )
 """
+ADD_USAGE = """
+INSERT INTO batch_usage (batch_id, model, day, daemon_id, owner, requests, unknown, input_tokens, cached_tokens,
+    output_tokens, reasoning_tokens)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (batch_id, model, day, daemon_id) DO UPDATE SET
+    requests = requests + excluded.requests,
+    unknown = unknown + excluded.unknown,
+    input_tokens = input_tokens + excluded.input_tokens,
+    cached_tokens = cached_tokens + excluded.cached_tokens,
+    output_tokens = output_tokens + excluded.output_tokens,
+    reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens
+"""
+MICROSECONDS_PER_DAY: Final = 86_400_000_000
+
 _RETURNING_WRITES = tuple(
     kind for kind, transition in transitions.DAEMON_WRITES.items() if transition.returns_to_queue
 )
@@ -91,6 +106,7 @@ def apply_writes(
     connection.execute("SAVEPOINT writes")
     if _update(connection, moment, daemon_key, writes) == len(writes):
         connection.execute("RELEASE writes")
+        _add_usage(connection, moment, daemon_key, writes)
         return models.WriteReport(applied=frozenset(write.request_id for write in writes))
     connection.execute("ROLLBACK TO writes")
     connection.execute("RELEASE writes")
@@ -108,6 +124,7 @@ def apply_writes(
         else:
             applied.append(write)
     _update(connection, moment, daemon_key, applied)
+    _add_usage(connection, moment, daemon_key, applied)
     return models.WriteReport(
         applied=frozenset(write.request_id for write in applied),
         conflicts=conflicts,
@@ -127,6 +144,34 @@ def _update(connection: sqlite3.Connection, now: int, daemon: bytes, writes: Seq
         cancelled = (lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
         connection.executemany(CANCEL_RETURNED, [(now, *cancelled, key) for key in returned])
     return changed
+
+
+def _add_usage(
+    connection: sqlite3.Connection, now: int, daemon: bytes, applied: Sequence[models.RequestWrite]
+) -> None:
+    """Add the usage of the applied `Complete` writes to this daemon's rows of today (UTC)."""
+    sums = usage_sums(applied)
+    if sums:
+        day = now // MICROSECONDS_PER_DAY
+        connection.executemany(
+            ADD_USAGE,
+            [
+                (
+                    total.batch_id.bytes,
+                    total.model,
+                    day,
+                    daemon,
+                    total.owner,
+                    total.requests,
+                    total.unknown,
+                    total.input_tokens,
+                    total.cached_tokens,
+                    total.output_tokens,
+                    total.reasoning_tokens,
+                )
+                for total in sums
+            ],
+        )
 
 
 def _statement(write: models.RequestWrite, now: int) -> tuple[str, tuple[Any, ...]]:

@@ -7,12 +7,13 @@ so a query and the code reading its rows cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from typing import Final, NamedTuple
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, Final, NamedTuple
 
 import orjson
 
 from fusillade.domain import ids, models, states, transitions
+from fusillade.domain.usage import Usage
 from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 
@@ -117,6 +118,7 @@ class BatchRow(NamedTuple):
     cancelled_at: int | None
     deleted_at: int | None
     errors: str | None
+    model: str | None
 
     @property
     def is_finished(self) -> bool:
@@ -143,7 +145,15 @@ def counts_from_rows(total: int, rows: Iterable[tuple[str, int]]) -> models.Requ
     )
 
 
-def batch_from_row(row: BatchRow, counts: models.RequestCounts) -> models.Batch:
+def model_usage(row: Sequence[Any]) -> models.ModelUsage:
+    """A `(model, requests, unknown, input, cached, output, reasoning)` row of summed usage."""
+    model, requests, unknown, *tokens = row
+    return models.ModelUsage(model=model, requests=requests, unknown=unknown, usage=Usage(*tokens))
+
+
+def batch_from_row(
+    row: BatchRow, counts: models.RequestCounts, usage: Sequence[models.ModelUsage] = ()
+) -> models.Batch:
     return models.Batch(
         id=ids.BatchId(_uuid(row.id)),
         owner=row.owner,
@@ -164,6 +174,8 @@ def batch_from_row(row: BatchRow, counts: models.RequestCounts) -> models.Batch:
         cancelled_at=_micros_or_none(row.cancelled_at),
         errors=refusals.batch_errors(None if row.errors is None else orjson.loads(row.errors)),
         counts=counts,
+        model=row.model,
+        usage=usage,
     )
 
 
