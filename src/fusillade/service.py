@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
@@ -62,7 +63,7 @@ class InvalidParameter(errors.ValidationError):
         self.param = param
 
 
-_Fingerprint = tuple[str, ids.FileId, str, str, frozenset[tuple[str, str]] | None]
+_Fingerprint = tuple[str, ids.FileId, str, str, frozenset[tuple[str, str]] | None, tuple[object, ...] | None]
 
 
 class Service:
@@ -220,6 +221,8 @@ class Service:
         """Create a batch (or return the one a retry of this create already made, see the module docstring),
         then wake the daemon. `retried`: the client says this request is a retry of an earlier attempt."""
         _check_spec(spec, self._limits)
+        if spec.budget is not None:
+            spec = dataclasses.replace(spec, prices=self._prices)  # storage fixes each model's pricing
         if spec.idempotency_key is not None:
             batch = await self._storage.create_batch(spec)
         else:
@@ -494,6 +497,7 @@ def _fingerprint(spec: models.BatchSpec) -> _Fingerprint:
         spec.endpoint,
         spec.completion_window,
         _frozen_metadata(spec.metadata),
+        _budget_limits(spec.budget),
     )
 
 
@@ -504,4 +508,9 @@ def _fingerprint_of(batch: models.Batch) -> _Fingerprint:
         batch.endpoint,
         batch.completion_window,
         _frozen_metadata(batch.metadata),
+        _budget_limits(batch.budget),
     )
+
+
+def _budget_limits(budget: models.Budget | None) -> tuple[object, ...] | None:
+    return None if budget is None else (budget.max_total_tokens, budget.max_cost)

@@ -195,9 +195,16 @@ OPERATIONS: dict[str, tuple[Operation, tuple[Transition, ...]]] = {
 }
 
 
+TRIED_ELSEWHERE = {
+    # They need a batch with a budget and usage that reaches it: tests/contract/test_budgets.py.
+    transitions.BUDGET_STOP,
+    transitions.FAIL_ON_RETURN,
+}
+
+
 def test_every_transition_is_tried() -> None:
     tried = {step for _, steps in OPERATIONS.values() for step in steps} | set(transitions.DAEMON_WRITES.values())
-    assert tried == set(transitions.TABLE)
+    assert tried | TRIED_ELSEWHERE == set(transitions.TABLE)
 
 
 @pytest.mark.parametrize("name", list(OPERATIONS))

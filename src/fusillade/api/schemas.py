@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Final, Literal
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal, Self
 
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fusillade.domain import ids, models, served, states, usage
 from fusillade.domain.prices import NO_PRICES, Prices
@@ -118,6 +119,8 @@ class BatchObject(WireModel):
     """fusillade extra: completed requests whose response carried no usage (not in `usage`, never guessed)."""
     cost: BatchCost | None = None
     """fusillade extra: what `usage` cost, when every model of the batch has `pricing` configured."""
+    budget: BatchBudget | None = None
+    """fusillade extra: the batch's budget, if it was created with one."""
 
     @classmethod
     def of(cls, batch: models.Batch, prices: Prices = NO_PRICES) -> BatchObject:
@@ -156,6 +159,7 @@ class BatchObject(WireModel):
             usage=usage.openai_usage(batch.total_usage),
             requests_without_usage=batch.usage_unknown,
             cost=None if cost is None else BatchCost.of(cost),
+            budget=BatchBudget.of(batch),
         )
 
 
@@ -184,6 +188,49 @@ class CreateBatchBody(BaseModel):
     metadata: dict[str, str] | None = None
     output_expires_after: dict[str, Any] | None = None
     """Accepted for compatibility and ignored: output files live as long as their batch."""
+    budget: BudgetBody | None = None
+    """fusillade extra (the SDK: `extra_body={"budget": {...}}`): what the batch may spend."""
+
+
+class BudgetBody(BaseModel):
+    """A batch's budget: once its completed requests reach either limit, its pending requests end failed with
+    `budget_exceeded` (calls in flight finish and count)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_total_tokens: Annotated[int, Field(strict=True, ge=1)] | None = None
+    """Input plus output tokens of the completed requests."""
+    max_cost: Annotated[Decimal, Field(gt=0, allow_inf_nan=False)] | None = None
+    """USD at the configured pricing of the batch's models (each must have `pricing`)."""
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> Self:
+        if self.max_total_tokens is None and self.max_cost is None:
+            raise ValueError("set max_total_tokens, max_cost or both")
+        return self
+
+    def budget(self) -> models.Budget:
+        return models.Budget(max_total_tokens=self.max_total_tokens, max_cost=self.max_cost)
+
+
+class BatchBudget(WireModel):
+    """A batch's budget as the batch object shows it (fusillade extra)."""
+
+    max_total_tokens: int | None
+    max_cost: float | None
+    exceeded_at: int | None
+    """When its completed requests reached it (its pending requests then ended `budget_exceeded`)."""
+
+    @classmethod
+    def of(cls, batch: models.Batch) -> BatchBudget | None:
+        budget = batch.budget
+        if budget is None:
+            return None
+        return cls(
+            max_total_tokens=budget.max_total_tokens,
+            max_cost=None if budget.max_cost is None else float(budget.max_cost),
+            exceeded_at=unix(batch.budget_exceeded_at),
+        )
 
 
 # ------------------------------------------------------------------------------------------- requests

@@ -18,10 +18,12 @@ from fusillade.domain import ids, models, states
 
 BATCH_EXPIRED = "batch_expired"
 BATCH_CANCELLED = "batch_cancelled"
+BUDGET_EXCEEDED = "budget_exceeded"
 
 ERROR_MESSAGES = {
     BATCH_EXPIRED: "This request could not be executed before the completion window expired.",
     BATCH_CANCELLED: "This request was not executed because its batch was cancelled.",
+    BUDGET_EXCEEDED: "This request was not executed because its batch had spent its budget.",
 }
 
 
@@ -100,3 +102,6 @@ CANCELLED_LINE_BYTES = error_line_bytes(0, BATCH_CANCELLED, CANCELLED_MESSAGE)
 EXPIRED_MESSAGE = default_message(BATCH_EXPIRED)
 EXPIRED_LINE_BYTES = error_line_bytes(0, BATCH_EXPIRED, EXPIRED_MESSAGE)
 """Size of a `batch_expired` error line without its custom_id."""
+BUDGET_MESSAGE = default_message(BUDGET_EXCEEDED)
+BUDGET_LINE_BYTES = error_line_bytes(0, BUDGET_EXCEEDED, BUDGET_MESSAGE)
+"""Size of a `budget_exceeded` error line without its custom_id (backends add the row's `custom_id_bytes`)."""

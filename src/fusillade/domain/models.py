@@ -7,13 +7,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from enum import Enum
 from typing import Any, Final, Generic, TypeVar
 
 from fusillade import errors
 from fusillade.domain import counts as batch_counts
 from fusillade.domain import ids, states
-from fusillade.domain.usage import Usage
+from fusillade.domain.prices import NO_PRICES, Prices
+from fusillade.domain.usage import NO_COST, Pricing, Usage, cost
 
 T = TypeVar("T")
 
@@ -138,6 +140,43 @@ class BatchSpec:
     metadata: Mapping[str, str] | None = None
     idempotency_key: str | None = None
     """A retried create with the same owner and key returns the first batch instead of a new one."""
+    budget: Budget | None = None
+    """Its `prices` are empty: storage fixes them from `prices` for the models of the input file."""
+    prices: Prices = field(default_factory=lambda: NO_PRICES)
+    """The pricing in force, for a budget's `max_cost`."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budget:
+    """What a batch may spend. Once its completed requests reach either limit (at least as many tokens, or at
+    least that cost), its pending requests end failed with `budget_exceeded`, in the transaction that recorded the
+    usage that reached it; calls in flight finish and count (the overshoot is at most what was in flight)."""
+
+    max_total_tokens: int | None = None
+    """Input plus output tokens of the completed requests."""
+    max_cost: Decimal | None = None
+    """USD, at `prices`."""
+    prices: Mapping[str, Pricing] = field(default_factory=dict)
+    """The pricing of each model of the batch, fixed at its creation (so a later change of the configuration does
+    not move a running batch's limit); required for every model when `max_cost` is set."""
+
+    def __post_init__(self) -> None:
+        if self.max_total_tokens is None and self.max_cost is None:
+            raise ValueError("A budget sets max_total_tokens, max_cost or both.")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError("max_total_tokens must be 1 or more.")
+        if self.max_cost is not None and not (self.max_cost.is_finite() and self.max_cost > 0):
+            raise ValueError("max_cost must be a positive number of USD.")
+
+    def reached(self, spent: Sequence[ModelUsage]) -> bool:
+        """Whether `spent` (a batch's usage by model) reaches either limit."""
+        tokens = sum(model.usage.total_tokens for model in spent)
+        if self.max_total_tokens is not None and tokens >= self.max_total_tokens:
+            return True
+        if self.max_cost is not None:
+            priced = (cost(model.usage, self.prices[model.model]) for model in spent if model.model in self.prices)
+            return sum(priced, NO_COST).total >= self.max_cost
+        return False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +215,9 @@ class Batch:
     """The model every request of the batch names; None when its input file mixes models."""
     usage: Sequence[ModelUsage] = ()
     """The token usage of its completed requests, by model (models without a completed request are left out)."""
+    budget: Budget | None = None
+    budget_exceeded_at: datetime | None = None
+    """When its completed requests reached the budget (its pending requests then ended `budget_exceeded`)."""
 
     def __post_init__(self) -> None:
         _check_aware(

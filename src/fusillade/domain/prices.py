@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from fusillade.domain import models
 from fusillade.domain.usage import NO_COST, Cost, Pricing, cost
+
+if TYPE_CHECKING:
+    from fusillade.domain import models
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,6 +159,23 @@ CANCEL_ON_RETURN: Final = _transition(
     (*_FENCED_WRITE, "reclaim_requests"),
 )
 
+BUDGET_STOP: Final = _transition(
+    "budget stop",
+    {_PENDING},
+    _FAILED,
+    "the store, in the transaction of a daemon's writes whose `Complete`s bring the batch's completed usage to "
+    "its budget (`Batch.budget`; it sets `budget_exceeded_at`): error `budget_exceeded`",
+    _FENCED_WRITE,
+)
+FAIL_ON_RETURN: Final = _transition(
+    "fail on return",
+    {state for transition in _RETURNS for state in transition.sources},
+    _FAILED,
+    "the store, in place of a return to the queue (" + ", ".join(item.name for item in _RETURNS) + ") when the "
+    "batch has spent its budget (`budget_exceeded_at` set): error `budget_exceeded`",
+    (*_FENCED_WRITE, "reclaim_requests"),
+)
+
 CANCEL_ON_RETURN_MARKS: Final = ("cancelling_at", "deleted_at")
 """The cancel-on-return policy, stated once: a request handed back to the queue (a transition with
 `returns_to_queue`) ends `canceled`, not `pending`, when its batch has either of these timestamps set, that is
@@ -176,6 +193,8 @@ TABLE: Final[tuple[Transition, ...]] = (
     RETRY_FAILED,
     RECLAIM,
     CANCEL_ON_RETURN,
+    BUDGET_STOP,
+    FAIL_ON_RETURN,
 )
 
 

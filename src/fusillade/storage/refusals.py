@@ -81,3 +81,12 @@ def batch_errors(stored: Iterable[Mapping[str, Any]] | None) -> tuple[models.Bat
         )
         for item in stored
     )
+
+
+def budget_spent(batch_id: ids.BatchId) -> errors.StateConflict:
+    """A retry of a batch that spent its budget: sending its failed requests again would spend more."""
+    return errors.StateConflict(
+        f"Batch {ids.batch_wire(batch_id)} spent its budget; its failed requests cannot be retried (create a "
+        "batch of them with a budget of its own).",
+        current_state="budget_exceeded",
+    )

@@ -41,6 +41,7 @@ async def create_batch(
         completion_window=body.completion_window,
         metadata=body.metadata,
         idempotency_key=idempotency_key,
+        budget=None if body.budget is None else body.budget.budget(),
     )
     service = context_of(request).service
     batch = await service.create_batch(spec, retried=_is_retry(retry_count))

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from fusillade import errors
 from fusillade.domain import ids, models, states
-from fusillade.storage import refusals
+from fusillade.storage import budgets, refusals
 from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
@@ -27,14 +27,16 @@ LIMIT $3
 _INSERT_BATCH = """
 INSERT INTO batches (
     id, owner, input_file_id, output_file_id, error_file_id, endpoint, completion_window, metadata,
-    idempotency_key, total_requests, created_at, expires_at, in_progress_at, model
+    idempotency_key, total_requests, created_at, expires_at, in_progress_at, budget, model
 )
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $11,
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $11, $13,
     (SELECT CASE WHEN min(t.model) = max(t.model) THEN min(t.model) END
      FROM request_templates t WHERE t.file_id = $3))
 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL AND deleted_at IS NULL DO NOTHING
 RETURNING model
 """
+
+_FILE_MODELS = "SELECT DISTINCT model FROM request_templates WHERE file_id = $1"
 
 _INSERT_RESULT_FILES = """
 INSERT INTO files (id, owner, filename, purpose, batch_id, created_at)
@@ -153,6 +155,10 @@ async def create_batch(
     output_file_id, error_file_id = ids.new_file_id(), ids.new_file_id()
     expires_at = now + window
     metadata = None if spec.metadata is None else dict(spec.metadata)
+    budget = None
+    if spec.budget is not None:
+        file_models = [row["model"] for row in await connection.fetch(_FILE_MODELS, spec.input_file_id)]
+        budget = budgets.resolved(spec, file_models)
     inserted = await connection.fetchrow(
         _INSERT_BATCH,
         batch_id,
@@ -167,6 +173,7 @@ async def create_batch(
         total,
         now,
         expires_at,
+        None if budget is None else budgets.document(budget),
     )
     if inserted is None:
         # Only an idempotency key conflicts: a concurrent create with the same key committed first (ON CONFLICT
@@ -203,6 +210,7 @@ async def create_batch(
         in_progress_at=now,
         counts=models.RequestCounts(total=total, pending=total),
         model=model,
+        budget=budget,
     )
 
 

@@ -37,11 +37,12 @@ UPDATE daemons SET status = 'dead', stopped_at = COALESCE(stopped_at, $1)
 WHERE status = 'running' AND last_heartbeat < $2
 """
 
-# A request goes back to pending, or ends canceled when its batch is being cancelled or was deleted. Rows are
+# A request goes back to pending, or ends canceled when its batch is being cancelled or was deleted, or failed
+# (`budget_exceeded`) when its batch spent its budget (`transitions.FAIL_ON_RETURN`). Rows are
 # locked first (SKIP LOCKED) so that two sweeps never move the same row.
 _RECLAIM = f"""
 WITH stale AS (
-    SELECT r.id, ({rows.CANCEL_ON_RETURN}) AS cancel
+    SELECT r.id, ({rows.CANCEL_ON_RETURN}) AS cancel, b.budget_exceeded_at IS NOT NULL AS spent
     FROM requests r
     JOIN batches b ON b.id = r.batch_id
     WHERE {rows.state_predicate(transitions.RECLAIM.sources)}
@@ -50,14 +51,16 @@ WITH stale AS (
     FOR UPDATE OF r SKIP LOCKED
 )
 UPDATE requests r
-SET state = CASE WHEN s.cancel THEN 'canceled' ELSE 'pending' END,
-    daemon_id = CASE WHEN s.cancel THEN r.daemon_id END,
-    claimed_at = CASE WHEN s.cancel THEN r.claimed_at END,
-    started_at = CASE WHEN s.cancel THEN r.started_at END,
-    finished_at = CASE WHEN s.cancel THEN $2::timestamptz END,
-    error_code = CASE WHEN s.cancel THEN $3 ELSE r.error_code END,
-    error_message = CASE WHEN s.cancel THEN $4 ELSE r.error_message END,
-    result_bytes = CASE WHEN s.cancel THEN r.custom_id_bytes + $5 ELSE r.result_bytes END
+SET state = CASE WHEN s.cancel THEN 'canceled' WHEN s.spent THEN 'failed' ELSE 'pending' END,
+    daemon_id = CASE WHEN s.cancel OR s.spent THEN r.daemon_id END,
+    claimed_at = CASE WHEN s.cancel OR s.spent THEN r.claimed_at END,
+    started_at = CASE WHEN s.cancel OR s.spent THEN r.started_at END,
+    finished_at = CASE WHEN s.cancel OR s.spent THEN $2::timestamptz END,
+    error_code = CASE WHEN s.cancel THEN $3 WHEN s.spent THEN $6 ELSE r.error_code END,
+    error_message = CASE WHEN s.cancel THEN $4 WHEN s.spent THEN $7 ELSE r.error_message END,
+    result_bytes = CASE
+        WHEN s.cancel THEN r.custom_id_bytes + $5 WHEN s.spent THEN r.custom_id_bytes + $8 ELSE r.result_bytes
+    END
 FROM stale s
 WHERE r.id = s.id
 """
@@ -102,6 +105,14 @@ async def reclaim_requests(connection: Connection, *, stale_after: timedelta, li
     if limit <= 0:
         return 0
     status = await connection.execute(
-        _RECLAIM, limit, now, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES
+        _RECLAIM,
+        limit,
+        now,
+        lines.BATCH_CANCELLED,
+        lines.CANCELLED_MESSAGE,
+        lines.CANCELLED_LINE_BYTES,
+        lines.BUDGET_EXCEEDED,
+        lines.BUDGET_MESSAGE,
+        lines.BUDGET_LINE_BYTES,
     )
     return int(status.rsplit(" ", 1)[-1])

@@ -16,6 +16,11 @@ from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
 
+def _literal(text: str) -> str:
+    """`text` as an SQL string literal (for the constants written into a statement)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 @dataclass(frozen=True, slots=True)
 class _Kind:
     """One command kind: its write command, the columns of its array source `w` and its UPDATE (`{source}` is
@@ -146,6 +151,64 @@ ON CONFLICT (batch_id, model, day, daemon_id) DO UPDATE SET
     reasoning_tokens = u.reasoning_tokens + excluded.reasoning_tokens
 """
 
+# Budget stop (`transitions.BUDGET_STOP`), in the same statement: of the batches with a budget not yet reached
+# whose usage `completed` adds to, those that reach it (their stored sums, as of the statement's snapshot, plus
+# this statement's) get `budget_exceeded_at`, and their pending requests end failed. Prices come from the
+# budget's own document (`storage/budgets.py`), fixed at the batch's creation.
+_STOP_SPENT_BUDGETS = f"""
+budgeted AS (
+    SELECT b.id, b.budget
+    FROM batches b
+    WHERE b.id IN (SELECT c.batch_id FROM completed c WHERE c.counted AND c.input_tokens IS NOT NULL)
+      AND b.budget IS NOT NULL AND b.budget_exceeded_at IS NULL
+),
+spent AS (
+    SELECT x.batch_id, x.model, sum(x.input_tokens) AS input_tokens, sum(x.cached_tokens) AS cached_tokens,
+           sum(x.output_tokens) AS output_tokens
+    FROM (
+        SELECT u.batch_id, u.model, u.input_tokens, u.cached_tokens, u.output_tokens
+        FROM batch_usage u WHERE u.batch_id IN (SELECT id FROM budgeted)
+        UNION ALL
+        SELECT c.batch_id, c.model, c.input_tokens, c.cached_tokens, c.output_tokens
+        FROM completed c
+        WHERE c.counted AND c.input_tokens IS NOT NULL AND c.batch_id IN (SELECT id FROM budgeted)
+    ) x
+    GROUP BY x.batch_id, x.model
+),
+over_budget AS (
+    SELECT b.id
+    FROM budgeted b JOIN spent s ON s.batch_id = b.id
+    GROUP BY b.id, b.budget
+    HAVING sum(s.input_tokens + s.output_tokens) >= (b.budget ->> 'max_total_tokens')::bigint
+        OR sum(((s.input_tokens - s.cached_tokens) * (b.budget -> 'prices' -> s.model ->> 0)::numeric
+                + s.cached_tokens * (b.budget -> 'prices' -> s.model ->> 1)::numeric
+                + s.output_tokens * (b.budget -> 'prices' -> s.model ->> 2)::numeric) / 1000000)
+           >= (b.budget ->> 'max_cost')::numeric
+),
+budget_stopped AS (
+    UPDATE batches b SET budget_exceeded_at = $2
+    FROM over_budget o
+    WHERE b.id = o.id AND b.budget_exceeded_at IS NULL
+),
+budget_failed AS (
+    UPDATE requests r
+    SET state = 'failed', finished_at = $2, error_code = {_literal(lines.BUDGET_EXCEEDED)},
+        error_message = {_literal(lines.BUDGET_MESSAGE)},
+        result_bytes = r.custom_id_bytes + {lines.BUDGET_LINE_BYTES}
+    FROM over_budget o
+    WHERE r.batch_id = o.id AND r.state = 'pending'
+)
+"""
+
+# Fail on return (`transitions.FAIL_ON_RETURN`): a request its daemon rescheduled or released after its batch spent
+# its budget ends failed instead of pending, in the same transaction (after cancel on return, which comes first).
+_FAIL_RETURNED = """
+UPDATE requests r
+SET state = 'failed', finished_at = $2, error_code = $3, error_message = $4, result_bytes = r.custom_id_bytes + $5
+FROM batches b
+WHERE r.id = ANY($1::uuid[]) AND r.state = 'pending' AND b.id = r.batch_id AND b.budget_exceeded_at IS NOT NULL
+"""
+
 # Cancel on return (`transitions.CANCEL_ON_RETURN_MARKS`): a request its daemon rescheduled or released while
 # its batch is being cancelled (or was deleted) ends canceled instead of pending, in the same transaction.
 _CANCEL_RETURNED = f"""
@@ -182,6 +245,7 @@ def _statement(kinds: tuple[str, ...]) -> str:
         parts.append(f"{name} AS ({kind.update.format(source=source)})")
     if "completed" in kinds:
         parts.append(f"usage AS ({_ADD_USAGE})")
+        parts.append(_STOP_SPENT_BUDGETS)
     selects = " UNION ALL ".join(f"SELECT id FROM {name}" for name in kinds)
     return f"WITH {', '.join(parts)} {selects}"
 
@@ -308,6 +372,14 @@ async def _apply_writes(
             lines.BATCH_CANCELLED,
             lines.CANCELLED_MESSAGE,
             lines.CANCELLED_LINE_BYTES,
+        )
+        await connection.execute(
+            _FAIL_RETURNED,
+            returned_to_queue,
+            now,
+            lines.BUDGET_EXCEEDED,
+            lines.BUDGET_MESSAGE,
+            lines.BUDGET_LINE_BYTES,
         )
     if not refused:
         return models.WriteReport(applied=applied)

@@ -22,7 +22,8 @@ _UNFINISHED = """
 """
 
 _LOCK_BATCH = """
-SELECT id, output_file_id, error_file_id, completed_at, failed_at, expired_at, cancelling_at, cancelled_at
+SELECT id, output_file_id, error_file_id, completed_at, failed_at, expired_at, cancelling_at, cancelled_at,
+    budget_exceeded_at
 FROM batches
 WHERE id = $1 AND deleted_at IS NULL AND ($2::text IS NULL OR owner = $2)
 FOR UPDATE
@@ -187,6 +188,8 @@ async def retry_failed(
             "retried.",
             current_state=_finished_status(batch),
         )
+    if batch["budget_exceeded_at"] is not None:
+        raise refusals.budget_spent(batch_id)
     moved = _row_count(await connection.execute(_RETRY_FAILED, batch_id))
     if moved:
         await connection.execute(_REOPEN, batch_id)

@@ -11,7 +11,7 @@ import asyncpg
 
 from fusillade.domain import ids, models, states, transitions
 from fusillade.domain.usage import Usage
-from fusillade.storage import refusals
+from fusillade.storage import budgets, refusals
 
 FILE_COLUMNS = """
     f.id, f.owner, f.filename, f.purpose, f.created_at, f.expires_at, f.batch_id,
@@ -42,7 +42,7 @@ BATCH_COLUMNS = """
     b.metadata, b.created_at, b.expires_at, b.in_progress_at, b.finalizing_at, b.completed_at, b.failed_at,
     b.expired_at, b.cancelling_at, b.cancelled_at, b.errors, b.total_requests,
     c.pending, b.total_requests - c.not_in_flight AS in_progress, c.completed, c.failed, c.canceled,
-    b.model, u.usage
+    b.model, u.usage, b.budget, b.budget_exceeded_at
 """
 
 BATCH_SOURCE = """
@@ -152,6 +152,8 @@ def batch_from_row(row: asyncpg.Record) -> models.Batch:
             models.ModelUsage(model=model, requests=requests, unknown=unknown, usage=Usage(*tokens))
             for model, requests, unknown, *tokens in row["usage"] or ()
         ),
+        budget=budgets.from_document(row["budget"]),
+        budget_exceeded_at=row["budget_exceeded_at"],
     )
 
 

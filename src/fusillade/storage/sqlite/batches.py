@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from fusillade.domain import ids, models, states
-from fusillade.storage import refusals
+from fusillade.storage import budgets, refusals
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import files, rows
 
@@ -29,10 +29,11 @@ ORDER BY line_number LIMIT {refusals.MAX_ENDPOINT_ERRORS}
 # `model`: the one model of the input file's lines, NULL when they name several.
 INSERT_BATCH = """
 INSERT INTO batches (id, owner, input_file_id, output_file_id, error_file_id, endpoint, completion_window,
-    metadata, idempotency_key, total_requests, created_at, expires_at, in_progress_at, model)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+    metadata, idempotency_key, total_requests, created_at, expires_at, in_progress_at, budget, model)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
     (SELECT CASE WHEN min(model) = max(model) THEN min(model) END FROM request_templates WHERE file_id = ?3))
 """
+SELECT_FILE_MODELS = "SELECT DISTINCT model FROM request_templates WHERE file_id = ?"
 SELECT_USAGE = """
 SELECT model, sum(requests), sum(unknown), sum(input_tokens), sum(cached_tokens), sum(output_tokens),
     sum(reasoning_tokens)
@@ -142,6 +143,13 @@ def create_batch(connection: sqlite3.Connection, now: datetime, spec: models.Bat
     output_id, error_id = files.insert_virtual_files(
         connection, batch_id=batch_id, owner=spec.owner, created_at=created_at
     )
+    budget = (
+        None
+        if spec.budget is None
+        else budgets.resolved(
+            spec, (model for (model,) in connection.execute(SELECT_FILE_MODELS, (spec.input_file_id.bytes,)))
+        )
+    )
     connection.execute(
         INSERT_BATCH,
         (
@@ -158,6 +166,7 @@ def create_batch(connection: sqlite3.Connection, now: datetime, spec: models.Bat
             created_at,
             expires_at,
             created_at,
+            None if budget is None else orjson.dumps(budgets.document(budget)).decode(),
         ),
     )
     connection.execute(INSERT_REQUESTS, (batch_id.bytes, spec.owner, expires_at, spec.input_file_id.bytes))

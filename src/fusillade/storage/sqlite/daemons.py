@@ -29,7 +29,7 @@ WHERE status = 'running' AND last_heartbeat < ?2
 _RECLAIMABLE = rows.state_predicate(transitions.RECLAIM.sources)
 _RECLAIMABLE_ROW = rows.state_predicate(transitions.RECLAIM.sources, alias="r")
 SELECT_ORPHANS = f"""
-SELECT r.id, (b.id IS NULL OR {rows.CANCEL_ON_RETURN}) AS cancel
+SELECT r.id, (b.id IS NULL OR {rows.CANCEL_ON_RETURN}) AS cancel, b.budget_exceeded_at IS NOT NULL AS spent
 FROM requests AS r
 LEFT JOIN daemons AS d ON d.id = r.daemon_id
 LEFT JOIN batches AS b ON b.id = r.batch_id
@@ -43,6 +43,12 @@ WHERE id = ? AND {_RECLAIMABLE}
 """
 CANCEL_ORPHAN = f"""
 UPDATE requests SET state = 'canceled', finished_at = ?, error_code = ?, error_message = ?,
+    result_bytes = ? + custom_id_bytes
+WHERE id = ? AND {_RECLAIMABLE}
+"""
+# Fail on return (`transitions.FAIL_ON_RETURN`): the batch spent its budget.
+FAIL_ORPHAN = f"""
+UPDATE requests SET state = 'failed', finished_at = ?, error_code = ?, error_message = ?,
     result_bytes = ? + custom_id_bytes
 WHERE id = ? AND {_RECLAIMABLE}
 """
@@ -99,12 +105,18 @@ def reclaim_requests(connection: sqlite3.Connection, now: datetime, *, stale_aft
     moment = connections.to_micros(now)
     connection.execute(MARK_STALE_DEAD, (moment, connections.to_micros(now - stale_after)))
     orphans = connection.execute(SELECT_ORPHANS, (limit,)).fetchall()
-    to_pending = [(key,) for key, cancel in orphans if not cancel]
+    to_pending = [(key,) for key, cancel, spent in orphans if not cancel and not spent]
     to_cancel = [
         (moment, lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES, key)
-        for key, cancel in orphans
+        for key, cancel, _ in orphans
         if cancel
+    ]
+    to_fail = [
+        (moment, lines.BUDGET_EXCEEDED, lines.BUDGET_MESSAGE, lines.BUDGET_LINE_BYTES, key)
+        for key, cancel, spent in orphans
+        if spent and not cancel
     ]
     connection.executemany(RETURN_TO_PENDING, to_pending)
     connection.executemany(CANCEL_ORPHAN, to_cancel)
+    connection.executemany(FAIL_ORPHAN, to_fail)
     return len(orphans)

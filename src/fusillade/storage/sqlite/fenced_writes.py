@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
+import orjson
+
 from fusillade.domain import ids, lines, models, states, transitions
+from fusillade.storage import budgets
+from fusillade.storage.sqlite import batches, rows
 from fusillade.storage.sqlite import connection as connections
-from fusillade.storage.sqlite import rows
 from fusillade.storage.usage_sums import usage_sums
 
 # The ids of a write group travel as one BLOB of concatenated 16-byte UUIDs, split here in SQL: one cached
@@ -77,6 +80,25 @@ ON CONFLICT (batch_id, model, day, daemon_id) DO UPDATE SET
     reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens
 """
 MICROSECONDS_PER_DAY: Final = 86_400_000_000
+# Fail on return (`transitions.FAIL_ON_RETURN`): a request handed back to the queue of a batch that spent its
+# budget.
+FAIL_RETURNED = """
+UPDATE requests SET state = 'failed', finished_at = ?, error_code = ?, error_message = ?,
+    result_bytes = ? + custom_id_bytes
+WHERE id = ? AND state = 'pending' AND EXISTS (
+    SELECT 1 FROM batches AS b WHERE b.id = requests.batch_id AND b.budget_exceeded_at IS NOT NULL
+)
+"""
+SELECT_OPEN_BUDGET = (
+    "SELECT budget FROM batches WHERE id = ? AND budget IS NOT NULL AND budget_exceeded_at IS NULL"
+)
+STOP_BUDGET = "UPDATE batches SET budget_exceeded_at = ? WHERE id = ?"
+# Budget stop (`transitions.BUDGET_STOP`).
+FAIL_PENDING_OF_BATCH = """
+UPDATE requests SET state = 'failed', finished_at = ?, error_code = ?, error_message = ?,
+    result_bytes = ? + custom_id_bytes
+WHERE batch_id = ? AND state = 'pending'
+"""
 
 _RETURNING_WRITES = tuple(
     kind for kind, transition in transitions.DAEMON_WRITES.items() if transition.returns_to_queue
@@ -143,6 +165,8 @@ def _update(connection: sqlite3.Connection, now: int, daemon: bytes, writes: Seq
     if returned:
         cancelled = (lines.BATCH_CANCELLED, lines.CANCELLED_MESSAGE, lines.CANCELLED_LINE_BYTES)
         connection.executemany(CANCEL_RETURNED, [(now, *cancelled, key) for key in returned])
+        spent = (lines.BUDGET_EXCEEDED, lines.BUDGET_MESSAGE, lines.BUDGET_LINE_BYTES)
+        connection.executemany(FAIL_RETURNED, [(now, *spent, key) for key in returned])
     return changed
 
 
@@ -172,6 +196,23 @@ def _add_usage(
                 for total in sums
             ],
         )
+        _stop_spent_budgets(connection, now, {total.batch_id for total in sums})
+
+
+def _stop_spent_budgets(connection: sqlite3.Connection, now: int, batch_ids: set[ids.BatchId]) -> None:
+    """Budget stop: of the batches whose usage just grew, those with a budget now reached get
+    `budget_exceeded_at`, and their pending requests end failed (`budget_exceeded`)."""
+    for batch_id in batch_ids:
+        key = batch_id.bytes
+        found = connection.execute(SELECT_OPEN_BUDGET, (key,)).fetchone()
+        if found is None:
+            continue  # no budget, or already stopped
+        budget = budgets.from_document(orjson.loads(found[0]))
+        spent = [rows.model_usage(found) for found in connection.execute(batches.SELECT_USAGE, (key,))]
+        if budget is not None and budget.reached(spent):
+            connection.execute(STOP_BUDGET, (now, key))
+            failed = (lines.BUDGET_EXCEEDED, lines.BUDGET_MESSAGE, lines.BUDGET_LINE_BYTES)
+            connection.execute(FAIL_PENDING_OF_BATCH, (now, *failed, key))
 
 
 def _statement(write: models.RequestWrite, now: int) -> tuple[str, tuple[Any, ...]]:

@@ -10,6 +10,7 @@ from typing import Final
 
 from fusillade import errors
 from fusillade.domain import ids, lines, models, transitions
+from fusillade.storage import refusals
 from fusillade.storage.sqlite import connection as connections
 from fusillade.storage.sqlite import files, rows
 from fusillade.storage.sqlite.batches import batch_from_row, get_batch, visible_batch_row
@@ -111,6 +112,8 @@ def retry_failed(
     row = visible_batch_row(connection, batch_id, owner)
     if any(moment is not None for moment in (row.failed_at, row.expired_at, row.cancelling_at, row.cancelled_at)):
         raise _conflict(connection, row, "its failed requests cannot be retried")
+    if row.budget_exceeded_at is not None:
+        raise refusals.budget_spent(ids.BatchId(connections.to_uuid(row.id)))
     moved: int = connection.execute(RETRY_FAILED, (row.id,)).rowcount
     if moved:
         connection.execute(REOPEN_BATCH, (row.id,))

@@ -14,7 +14,7 @@ import orjson
 
 from fusillade.domain import ids, models, states, transitions
 from fusillade.domain.usage import Usage
-from fusillade.storage import refusals
+from fusillade.storage import budgets, refusals
 from fusillade.storage.sqlite import connection as connections
 
 # Requests the store itself ends (cancel, expiry, reclaim): their message, and the size of their error line
@@ -119,6 +119,8 @@ class BatchRow(NamedTuple):
     deleted_at: int | None
     errors: str | None
     model: str | None
+    budget: str | None
+    budget_exceeded_at: int | None
 
     @property
     def is_finished(self) -> bool:
@@ -176,6 +178,8 @@ def batch_from_row(
         counts=counts,
         model=row.model,
         usage=usage,
+        budget=None if row.budget is None else budgets.from_document(orjson.loads(row.budget)),
+        budget_exceeded_at=_micros_or_none(row.budget_exceeded_at),
     )
 
 
