@@ -53,6 +53,7 @@ BATCH_FIELDS = {
     "usage",
     "requests_without_usage",  # fusillade extras
     "cost",
+    "budget",
 }
 LIST_FIELDS = {"object", "data", "first_id", "last_id", "has_more"}
 

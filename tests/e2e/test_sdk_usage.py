@@ -99,6 +99,7 @@ async def test_usage_sums_and_cost_are_exact(
     million = Decimal(1_000_000)
     expected_input = (reported["model-a"][0] * Decimal("0.15") + reported["model-b"][0] * Decimal(3)) / million
     expected_output = (reported["model-a"][1] * Decimal("0.6") + reported["model-b"][1] * Decimal(15)) / million
+    assert done.model_extra is not None and done.model_extra["cost"] == raw["cost"]  # as the README reads it
     assert raw["cost"] == {
         "currency": "usd",
         "input": float(expected_input),
