@@ -57,7 +57,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "domain": ("fusillade.domain", "fusillade.errors"),
     "storage": ("fusillade.storage", "fusillade.domain", "fusillade.errors", "fusillade.clock"),
     "upstream": ("fusillade.upstream", "fusillade.domain", "fusillade.errors", "fusillade.clock"),
-    "metrics": ("fusillade.upstream.classify",),
+    "metrics": ("fusillade.upstream.classify", "fusillade.domain.usage"),
     "daemon": (
         "fusillade.daemon",
         "fusillade.domain",

@@ -9,7 +9,8 @@ so `/metrics` shows no tenant's string and its size does not grow with the tenan
 - `code` (of a retried attempt): `timeout`, `connection_error`, `stream_error`, `upstream_error`, `http_404`,
   `http_408`, `http_429`, `http_500`, `http_502`, `http_503`, `http_504`, `http_5xx` (any other 5xx),
   `http_other`, `other` (`code_label`);
-- `outcome`, `result`, `task`: fixed sets named in each metric's help.
+- `outcome`, `result`, `task`: fixed sets named in each metric's help; `kind` (of a token count): `input`,
+  `cached_input` (part of `input`), `output`, `reasoning` (part of `output`), as in OpenAI's usage.
 
 Owners, custom ids and the names of models without a route of their own never become labels."""
 
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fusillade.domain.usage import Usage
 from fusillade.upstream import classify
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -47,15 +49,34 @@ _CODES: Final = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ModelMetrics:
     """The per-request instruments of one `model` label, labelled once (a label lookup per request would cost more
-    than the update itself)."""
+    than the update itself). Compared and hashed by identity."""
 
     finished: dict[str, Counter]
     """By outcome: completed, failed, canceled."""
     latency: dict[str, Histogram]
     """By result: success, retriable, permanent, expired."""
+    input_tokens: Counter
+    cached_input_tokens: Counter
+    output_tokens: Counter
+    reasoning_tokens: Counter
+    without_usage: Counter
+
+    def spent(self, usage: Usage | None) -> None:
+        """Count the usage of a request whose `Complete` applied (None: its response reported none). A count of 0
+        is not added: it would change nothing but cost the update."""
+        if usage is None:
+            self.without_usage.inc()
+            return
+        self.input_tokens.inc(usage.input_tokens)
+        if usage.cached_tokens:
+            self.cached_input_tokens.inc(usage.cached_tokens)
+        if usage.output_tokens:
+            self.output_tokens.inc(usage.output_tokens)
+        if usage.reasoning_tokens:
+            self.reasoning_tokens.inc(usage.reasoning_tokens)
 
 
 def code_label(code: str | None) -> str:
@@ -80,6 +101,21 @@ class DaemonMetrics:
             "Requests that reached a final outcome in this daemon, by model and outcome "
             "(completed, failed, canceled).",
             ["model", "outcome"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "fusillade_tokens",
+            "Tokens of the responses whose completion this daemon wrote, as their usage reported them, by model "
+            "and kind (input, cached_input, output, reasoning; cached_input is part of input and reasoning part "
+            "of output, as in OpenAI's usage).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.requests_without_usage = Counter(
+            "fusillade_requests_without_usage",
+            "Requests this daemon completed whose response reported no usage (not in fusillade_tokens_total), by "
+            "model.",
+            ["model"],
             registry=r,
         )
         self.retries = Counter(
@@ -170,6 +206,11 @@ class DaemonMetrics:
             found = ModelMetrics(
                 finished={outcome: self.requests_finished.labels(label, outcome) for outcome in _OUTCOMES},
                 latency={result: self.upstream_latency.labels(label, result) for result in _RESULTS},
+                input_tokens=self.tokens.labels(label, "input"),
+                cached_input_tokens=self.tokens.labels(label, "cached_input"),
+                output_tokens=self.tokens.labels(label, "output"),
+                reasoning_tokens=self.tokens.labels(label, "reasoning"),
+                without_usage=self.requests_without_usage.labels(label),
             )
             self._models[label] = found
         return found

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,53 @@ async def test_quiet_prints_no_progress_but_the_summary(tmp_path: Path, upstream
     assert result.returncode == 0, result.stderr
     assert "5 requests: 5 completed, 0 failed" in result.stdout
     assert not any(PROGRESS_LINE.match(line) for line in result.stderr.splitlines()), result.stderr
+
+
+def priced_config(path: Path, upstream: MockUpstream, *, model: str = "demo") -> Path:
+    """A configuration routing `model` to the upstream, at 1 cent an input token (half of it cached) and 3 cents
+    an output token: every cost is whole cents, shown exactly."""
+    path.write_text(
+        f'[models."{model}"]\nbase_url = "{upstream.url}"\nconcurrency = 4\n\n'
+        f'[models."{model}".pricing]\ninput = 10000\ncached_input = 5000\noutput = 30000\n'
+    )
+    return path
+
+
+def reported_usage(output: list[dict[str, Any]]) -> tuple[int, int]:
+    """The input and output tokens the upstream reported in these output lines."""
+    usages = [line["response"]["body"]["usage"] for line in output]
+    return sum(usage["prompt_tokens"] for usage in usages), sum(usage["completion_tokens"] for usage in usages)
+
+
+async def test_the_summary_shows_the_tokens_and_the_cost_of_a_priced_run(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    write_requests(tmp_path / "requests.jsonl", 25)
+    config = priced_config(tmp_path / "fusillade.toml", upstream)
+
+    result = await fusillade("run", "requests.jsonl", "--config", str(config), cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    input_tokens, output_tokens = reported_usage(read_lines(tmp_path / "requests.output.jsonl"))
+    cost = Decimal("0.01") * input_tokens + Decimal("0.03") * output_tokens
+    assert cost >= 1  # shown to the cent, exactly
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("25 requests: 25 completed, 0 failed")
+    assert lines[1] == (
+        f"  tokens: {input_tokens:,} in (0 cached), {output_tokens:,} out (0 reasoning); cost ${cost:,.2f}"
+    )
+    assert lines[2].startswith("  output: "), result.stdout
+
+
+async def test_the_summary_shows_tokens_without_a_cost_when_nothing_is_priced(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    write_requests(tmp_path / "requests.jsonl", 6)
+    upstream.behaviour = Behaviour(faults_by_custom_id={"request-2": [HttpError(400)]})
+
+    result = await fusillade("run", "requests.jsonl", "-m", f"demo={upstream.url}", cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr
+    input_tokens, output_tokens = reported_usage(read_lines(tmp_path / "requests.output.jsonl"))
+    assert f"\n  tokens: {input_tokens:,} in (0 cached), {output_tokens:,} out (0 reasoning)\n" in result.stdout
+    assert "cost" not in result.stdout

@@ -1,11 +1,13 @@
 """`fusillade serve` with a routed model and a default route, both to an upstream that keeps every call waiting:
 `fusillade status` shows the routes (host and port only) with the requests in flight on each, read from the
-database, and the official `openai` SDK lists and retrieves the served models, also after a reload."""
+database, and the official `openai` SDK lists and retrieves the served models, also after a reload. Then the
+tokens and cost of finished batches, left by `fusillade run`."""
 
 from __future__ import annotations
 
 import json
 import signal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from fusillade.mock_upstream import Behaviour, FixedLatency, MockUpstream
+from tests.e2e.test_cli_run import fusillade, priced_config, read_lines, reported_usage, write_requests
 from tests.support import polling
 from tests.support.processes import Processes
 
@@ -82,3 +85,54 @@ async def test_status_shows_routes_with_their_requests_in_flight_and_the_sdk_lis
                 await sdk.models.retrieve(PRIVATE)  # the default route is gone
             assert (await sdk.models.retrieve(ROUTED)).created == routed.created  # kept across the reload
         assert await server.stop() == 0
+
+
+async def test_status_shows_the_tokens_of_each_batch_and_the_cost_of_priced_ones(
+    tmp_path: Path, upstream: MockUpstream
+) -> None:
+    config = priced_config(tmp_path / "fusillade.toml", upstream, model="priced")
+    config.write_text(config.read_text() + f'\n[models.free]\nbase_url = "{upstream.url}"\n')
+    database = ("--database-url", "sqlite:///state.db")
+    tokens: dict[str, tuple[int, int]] = {}
+    for model, count in (("priced", 8), ("free", 5)):
+        write_requests(tmp_path / f"{model}.jsonl", count, model=model)
+        result = await fusillade("run", f"{model}.jsonl", "--config", str(config), *database, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        tokens[model] = reported_usage(read_lines(tmp_path / f"{model}.output.jsonl"))
+
+    code = await fusillade("status", "--json", "--config", str(config), *database, cwd=tmp_path)
+    assert code.returncode == 0, code.stderr
+    free, priced = json.loads(code.stdout)["batches"]  # newest first
+    for batch in (free, priced):
+        input_tokens, output_tokens = tokens[batch["model"]]
+        assert batch["usage"] == {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        }
+        assert batch["requests_without_usage"] == 0
+    assert free["cost"] is None
+    input_tokens, output_tokens = tokens["priced"]
+    cost = Decimal("0.01") * input_tokens + Decimal("0.03") * output_tokens
+    assert cost >= 1  # shown to the cent, exactly
+    assert priced["cost"] == {
+        "currency": "usd",
+        "input": float(Decimal("0.01") * input_tokens),
+        "output": float(Decimal("0.03") * output_tokens),
+        "total": float(cost),
+    }
+
+    table = await fusillade("status", "--config", str(config), *database, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    header = next(line for line in table.stdout.splitlines() if "batch" in line and "tokens" in line)
+    assert cells(header)[6:] == ["tokens", "cost", "created"]
+    rows = {cells(line)[0]: cells(line) for line in table.stdout.splitlines() if "batch_" in line}
+    assert rows[priced["id"]][6:8] == [f"{sum(tokens['priced']):,}", f"${cost:,.2f}"]
+    assert rows[free["id"]][6:8] == [f"{sum(tokens['free']):,}", "-"]  # a model without pricing: no cost
+
+
+def cells(line: str) -> list[str]:
+    """The cells of a row of a table printed by rich."""
+    return [cell.strip() for cell in line.replace("┃", "│").split("│")[1:-1]]

@@ -43,15 +43,17 @@ def test_two_writes_of_one_request_fold_as_the_table_says(
 ) -> None:
     pending = _pending()
     request_id = ids.new_request_id()
-    results: list[tuple[str, pending_writes.WriteResult]] = []
-    pending.submit(_write(earlier, request_id), lambda result: results.append(("earlier", result)))
-    pending.submit(_write(later, request_id), lambda result: results.append(("later", result)))
+    results: list[tuple[str, pending_writes.WriteResult, models.RequestWrite]] = []
+    first, second = _write(earlier, request_id), _write(later, request_id)
+    pending.submit(first, lambda result, write: results.append(("earlier", result, write)))
+    pending.submit(second, lambda result, write: results.append(("later", result, write)))
     group = pending.take_group()
     if (earlier, later) in transitions.FOLDS:
         assert [type(write) for write in group.writes] == [later]
         assert len(pending) == 0
         assert pending.settle(group, models.WriteReport(applied=frozenset({request_id}))) == 0
-        assert [name for name, result in results if result.applied] == ["earlier", "later"]
+        assert [name for name, result, _ in results if result.applied] == ["earlier", "later"]
+        assert [write for _, _, write in results] == [second, second]  # each callback is given the write made
     else:
         # The later write waits for the earlier one's answer, in a group of its own.
         assert [type(write) for write in group.writes] == [earlier]
@@ -66,7 +68,7 @@ def test_a_retried_write_refused_in_its_final_target_counts_as_applied(kind: typ
     request_id = ids.new_request_id()
     results: list[pending_writes.WriteResult] = []
     pending = _pending()
-    pending.submit(_write(kind, request_id), results.append)
+    pending.submit(_write(kind, request_id), lambda result, _: results.append(result))
     pending.put_back(pending.take_group())  # its transaction failed: maybe committed unheard
     group = pending.take_group()
     refused = pending.settle(group, models.WriteReport(conflicts={request_id: target}))
@@ -79,6 +81,6 @@ def test_a_first_try_refused_in_its_target_is_refused() -> None:
     request_id = ids.new_request_id()
     results: list[pending_writes.WriteResult] = []
     pending = _pending()
-    pending.submit(models.Complete(request_id, 200, "{}"), results.append)
+    pending.submit(models.Complete(request_id, 200, "{}"), lambda result, _: results.append(result))
     assert pending.settle(pending.take_group(), models.WriteReport(conflicts={request_id: State.COMPLETED})) == 1
     assert results == [pending_writes.WriteResult(False, State.COMPLETED)]

@@ -19,9 +19,10 @@ from pydantic_core import ErrorDetails
 from rich.logging import RichHandler
 
 from fusillade import errors
-from fusillade.cli import common, progress
+from fusillade.cli import common, progress, tokens
 from fusillade.config import Config, RouteSection
 from fusillade.domain import models
+from fusillade.domain.prices import Prices
 
 if TYPE_CHECKING:
     from fusillade.cli import local_run
@@ -153,7 +154,7 @@ def run(
         common.fail(str(exc), common.ExitCode.FAILED)
     except KeyboardInterrupt:
         common.fail("Interrupted before the run started; nothing was sent.", common.ExitCode.INTERRUPTED)
-    raise typer.Exit(_report(outcome, files, time.monotonic() - started))
+    raise typer.Exit(_report(outcome, files, time.monotonic() - started, settings.prices()))
 
 
 def with_model_routes(config: Config, options: list[str]) -> Config:
@@ -232,7 +233,9 @@ def _invalid_input(
     raise typer.Exit(common.ExitCode.INVALID)
 
 
-def _report(outcome: local_run.Outcome, files: local_run.RunFiles, seconds: float) -> common.ExitCode:
+def _report(
+    outcome: local_run.Outcome, files: local_run.RunFiles, seconds: float, prices: Prices
+) -> common.ExitCode:
     counts = outcome.batch.counts
     if outcome.interrupted:
         common.stderr.print(
@@ -246,12 +249,16 @@ def _report(outcome: local_run.Outcome, files: local_run.RunFiles, seconds: floa
     status = outcome.batch.status
     output = files.output if counts.completed else "none (no request completed)"
     errors_file = files.errors if failed else "none (no request failed)"
-    common.stdout.print(
-        f"{counts.total:,} requests: {counts.completed:,} completed, {failed:,} failed "
-        f"(batch {status}, {seconds:.1f} s).\n  output: {output}\n  errors: {errors_file}",
-        highlight=False,
-        markup=False,
-    )
+    lines = [
+        f"{counts.total:,} requests: {counts.completed:,} completed, {failed:,} failed (batch {status}, "
+        f"{seconds:.1f} s).",
+        f"  output: {output}",
+        f"  errors: {errors_file}",
+    ]
+    spent = tokens.summary(outcome.batch, prices)
+    if spent is not None:
+        lines.insert(1, f"  {spent}")
+    common.stdout.print("\n".join(lines), highlight=False, markup=False)
     if not failed:
         return common.ExitCode.OK
     common.stderr.print(

@@ -17,13 +17,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fusillade.cli import common
+from fusillade.cli import common, tokens
 from fusillade.config import DEFAULT_ROUTE_MODEL, Config
 from fusillade.domain import ids, models, states
+from fusillade.domain.prices import Prices
+from fusillade.domain.usage import openai_usage
 from fusillade.storage.base import Storage
 
 _ROUTE_COLUMNS = ("model", "upstream", "limit", "in flight")
-_BATCH_COLUMNS = ("batch", "owner", "status", "done", "failed", "in flight", "created")
+_BATCH_COLUMNS = ("batch", "owner", "status", "done", "failed", "in flight", "tokens")
 _DAEMON_COLUMNS = ("daemon", "host:pid", "status", "in flight", "heartbeat", "started")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -68,18 +70,19 @@ def status(
     snapshot = common.execute(common.using_storage(settings, lambda storage: _read(storage, limit)))
     stale_after = settings.daemon.stale_after
     routes = route_rows(settings, snapshot.in_flight)
+    prices = settings.prices()
     if as_json:
         document = {
             "database_url": settings.redacted()["database_url"],
             "routes": [dataclasses.asdict(route) for route in routes],
-            "batches": [_batch_json(batch) for batch in snapshot.batches],
+            "batches": [_batch_json(batch, prices) for batch in snapshot.batches],
             "daemons": [_daemon_json(daemon, snapshot.now, stale_after) for daemon in snapshot.daemons],
         }
         print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
         return
     common.stdout.print(f"Database: {settings.redacted()['database_url']}", highlight=False, markup=False)
     common.stdout.print(_route_table(routes))
-    common.stdout.print(_batch_table(snapshot))
+    common.stdout.print(_batch_table(snapshot, prices))
     common.stdout.print(_daemon_table(snapshot, stale_after))
 
 
@@ -127,21 +130,27 @@ def _route_table(routes: list[RouteRow]) -> Table | str:
     return table
 
 
-def _batch_table(snapshot: Snapshot) -> Table | str:
+def _batch_table(snapshot: Snapshot, prices: Prices) -> Table | str:
+    """The batches; a `cost` column when the configuration prices a model."""
     if not snapshot.batches:
         return "No batches yet."
-    table = common.table("Batches (newest first)", *_BATCH_COLUMNS)
+    priced = prices.configured
+    columns = (*_BATCH_COLUMNS, "cost") if priced else _BATCH_COLUMNS
+    table = common.table("Batches (newest first)", *columns, "created")
     for batch in snapshot.batches:
         counts = batch.counts
-        table.add_row(
+        cells = [
             ids.batch_wire(batch.id),
             batch.owner,
             _status_style(batch.status),
             _progress(counts),
             f"{counts.failed + counts.canceled:,}",
             f"{counts.in_progress:,}",
-            common.age(batch.created_at, snapshot.now),
-        )
+            tokens.total(batch),
+        ]
+        if priced:
+            cells.append(tokens.cost_cell(batch, prices))
+        table.add_row(*cells, common.age(batch.created_at, snapshot.now))
     return table
 
 
@@ -197,8 +206,9 @@ def _silent(daemon: models.DaemonRecord, now: datetime, stale_after: timedelta) 
 # --------------------------------------------------------------------------------------------------- json
 
 
-def _batch_json(batch: models.Batch) -> dict[str, Any]:
+def _batch_json(batch: models.Batch, prices: Prices) -> dict[str, Any]:
     counts = batch.counts
+    cost = prices.batch_cost(batch)
     return {
         "id": ids.batch_wire(batch.id),
         "owner": batch.owner,
@@ -213,6 +223,17 @@ def _batch_json(batch: models.Batch) -> dict[str, Any]:
             "completed": counts.completed,
             "failed": counts.failed,
             "canceled": counts.canceled,
+        },
+        "model": batch.model,
+        "usage": openai_usage(batch.total_usage),
+        "requests_without_usage": batch.usage_unknown,
+        "cost": None
+        if cost is None
+        else {
+            "currency": "usd",
+            "input": float(cost.input),
+            "output": float(cost.output),
+            "total": float(cost.total),
         },
     }
 

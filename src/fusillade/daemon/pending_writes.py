@@ -3,8 +3,9 @@ one group per tick of the daemon's tick scheduler (`daemon.ticks.TickScheduler`,
 `RequestQueue.apply_writes_and_claim`).
 
 A task submits a write with a callback (or awaits `write`); it runs once the transaction holding the write
-committed, or the write was refused. A task does not wait for its write to end: its call is over, its slot
-is free, and the write is committed with the others of its tick.
+committed, or the write was refused, and is given the write too (so that one callback made ahead of time can
+serve every write of a kind, with nothing allocated per write). A task does not wait for its write to end: its
+call is over, its slot is free, and the write is committed with the others of its tick.
 
 Two writes for one request in one group are merged into the later one when the transition table allows it
 (`transitions.FOLDS`: the later write applies from every state the earlier one does and from the state it
@@ -45,7 +46,9 @@ class WriteResult:
 ABANDONED = WriteResult(False)
 _APPLIED = WriteResult(True)
 
-Done = Callable[[WriteResult], None]
+Done = Callable[[WriteResult, models.RequestWrite], None]
+"""Told what came of a write, and given the write as it went to the database (for a write folded into a later
+one, that later write)."""
 
 
 @dataclass(slots=True)
@@ -86,7 +89,7 @@ class PendingWrites:
         """Queue a write; `done` is called with what came of it."""
         if self._abandoned:
             if done is not None:
-                done(ABANDONED)
+                done(ABANDONED, write)
             return
         self._waiting.append(_Entry(write, [done] if done is not None else []))
         self._on_arrival()
@@ -113,7 +116,7 @@ class PendingWrites:
         self._committing.clear()
         waiting, self._waiting = self._waiting, []
         for entry in waiting:
-            _call(entry.done, ABANDONED)
+            _call(entry, ABANDONED)
 
     def take_group(self) -> Group:
         """The next group: the oldest waiting writes, at most `max_size`, one per request, none for a request
@@ -143,7 +146,7 @@ class PendingWrites:
         self._committing.difference_update(group.entries)
         if self._abandoned:
             for entry in group.entries.values():
-                _call(entry.done, ABANDONED)
+                _call(entry, ABANDONED)
             return
         for entry in group.entries.values():
             entry.retried = True
@@ -166,15 +169,15 @@ class PendingWrites:
             else:
                 result = WriteResult(False)
                 refused += 1
-            _call(entry.done, result)
+            _call(entry, result)
         return refused
 
 
-def _resolve(future: asyncio.Future[WriteResult], result: WriteResult) -> None:
+def _resolve(future: asyncio.Future[WriteResult], result: WriteResult, _write: models.RequestWrite) -> None:
     if not future.done():
         future.set_result(result)
 
 
-def _call(done: list[Done], result: WriteResult) -> None:
-    for callback in done:
-        callback(result)
+def _call(entry: _Entry, result: WriteResult) -> None:
+    for callback in entry.done:
+        callback(result, entry.write)
