@@ -104,4 +104,6 @@ async def test_a_bad_grouping_or_date_exits_2_with_the_fix(tmp_path: Path) -> No
         assert "--since '03/02/2026' is not a date YYYY-MM-DD" in stderr
         code, _, stderr = await processes.cli("usage", "--since", "2026-02-30", "--database-url", database)
         assert code == 2 and "not a date of the calendar" in stderr
+        code, _, stderr = await processes.cli("usage", "--owner", " ", "--database-url", database)
+        assert code == 2 and "--owner must name an owner" in stderr
     assert not (tmp_path / "f.db").exists()  # refused before the database was opened

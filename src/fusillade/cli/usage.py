@@ -19,6 +19,7 @@ from fusillade.domain import ids, models, usage, usage_report
 from fusillade.domain.usage_report import UsageGrouping
 
 T = TypeVar("T")
+INVALID = common.ExitCode.INVALID
 
 _TOKEN_COLUMNS = ("requests", "without usage", "input", "cached", "output", "reasoning", "total")
 
@@ -55,6 +56,9 @@ def usage_command(
     """
     grouping = _parsed(usage_report.grouping, by, "--by")
     first_day = None if since is None else _parsed(usage_report.since_day, since, "--since")
+    if owner is not None and not owner.strip():
+        common.fail("--owner must name an owner, such as --owner alice; leave it out for every owner.", INVALID)
+    owner = None if owner is None else owner.strip()
     scope: models.OwnerScope = models.ALL_OWNERS if owner is None else owner
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
     found = common.execute(
@@ -84,7 +88,7 @@ def _parsed(parse: Callable[[str], T], text: str, option: str) -> T:
     try:
         return parse(text)
     except ValueError as exc:
-        common.fail(f"{option} {exc}", common.ExitCode.INVALID)
+        common.fail(f"{option} {exc}", INVALID)
 
 
 def _scope_words(owner: str | None, since: date | None) -> str:
@@ -105,7 +109,8 @@ def _table(
 ) -> Table:
     keys = ([] if owner is not None else ["owner"]) + ([] if grouping is UsageGrouping.MODEL else [str(grouping)])
     headers = [*keys, "model", *_TOKEN_COLUMNS, *(["cost (USD)"] if priced else [])]
-    table = common.table(f"Usage by {grouping}{_scope_words(owner, since)}", *headers, identifiers=len(keys) + 1)
+    title = escape(f"Usage by {grouping}{_scope_words(owner, since)}")
+    table = common.table(title, *headers, identifiers=len(keys) + 1)
     for column in table.columns[len(keys) + 1 :]:
         column.justify = "right"
     for index, priced_row in enumerate(report.rows):
