@@ -27,13 +27,13 @@ import dataclasses
 import sqlite3
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import IO, Final
 
 from fusillade import clock as clocks
 from fusillade import errors
-from fusillade.domain import ids, jsonl, models, served, states
+from fusillade.domain import ids, jsonl, models, served, states, usage_report
 from fusillade.domain.prices import NO_PRICES, Prices
 from fusillade.storage import base
 
@@ -300,6 +300,16 @@ class Service:
         limit: int = 100,
     ) -> models.Page[models.Request]:
         return await self._storage.list_requests(batch_id, owner=owner, state=state, after=after, limit=limit)
+
+    # ------------------------------------------------------------------------------------------ usage
+
+    async def usage_report(
+        self, *, owner: models.OwnerScope, since: date | None = None, by: usage_report.UsageGrouping
+    ) -> usage_report.UsageReport:
+        """The token usage of `owner`'s completed requests (`ALL_OWNERS`: of every owner, row by row) by model,
+        day or batch, from the UTC day `since` on, each row priced at the pricing in force (`prices`)."""
+        found = await self._storage.usage_report(owner=owner, since=since, by=by)
+        return usage_report.priced(found, self._prices)
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -11,6 +11,7 @@ import orjson
 
 from fusillade import errors
 from fusillade.domain import ids, models, states
+from fusillade.domain.usage import Usage
 from fusillade.storage import base
 
 OWNER = "alice"
@@ -250,3 +251,24 @@ async def run_to_completion(
     await fail(store, daemon_id, by_line[:failing])
     await complete(store, daemon_id, by_line[failing:])
     return daemon_id
+
+
+async def completed_with_usage(
+    store: base.Storage, usages: Sequence[Usage | None], *, owner: str = OWNER, model: str = MODEL
+) -> ids.BatchId:
+    """A new batch of one request per usage, each claimed and completed with that usage (None: its response
+    reported none), as a daemon writes them. No other request of `model` may be pending."""
+    batch = await create_batch(store, owner=owner, count=len(usages), model=model)
+    daemon = await register(store)
+    claimed = sorted(await claim(store, daemon, model=model), key=lambda request: int(request.custom_id[4:]))
+    assert [request.batch_id for request in claimed] == [batch.id] * len(usages)
+    await apply(
+        store, daemon, *(complete_spending(request, usage) for request, usage in zip(claimed, usages, strict=True))
+    )
+    return batch.id
+
+
+def complete_spending(request: models.ClaimedRequest, usage: Usage | None) -> models.Complete:
+    """A `Complete` of `request` whose response reported `usage`, counted where a daemon counts it."""
+    spend = models.Spend(request.batch_id, request.owner, request.model, usage)
+    return models.Complete(request.id, 200, response_body(request.id), spend)

@@ -13,12 +13,12 @@ from starlette.routing import Route
 from fusillade import __version__
 from fusillade.api.context import ApiContext, MoreMetrics, exposition
 from fusillade.api.errors import install_error_handlers
-from fusillade.api.routes import batches, files, health, models
+from fusillade.api.routes import batches, files, health, models, usage
 
 DESCRIPTION = """\
 OpenAI-compatible Batch API (`/v1/files`, `/v1/batches`, `/v1/models`) on your own upstreams: point the official
 `openai` SDK's `base_url` here. Extras: `GET /v1/batches/{id}/requests`, `POST /v1/batches/{id}/retry`,
-`/healthz`, `/readyz`, `/metrics`. Authenticate with `Authorization: Bearer <key>` (keys from
+`GET /v1/usage`, `/healthz`, `/readyz`, `/metrics`. Authenticate with `Authorization: Bearer <key>` (keys from
 `fusillade keys create`)."""
 
 
@@ -30,6 +30,7 @@ def create_app(context: ApiContext) -> FastAPI:
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(models.router)
+    app.include_router(usage.router)
     app.include_router(health.router)
     return app
 

@@ -14,14 +14,14 @@ failed has `output_file_id: null`, as on OpenAI.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, Self
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fusillade.domain import ids, models, served, states, usage
+from fusillade.domain import ids, models, served, states, usage, usage_report
 from fusillade.domain.prices import NO_PRICES, Prices
 
 
@@ -405,3 +405,86 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorEnvelope, "description": "The database is unavailable; retry after `Retry-After`."},
 }
 """For the OpenAPI schema of every authenticated route."""
+
+
+# ----------------------------------------------------------------------------------------------- usage
+
+
+class UsageTotals(WireModel):
+    """The usage of some completed requests and what it cost."""
+
+    requests: int
+    """Completed requests, with or without usage reported."""
+    requests_without_usage: int
+    """Those of `requests` whose response carried no usage (not in `usage`, never guessed)."""
+    usage: dict[str, Any]
+    """OpenAI's usage shape (as on the batch object): the tokens of the requests that reported them."""
+    cost: BatchCost | None
+    """What `usage` cost, in US dollars; null when a model of it has no `pricing` configured."""
+
+
+def _totals(requests: int, unknown: int, tokens: usage.Usage, cost: usage.Cost | None) -> dict[str, Any]:
+    return {
+        "requests": requests + unknown,
+        "requests_without_usage": unknown,
+        "usage": usage.openai_usage(tokens),
+        "cost": None if cost is None else BatchCost.of(cost),
+    }
+
+
+class UsageRowObject(UsageTotals):
+    """One row of `GET /v1/usage` grouped by model: an owner's model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    owner: str
+    model: str
+
+    @staticmethod
+    def of(priced: usage_report.PricedRow) -> UsageRowObject:
+        row = priced.row
+        common = {
+            "owner": row.owner,
+            "model": row.model,
+            **_totals(row.requests, row.unknown, row.usage, priced.cost),
+        }
+        if row.day is not None:
+            return DayUsageRowObject(day=row.day.isoformat(), **common)
+        if row.batch_id is not None:
+            return BatchUsageRowObject(batch_id=ids.batch_wire(row.batch_id), **common)
+        return UsageRowObject(**common)
+
+
+class DayUsageRowObject(UsageRowObject):
+    """A row grouped by day: an owner's model on one UTC day."""
+
+    day: str
+    """`YYYY-MM-DD` (UTC), the day the requests completed on."""
+
+
+class BatchUsageRowObject(UsageRowObject):
+    """A row grouped by batch: an owner's model in one batch."""
+
+    batch_id: str
+
+
+class UsageList(WireModel):
+    """`GET /v1/usage` (fusillade extra): token usage and cost of completed requests, a row per owner and model
+    (and per day or batch, as `group_by` says), and their total."""
+
+    object: Literal["list"] = "list"
+    group_by: usage_report.UsageGrouping
+    since: str | None
+    """The first UTC day counted (`YYYY-MM-DD`), or null for every day."""
+    data: list[DayUsageRowObject | BatchUsageRowObject | UsageRowObject]
+    total: UsageTotals
+
+    @classmethod
+    def of(
+        cls, report: usage_report.UsageReport, *, by: usage_report.UsageGrouping, since: date | None
+    ) -> UsageList:
+        return cls(
+            group_by=by,
+            since=None if since is None else since.isoformat(),
+            data=[UsageRowObject.of(row) for row in report.rows],
+            total=UsageTotals(**_totals(report.requests, report.unknown, report.usage, report.cost)),
+        )

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from fusillade import __version__
-from fusillade.cli import keys, migrate, run, serve, status
+from fusillade.cli import keys, migrate, run, serve, status, usage
 from fusillade.mock_upstream.command import mock_upstream
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.command()(serve.daemon)
 app.command("run")(run.run)
 app.command()(migrate.migrate)
 app.command()(status.status)
+app.command("usage")(usage.usage_command)
 app.add_typer(keys.commands, name="keys")
 app.command("mock-upstream")(mock_upstream)
 

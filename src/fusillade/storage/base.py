@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Literal, Protocol
 
-from fusillade.domain import ids, models, served, states
+from fusillade.domain import ids, models, served, states, usage_report
 
 SortOrder = Literal["asc", "desc"]
 
@@ -314,6 +314,18 @@ class KeyStore(Protocol):
         ...
 
 
+class UsageStore(Protocol):
+    async def usage_report(
+        self, *, owner: models.OwnerScope, since: date | None, by: usage_report.UsageGrouping
+    ) -> list[usage_report.UsageRow]:
+        """The token usage of the completed requests of `owner` (`ALL_OWNERS`: of every owner), summed per owner
+        and model, and also per UTC day or per batch as `by` says; only the days from `since` on (None: every
+        day). Read from the usage sums alone (never the requests), which outlive their batch's deletion and
+        purge. Ordered by owner, then day or batch (a batch by the first day it has usage on, then its id),
+        then model. An owner without usage gets an empty list."""
+        ...
+
+
 class RetentionStore(Protocol):
     async def purge_deleted(self, *, limit: int = 1000) -> int:
         """Hard-delete at most `limit` rows belonging to soft-deleted batches and files (requests first,
@@ -323,7 +335,15 @@ class RetentionStore(Protocol):
 
 
 class Storage(
-    FileStore, SeenModelStore, BatchStore, RequestQueue, DaemonRegistry, KeyStore, RetentionStore, Protocol
+    FileStore,
+    SeenModelStore,
+    BatchStore,
+    RequestQueue,
+    DaemonRegistry,
+    KeyStore,
+    UsageStore,
+    RetentionStore,
+    Protocol,
 ):
     """Everything a backend provides, plus its lifecycle."""
 

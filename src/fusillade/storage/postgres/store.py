@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from fusillade import clock as clocks
 from fusillade import errors
-from fusillade.domain import ids, lines, models, served, states
+from fusillade.domain import ids, lines, models, served, states, usage_report
 from fusillade.storage import base, refusals
 from fusillade.storage.postgres import (
     batches,
@@ -26,6 +26,7 @@ from fusillade.storage.postgres import (
     models_seen,
     queue,
     retention,
+    usage,
 )
 from fusillade.storage.postgres.connection import Database
 
@@ -348,6 +349,14 @@ class PostgresStorage:
         now = self._clock.now()
         async with self._db.transaction() as connection:
             return await daemons.reclaim_requests(connection, stale_after=stale_after, limit=limit, now=now)
+
+    # ------------------------------------------------------------------------------------------- usage
+
+    async def usage_report(
+        self, *, owner: models.OwnerScope, since: date | None, by: usage_report.UsageGrouping
+    ) -> list[usage_report.UsageRow]:
+        async with self._db.connection() as connection:
+            return await usage.usage_report(connection, owner=owner, since=since, by=by)
 
     # -------------------------------------------------------------------------------------- retention
 

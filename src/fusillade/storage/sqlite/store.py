@@ -11,13 +11,13 @@ import contextlib
 import functools
 import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
 from fusillade import clock as clocks
 from fusillade import errors
-from fusillade.domain import ids, models, served, states
+from fusillade.domain import ids, models, served, states, usage_report
 from fusillade.storage import base, refusals
 from fusillade.storage.sqlite import (
     batches,
@@ -31,6 +31,7 @@ from fusillade.storage.sqlite import (
     queue,
     retention,
     uploads,
+    usage,
 )
 from fusillade.storage.sqlite import connection as connections
 
@@ -332,6 +333,13 @@ class SqliteStorage:
         return await self._database.write(
             functools.partial(daemons.reclaim_requests, stale_after=stale_after, limit=limit)
         )
+
+    # ------------------------------------------------------------------------------------------ usage
+
+    async def usage_report(
+        self, *, owner: models.OwnerScope, since: date | None, by: usage_report.UsageGrouping
+    ) -> list[usage_report.UsageRow]:
+        return await self._database.read(functools.partial(usage.usage_report, owner=owner, since=since, by=by))
 
     # -------------------------------------------------------------------------------------- retention
 
