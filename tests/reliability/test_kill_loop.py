@@ -15,7 +15,8 @@ a write transaction (SQLite: it holds the write lock; PostgreSQL: a session of i
 kills cut commits rather than fall between them. What was acknowledged is what the database showed a reader as
 committed (the completed requests and their bodies, read just before each kill); after each restart every one of
 those is still completed with the same body, and on SQLite `PRAGMA integrity_check` passes on the file the killed
-process left.
+process left. At the end the batch's token usage is exactly the sum of what its output lines report: requests sent
+again after a kill count once.
 """
 
 from __future__ import annotations
@@ -260,6 +261,13 @@ async def test_a_daemon_killed_again_and_again_loses_nothing_and_resends_only_wh
     assert sent_again <= extra_receipts <= held_sum
     assert loop.acknowledged
     assert all(result == ["ok"] for result in loop.integrity), loop.integrity
+    # Usage sums are exact: a request sent again after a kill counts once, with the result that was kept.
+    kept = [line["response"]["body"]["usage"] for line in output]
+    assert done.usage_unknown == 0
+    assert (done.total_usage.input_tokens, done.total_usage.output_tokens) == (
+        sum(usage["prompt_tokens"] for usage in kept),
+        sum(usage["completion_tokens"] for usage in kept),
+    ), f"{sent_again} requests were sent more than once"
 
 
 async def finished(storage: base.Storage, batch: models.Batch, process: Process) -> models.Batch:

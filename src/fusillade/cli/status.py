@@ -21,7 +21,7 @@ from fusillade.cli import common, tokens
 from fusillade.config import DEFAULT_ROUTE_MODEL, Config
 from fusillade.domain import ids, models, states
 from fusillade.domain.prices import Prices
-from fusillade.domain.usage import openai_usage
+from fusillade.domain.usage import cost_fields, openai_usage
 from fusillade.storage.base import Storage
 
 _ROUTE_COLUMNS = ("model", "upstream", "limit", "in flight")
@@ -227,14 +227,7 @@ def _batch_json(batch: models.Batch, prices: Prices) -> dict[str, Any]:
         "model": batch.model,
         "usage": openai_usage(batch.total_usage),
         "requests_without_usage": batch.usage_unknown,
-        "cost": None
-        if cost is None
-        else {
-            "currency": "usd",
-            "input": float(cost.input),
-            "output": float(cost.output),
-            "total": float(cost.total),
-        },
+        "cost": cost_fields(cost),
     }
 
 

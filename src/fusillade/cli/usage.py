@@ -184,12 +184,5 @@ def _totals_json(requests: int, unknown: int, tokens: usage.Usage, cost: usage.C
         "requests": requests + unknown,
         "requests_without_usage": unknown,
         "usage": usage.openai_usage(tokens),
-        "cost": None
-        if cost is None
-        else {
-            "currency": "usd",
-            "input": float(cost.input),
-            "output": float(cost.output),
-            "total": float(cost.total),
-        },
+        "cost": usage.cost_fields(cost),
     }

@@ -298,6 +298,19 @@ NO_COST: Final = Cost(Decimal(0), Decimal(0))
 """The start of a sum of costs."""
 
 
+def cost_fields(cost: Cost | None) -> dict[str, object] | None:
+    """A cost as fusillade's JSON shows it (the batch's `cost`, `GET /v1/usage`, the CLI's `--json`): US dollars
+    as JSON numbers; None stays None (unknown)."""
+    if cost is None:
+        return None
+    return {
+        "currency": "usd",
+        "input": float(cost.input),
+        "output": float(cost.output),
+        "total": float(cost.total),
+    }
+
+
 def cost(usage: Usage, pricing: Pricing) -> Cost:
     """The exact cost of `usage` at `pricing`: cached input tokens at `cached_input`, the rest of the input at
     `input`, output tokens (reasoning included, charged once) at `output`."""
