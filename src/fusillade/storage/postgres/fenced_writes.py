@@ -131,18 +131,19 @@ _KINDS = {
 }
 
 # The usage of the `Complete` writes that applied (the rows `completed` returns), added to this daemon's rows of
-# the day (UTC) in the same statement: no trip of its own, and a refused write adds nothing. A row per daemon, so
-# replicas never wait on each other's lock. A usage of null counts the request as usage unknown.
+# the day (UTC) in the same statement: no trip of its own, and a refused write adds nothing. A row per daemon and
+# database session (`pg_backend_pid()`), so that neither replicas nor this daemon's own ticks in flight (each on
+# its own connection) wait on each other's row lock. A usage of null counts the request as usage unknown.
 _ADD_USAGE = """
-INSERT INTO batch_usage AS u (batch_id, model, day, daemon_id, owner, requests, unknown, input_tokens,
+INSERT INTO batch_usage AS u (batch_id, model, day, daemon_id, shard, owner, requests, unknown, input_tokens,
     cached_tokens, output_tokens, reasoning_tokens)
-SELECT c.batch_id, c.model, ($2::timestamptz AT TIME ZONE 'UTC')::date, $1::uuid, c.owner,
+SELECT c.batch_id, c.model, ($2::timestamptz AT TIME ZONE 'UTC')::date, $1::uuid, pg_backend_pid(), c.owner,
        count(c.input_tokens), count(*) - count(c.input_tokens), COALESCE(sum(c.input_tokens), 0),
        COALESCE(sum(c.cached_tokens), 0), COALESCE(sum(c.output_tokens), 0), COALESCE(sum(c.reasoning_tokens), 0)
 FROM completed c
 WHERE c.counted
 GROUP BY c.batch_id, c.model, c.owner
-ON CONFLICT (batch_id, model, day, daemon_id) DO UPDATE SET
+ON CONFLICT (batch_id, model, day, daemon_id, shard) DO UPDATE SET
     requests = u.requests + excluded.requests,
     unknown = u.unknown + excluded.unknown,
     input_tokens = u.input_tokens + excluded.input_tokens,
