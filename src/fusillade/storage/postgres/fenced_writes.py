@@ -230,9 +230,39 @@ _RETURNING_KINDS = frozenset(
 _CURRENT_STATES = f"SELECT r.id, {rows.STATE_EXPRESSION} AS state FROM requests r WHERE r.id = ANY($1::uuid[])"
 
 
+class BudgetedBatches:
+    """Which batches have a budget, as far as this process's writes have met them: a batch's budget is set when it
+    is created and never changes, so each batch is looked up once (one trip, the first time a `Complete` of it is
+    written), and the write statement checks budgets only when one of its batches has one."""
+
+    MAX_REMEMBERED = 10_000
+    """Batches remembered at most (the oldest half is forgotten beyond: looked up again if met again)."""
+
+    def __init__(self) -> None:
+        self._budgeted: dict[ids.BatchId, bool] = {}
+
+    async def any_of(self, connection: Connection, writes: Sequence[models.RequestWrite]) -> bool:
+        """Whether a batch of the `Complete`s among `writes` has a budget."""
+        known = self._budgeted
+        batch_ids = {write.spend.batch_id for write in writes if type(write) is models.Complete and write.spend}
+        unknown = [batch_id for batch_id in batch_ids if batch_id not in known]
+        if unknown:
+            if len(known) + len(unknown) > self.MAX_REMEMBERED:
+                for forgotten in list(known)[: len(known) // 2]:
+                    del known[forgotten]
+            found = {row[0]: row[1] for row in await connection.fetch(_BUDGETED, unknown)}
+            for batch_id in unknown:
+                known[batch_id] = found.get(batch_id, False)
+        return any(known[batch_id] for batch_id in batch_ids)
+
+
+_BUDGETED = "SELECT id, budget IS NOT NULL FROM batches WHERE id = ANY($1::uuid[])"
+
+
 @functools.cache
-def _statement(kinds: tuple[str, ...]) -> str:
-    """The statement for the kinds present in a call (at most 63 variants, each prepared once)."""
+def _statement(kinds: tuple[str, ...], budgets: bool) -> str:
+    """The statement for the kinds present in a call, with the budget check when `budgets` (at most 126 variants,
+    each prepared once)."""
     # Declares the types of $1 and $2 even when no update of the call uses them.
     parts = ["arguments AS (SELECT $1::uuid AS daemon_id, $2::timestamptz AS now)"]
     # Each kind's writes travel as ONE jsonb parameter, an array of rows (arrays of the kind's columns): the
@@ -246,7 +276,8 @@ def _statement(kinds: tuple[str, ...]) -> str:
         parts.append(f"{name} AS ({kind.update.format(source=source)})")
     if "completed" in kinds:
         parts.append(f"usage AS ({_ADD_USAGE})")
-        parts.append(_STOP_SPENT_BUDGETS)
+        if budgets:
+            parts.append(_STOP_SPENT_BUDGETS)
     selects = " UNION ALL ".join(f"SELECT id FROM {name}" for name in kinds)
     return f"WITH {', '.join(parts)} {selects}"
 
@@ -323,14 +354,16 @@ async def apply_writes(
     named: frozenset[ids.RequestId],
     *,
     now: datetime,
+    budgeted: BudgetedBatches,
 ) -> models.WriteReport:
     """Apply the writes (naming the requests `named`, see `named_requests`) in one statement, then read the
     state of the refused ones. A `Reschedule` or `Release` takes a second statement: then both run in one
-    transaction."""
+    transaction. Budgets are checked when a batch of the writes has one (`budgeted` says)."""
+    budgets = await budgeted.any_of(connection, writes)
     if any(isinstance(write, _RETURNING_WRITES) for write in writes):
         async with connection.transaction():
-            return await _apply_writes(connection, daemon_id, writes, named, now=now)
-    return await _apply_writes(connection, daemon_id, writes, named, now=now)
+            return await _apply_writes(connection, daemon_id, writes, named, now=now, budgets=budgets)
+    return await _apply_writes(connection, daemon_id, writes, named, now=now, budgets=budgets)
 
 
 async def _apply_writes(
@@ -340,6 +373,7 @@ async def _apply_writes(
     named: frozenset[ids.RequestId],
     *,
     now: datetime,
+    budgets: bool,
 ) -> models.WriteReport:
     by_kind: dict[str, list[tuple[Any, ...]]] = {}
     for write in writes:
@@ -347,7 +381,7 @@ async def _apply_writes(
         by_kind.setdefault(name, []).append(values)
     kinds = tuple(name for name in _KINDS if name in by_kind)
     arguments = [by_kind[name] for name in kinds]
-    found = await connection.fetch(_statement(kinds), daemon_id, now, *arguments)
+    found = await connection.fetch(_statement(kinds, budgets), daemon_id, now, *arguments)
     # Each updated row is returned once: as many rows as writes means that every write applied.
     if len(found) == len(writes):
         applied, refused = named, []

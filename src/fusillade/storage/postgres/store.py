@@ -41,6 +41,7 @@ class PostgresStorage:
     def __init__(self, database: Database, *, clock: clocks.WallClock) -> None:
         self._db = database
         self._clock = clock
+        self._budgeted = fenced_writes.BudgetedBatches()
 
     @classmethod
     async def connect(
@@ -280,7 +281,9 @@ class PostgresStorage:
             return models.WriteReport()
         now = self._clock.now()
         async with self._db.connection() as connection:
-            return await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
+            return await fenced_writes.apply_writes(
+                connection, daemon_id, writes, named, now=now, budgeted=self._budgeted
+            )
 
     async def apply_writes_and_claim(
         self,
@@ -298,7 +301,9 @@ class PostgresStorage:
         # One pooled connection for both parts; each is its own transaction, as when called apart.
         async with self._db.connection() as connection:
             if writes:
-                report = await fenced_writes.apply_writes(connection, daemon_id, writes, named, now=now)
+                report = await fenced_writes.apply_writes(
+                    connection, daemon_id, writes, named, now=now, budgeted=self._budgeted
+                )
             if plan is None:
                 return report, []
             claimed = await queue.claim(connection, plan, daemon_id, owner_in_flight=owner_in_flight, now=now)
