@@ -57,10 +57,12 @@ _KINDS = {
             ("status", "integer"),
             ("body", "text"),
             ("line_bytes", "bigint"),
-            ("counted", "boolean"),
+            # The usage (`_usage_values`): input NULL, not counted; -1, usage unknown. Trailing zeros are left out
+            # of a row (a missing element reads as NULL), so a usage without cached or reasoning tokens, the
+            # common case, costs two elements.
             ("input_tokens", "bigint"),
-            ("cached_tokens", "bigint"),
             ("output_tokens", "bigint"),
+            ("cached_tokens", "bigint"),
             ("reasoning_tokens", "bigint"),
         ),
         """
@@ -70,7 +72,7 @@ _KINDS = {
             result_bytes = r.custom_id_bytes + w.line_bytes
         FROM {source}
         WHERE r.id = w.id AND {fence}
-        RETURNING r.id, r.batch_id, r.model, r.owner, w.counted, w.input_tokens, w.cached_tokens, w.output_tokens,
+        RETURNING r.id, r.batch_id, r.model, r.owner, w.input_tokens, w.output_tokens, w.cached_tokens,
             w.reasoning_tokens
         """,
     ),
@@ -138,10 +140,11 @@ _ADD_USAGE = """
 INSERT INTO batch_usage AS u (batch_id, model, day, daemon_id, shard, owner, requests, unknown, input_tokens,
     cached_tokens, output_tokens, reasoning_tokens)
 SELECT c.batch_id, c.model, ($2::timestamptz AT TIME ZONE 'UTC')::date, $1::uuid, pg_backend_pid(), c.owner,
-       count(c.input_tokens), count(*) - count(c.input_tokens), COALESCE(sum(c.input_tokens), 0),
-       COALESCE(sum(c.cached_tokens), 0), COALESCE(sum(c.output_tokens), 0), COALESCE(sum(c.reasoning_tokens), 0)
+       count(*) FILTER (WHERE c.input_tokens >= 0), count(*) FILTER (WHERE c.input_tokens < 0),
+       COALESCE(sum(c.input_tokens) FILTER (WHERE c.input_tokens >= 0), 0), COALESCE(sum(c.cached_tokens), 0),
+       COALESCE(sum(c.output_tokens), 0), COALESCE(sum(c.reasoning_tokens), 0)
 FROM completed c
-WHERE c.counted
+WHERE c.input_tokens IS NOT NULL
 GROUP BY c.batch_id, c.model, c.owner
 ON CONFLICT (batch_id, model, day, daemon_id, shard) DO UPDATE SET
     requests = u.requests + excluded.requests,
@@ -160,7 +163,7 @@ _STOP_SPENT_BUDGETS = f"""
 budgeted AS (
     SELECT b.id, b.budget
     FROM batches b
-    WHERE b.id IN (SELECT c.batch_id FROM completed c WHERE c.counted AND c.input_tokens IS NOT NULL)
+    WHERE b.id IN (SELECT c.batch_id FROM completed c WHERE c.input_tokens >= 0)
       AND b.budget IS NOT NULL AND b.budget_exceeded_at IS NULL
 ),
 spent AS (
@@ -170,9 +173,9 @@ spent AS (
         SELECT u.batch_id, u.model, u.input_tokens, u.cached_tokens, u.output_tokens
         FROM batch_usage u WHERE u.batch_id IN (SELECT id FROM budgeted)
         UNION ALL
-        SELECT c.batch_id, c.model, c.input_tokens, c.cached_tokens, c.output_tokens
+        SELECT c.batch_id, c.model, c.input_tokens, COALESCE(c.cached_tokens, 0), c.output_tokens
         FROM completed c
-        WHERE c.counted AND c.input_tokens IS NOT NULL AND c.batch_id IN (SELECT id FROM budgeted)
+        WHERE c.input_tokens >= 0 AND c.batch_id IN (SELECT id FROM budgeted)
     ) x
     GROUP BY x.batch_id, x.model
 ),
@@ -289,19 +292,12 @@ def _row(write: models.RequestWrite) -> tuple[str, tuple[Any, ...]]:
             return "processing", (write.request_id,)
         case models.Complete(spend=spend):
             line_bytes = _response_bytes(write.status_code, write.body)
-            usage = None if spend is None else spend.usage
-            tokens = (
-                (None, None, None, None)
-                if usage is None
-                else (usage.input_tokens, usage.cached_tokens, usage.output_tokens, usage.reasoning_tokens)
-            )
             return "completed", (
                 write.request_id,
                 write.status_code,
                 write.body,
                 line_bytes,
-                spend is not None,
-                *tokens,
+                *_usage_values(spend),
             )
         case models.Fail(status_code=int(status_code)):
             line_bytes = _response_bytes(status_code, write.body)
@@ -328,6 +324,19 @@ def _row(write: models.RequestWrite) -> tuple[str, tuple[Any, ...]]:
                 lines.CANCELLED_MESSAGE,
                 lines.CANCELLED_LINE_BYTES,
             )
+
+
+def _usage_values(spend: models.Spend | None) -> tuple[int, ...]:
+    """The usage columns of a `Complete`'s row: none (not counted), -1 (usage unknown), or input and output tokens
+    with cached and reasoning tokens only when one of them is not 0."""
+    if spend is None:
+        return ()
+    usage = spend.usage
+    if usage is None:
+        return (-1,)
+    if usage.cached_tokens or usage.reasoning_tokens:
+        return (usage.input_tokens, usage.output_tokens, usage.cached_tokens, usage.reasoning_tokens)
+    return (usage.input_tokens, usage.output_tokens)
 
 
 def _response_bytes(status: int, body: str | None) -> int:
