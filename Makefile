@@ -56,6 +56,7 @@ bench: install
 	$(PY) bench/run_memory.py
 	$(PY) bench/latency_bound.py
 	$(PY) bench/first_request.py
+	$(PY) bench/write_statement.py
 
 # The sdist and the wheel in dist/ (tests/packaging builds them too, and installs the wheel in a clean virtualenv).
 dist: install
