@@ -47,7 +47,7 @@ from fusillade import runtime
 from fusillade.daemon import Daemon, DaemonSettings
 from fusillade.domain import models
 from nginx_upstream import nginx_upstream
-from queue_throughput import BODY, MODEL, database, templates
+from queue_throughput import BODY, MODEL, bench_batch, database
 
 HERE = Path(__file__).resolve()
 MODES = ("bare", "sqlite", "postgres", "run")
@@ -101,12 +101,7 @@ async def daemon_run(
     # As `fusillade daemon` and serve's daemon process open it (on SQLite: a write turn taken per transaction).
     storage = await factory.open_storage(database_url, write_priority=WritePriority.HIGH)
     try:
-        upload = await storage.create_file(
-            owner="bench", filename="bench.jsonl", templates=templates(requests), size_bytes=requests * len(BODY)
-        )
-        batch = await storage.create_batch(
-            models.BatchSpec(owner="bench", input_file_id=upload.id, endpoint="/v1/chat/completions")
-        )
+        batch = await bench_batch(storage, requests)
         async with UpstreamClient() as client:
             daemon = Daemon(
                 storage,

@@ -41,7 +41,7 @@ from daemon_throughput import child_output, finished_requests, install_uvloop, m
 from fusillade import runtime
 from fusillade.daemon import Daemon, DaemonSettings
 from fusillade.domain import models
-from queue_throughput import BODY, MODEL, templates
+from queue_throughput import BODY, MODEL, bench_batch
 
 HERE = Path(__file__).resolve()
 MODES = ("bare", "sqlite", "postgres")
@@ -130,12 +130,7 @@ async def daemon_run(url: str, database_url: str, requests: int, concurrency: in
 
     storage = await factory.open_storage(database_url, write_priority=WritePriority.HIGH)
     try:
-        upload = await storage.create_file(
-            owner="bench", filename="bench.jsonl", templates=templates(requests), size_bytes=requests * len(BODY)
-        )
-        batch = await storage.create_batch(
-            models.BatchSpec(owner="bench", input_file_id=upload.id, endpoint="/v1/chat/completions")
-        )
+        batch = await bench_batch(storage, requests)
         async with UpstreamClient() as client:
             daemon = Daemon(
                 storage,

@@ -126,16 +126,21 @@ async def maintain(store: base.Storage, interval: float, stop: asyncio.Event) ->
         await store.maintain_queue()
 
 
+async def bench_batch(store: base.Storage, requests: int) -> models.Batch:
+    """A batch of `requests` chat completions of `MODEL`, owner `bench` (the benchmarks' set-up, not timed)."""
+    upload = await store.create_file(
+        owner="bench", filename="bench.jsonl", templates=templates(requests), size_bytes=requests * len(BODY)
+    )
+    return await store.create_batch(
+        models.BatchSpec(owner="bench", input_file_id=upload.id, endpoint="/v1/chat/completions")
+    )
+
+
 async def one_run(backend: str, rows: int, workers: int, mode: str, maintain_interval: float) -> float:
     async with database(backend) as url:
         store = await factory.open_storage(url)
         try:
-            upload = await store.create_file(
-                owner="bench", filename="bench.jsonl", templates=templates(rows), size_bytes=0
-            )
-            batch = await store.create_batch(
-                models.BatchSpec(owner="bench", input_file_id=upload.id, endpoint="/v1/chat/completions")
-            )
+            batch = await bench_batch(store, rows)
             info = models.DaemonInfo(hostname="bench", pid=os.getpid(), version="bench")
             daemons = [await store.register_daemon(info) for _ in range(workers)]
             stop = asyncio.Event()

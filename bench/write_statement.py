@@ -21,7 +21,7 @@ import machine
 from fusillade.domain import ids, models
 from fusillade.domain.usage import Usage
 from fusillade.storage import factory
-from queue_throughput import MODEL, RESPONSE, database, templates
+from queue_throughput import MODEL, RESPONSE, bench_batch, database
 
 WARM_UP = 20
 
@@ -30,14 +30,7 @@ async def measure(backend: str, group: int, groups: int) -> list[float]:
     async with database(backend) as url:
         storage = await factory.open_storage(url)
         try:
-            if backend == "sqlite":
-                await storage.migrate()
-            upload = await storage.create_file(
-                owner="bench", filename="bench.jsonl", templates=templates(group * groups), size_bytes=1
-            )
-            await storage.create_batch(
-                models.BatchSpec(owner="bench", input_file_id=upload.id, endpoint="/v1/chat/completions")
-            )
+            await bench_batch(storage, group * groups)
             info = models.DaemonInfo(hostname="bench", pid=1, version="bench", config={})
             daemon = (await storage.register_daemon(info)).id
             usage = Usage(input_tokens=9, output_tokens=2)

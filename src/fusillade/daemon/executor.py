@@ -278,10 +278,7 @@ class RequestExecutor:
             self._writes.submit(models.MarkProcessing(request.id))  # a retry starts from processing
         # Once a result exists it is stored, even if the batch is cancelled meanwhile (the queue keeps a result
         # that arrived for a request cancelled in flight): nothing can cancel the submitted write.
-        if isinstance(decision.write, models.Complete):
-            self._writes.submit(decision.write, self._completed(instruments))
-        else:
-            self._writes.submit(decision.write, functools.partial(self._count, request, decision))
+        self._writes.submit(decision.write, functools.partial(self._count, request, decision))
 
     def replace_settings(self, settings: DaemonSettings) -> None:
         self._settings = settings
