@@ -124,8 +124,24 @@ class DaemonMetrics:
             ["model", "code"],
             registry=r,
         )
-        self.in_flight = _InFlight(self.label)
+        self.in_flight = _PerModel(
+            self.label, "fusillade_requests_in_flight", "Requests this daemon is working on, by model."
+        )
         r.register(self.in_flight)
+        self.limits = _PerModel(
+            self.label,
+            "fusillade_model_limit",
+            "The concurrency limit of each model's lane now (an adaptive limit moves; the default route's models "
+            "are summed), by model.",
+        )
+        r.register(self.limits)
+        self.limit_cuts = Counter(
+            "fusillade_model_limit_cuts",
+            "Times a model's adaptive limit was cut, by model and reason (refused: 429, 503, connection errors "
+            "or timeouts; latency: the upstream was queueing).",
+            ["model", "reason"],
+            registry=r,
+        )
         self.upstream_latency = Histogram(
             "fusillade_upstream_latency_seconds",
             "Duration of upstream calls, by model and result (success, retriable, permanent).",
@@ -225,14 +241,23 @@ class DaemonMetrics:
         """Read the requests in flight per model from `source` when scraped (the daemon's lanes)."""
         self.in_flight.source = source
 
+    def read_limits(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Read the limit per model from `source` when scraped (the daemon's lanes)."""
+        self.limits.source = source
 
-class _InFlight(Collector):
-    """`fusillade_requests_in_flight{model}`, read from the daemon's lanes at each scrape and summed per label;
-    a label seen once stays, at 0, so that its series does not vanish between calls."""
+    def limit_cut(self, model: str, reason: str) -> None:
+        self.limit_cuts.labels(self.label(model), reason).inc()
 
-    def __init__(self, label: Callable[[str], str]) -> None:
+
+class _PerModel(Collector):
+    """A gauge by model (`fusillade_requests_in_flight`, `fusillade_model_limit`), read from the daemon's lanes
+    at each scrape and summed per label; a label seen once stays, at 0, so that its series does not vanish."""
+
+    def __init__(self, label: Callable[[str], str], name: str, documentation: str) -> None:
         self.source: Callable[[], Mapping[str, int]] = dict
         self._label = label
+        self._name = name
+        self._documentation = documentation
         self._seen: set[str] = set()
 
     def collect(self) -> Iterator[Metric]:
@@ -248,8 +273,5 @@ class _InFlight(Collector):
     def describe(self) -> Iterator[Metric]:
         yield self._family()
 
-    @staticmethod
-    def _family() -> GaugeMetricFamily:
-        return GaugeMetricFamily(
-            "fusillade_requests_in_flight", "Requests this daemon is working on, by model.", labels=["model"]
-        )
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self._name, self._documentation, labels=["model"])

@@ -46,6 +46,17 @@ async def test_heartbeat_records_time_and_in_flight(storage: base.Storage, clock
     assert listed == daemon
 
 
+async def test_a_heartbeat_records_the_limits_and_keeps_the_last_when_given_none(storage: base.Storage) -> None:
+    daemon_id = await factories.register(storage)
+    assert (await storage.heartbeat(daemon_id)).limits == {}
+    daemon = await storage.heartbeat(daemon_id, in_flight=3, limits={"gpt-4o": 12, "llama": 3})
+    assert daemon.limits == {"gpt-4o": 12, "llama": 3}
+    assert (await storage.heartbeat(daemon_id, in_flight=1)).limits == {"gpt-4o": 12, "llama": 3}
+    await storage.heartbeat(daemon_id, limits={"gpt-4o": 9})
+    [listed] = await storage.list_daemons()
+    assert listed.limits == {"gpt-4o": 9}
+
+
 async def test_list_daemons_newest_first(storage: base.Storage, clock: clocks.ManualClock) -> None:
     made = []
     for index in range(3):

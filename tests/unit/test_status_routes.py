@@ -41,3 +41,24 @@ def test_routes_in_model_order_then_the_default_route_with_the_rest_in_flight() 
     assert route_rows(Config(), {"orphan": 1}) == []
     default_only = Config(default_route=RouteSection(base_url="http://d:1"))
     assert route_rows(default_only, {"orphan": 1}) == [RouteRow("*", "d:1", 16, 1)]
+
+
+def test_an_adaptive_route_shows_its_bounds_and_the_limits_the_running_daemons_reported() -> None:
+    config = Config(
+        models={
+            "fixed": RouteSection(base_url="http://f:1", concurrency=4),
+            "vllm": RouteSection(base_url="http://v:1", concurrency=64, adaptive=True, min_concurrency=2),
+        }
+    )
+
+    rows = route_rows(config, {"vllm": 9}, {"vllm": [9, 12], "fixed": [4]})
+
+    assert rows == [
+        RouteRow("fixed", "f:1", 4, 0),
+        RouteRow("vllm", "v:1", 64, 9, min_concurrency=2, limits_now=(9, 12)),
+    ]
+
+
+def test_a_floor_above_the_ceiling_is_refused() -> None:
+    with pytest.raises(ValueError, match="min_concurrency"):
+        RouteSection(base_url="http://v:1", concurrency=4, adaptive=True, min_concurrency=8)

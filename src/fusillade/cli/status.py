@@ -6,7 +6,7 @@ a secret."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -51,6 +51,10 @@ class RouteRow:
     in_flight: int
     """Requests in flight on this route across every daemon (the default route's: of every model without a
     route of its own)."""
+    min_concurrency: int | None = None
+    """An adaptive route's floor (`concurrency` is then its ceiling); None: a fixed limit."""
+    limits_now: tuple[int, ...] = ()
+    """An adaptive route's limit now, as each running daemon reported it at its last heartbeat."""
 
 
 def status(
@@ -69,7 +73,7 @@ def status(
     settings = common.load(config, FUSILLADE_DATABASE_URL=("--database-url", database_url))
     snapshot = common.execute(common.using_storage(settings, lambda storage: _read(storage, limit)))
     stale_after = settings.daemon.stale_after
-    routes = route_rows(settings, snapshot.in_flight)
+    routes = route_rows(settings, snapshot.in_flight, _limits_now(snapshot, stale_after))
     prices = settings.prices()
     if as_json:
         document = {
@@ -93,19 +97,42 @@ async def _read(storage: Storage, limit: int) -> Snapshot:
     return Snapshot(list(batches.items), daemons[:limit], len(daemons), in_flight, datetime.now(UTC))
 
 
-def route_rows(config: Config, in_flight: Mapping[str, int]) -> list[RouteRow]:
+def route_rows(
+    config: Config, in_flight: Mapping[str, int], limits_now: Mapping[str, Sequence[int]] | None = None
+) -> list[RouteRow]:
     """The configuration's routes in model order, then the default route (`*`) if there is one, each with what
-    is in flight on it."""
+    is in flight on it, and for an adaptive route its bounds and its limit now (`limits_now`: per model, as the
+    running daemons reported it)."""
     own = {name: section for name, section in config.models.items() if name != DEFAULT_ROUTE_MODEL}
     rows = [
-        RouteRow(name, upstream_address(section.base_url), section.concurrency, in_flight.get(name, 0))
+        RouteRow(
+            name,
+            upstream_address(section.base_url),
+            section.concurrency,
+            in_flight.get(name, 0),
+            section.min_concurrency if section.adaptive else None,
+            tuple((limits_now or {}).get(name, ())) if section.adaptive else (),
+        )
         for name, section in sorted(own.items())
     ]
     default = config.default_route or config.models.get(DEFAULT_ROUTE_MODEL)
     if default is not None:
         others = sum(count for model, count in in_flight.items() if model not in own)
-        rows.append(RouteRow(DEFAULT_ROUTE_MODEL, upstream_address(default.base_url), default.concurrency, others))
+        floor = default.min_concurrency if default.adaptive else None
+        rows.append(
+            RouteRow(DEFAULT_ROUTE_MODEL, upstream_address(default.base_url), default.concurrency, others, floor)
+        )
     return rows
+
+
+def _limits_now(snapshot: Snapshot, stale_after: timedelta) -> dict[str, list[int]]:
+    """Each model's limit as every running daemon last reported it."""
+    found: dict[str, list[int]] = {}
+    for daemon in snapshot.daemons:
+        if daemon.status is states.DaemonStatus.RUNNING and not _silent(daemon, snapshot.now, stale_after):
+            for model, limit in daemon.limits.items():
+                found.setdefault(model, []).append(limit)
+    return found
 
 
 def upstream_address(base_url: str) -> str:
@@ -125,7 +152,13 @@ def _route_table(routes: list[RouteRow]) -> Table | str:
         return "No routes: the configuration serves no model."
     table = common.table("Routes (in flight: across every daemon)", *_ROUTE_COLUMNS)
     for route in routes:
-        limit = f"{route.concurrency:,}" + (" per model" if route.model == DEFAULT_ROUTE_MODEL else "")
+        limit = f"{route.concurrency:,}"
+        if route.min_concurrency is not None:
+            limit = f"adaptive {route.min_concurrency:,}-{route.concurrency:,}"
+            if route.limits_now:
+                limit = f"{', '.join(f'{now:,}' for now in route.limits_now)} ({limit})"
+        if route.model == DEFAULT_ROUTE_MODEL:
+            limit += " per model"
         table.add_row(escape(route.model), escape(route.upstream), limit, f"{route.in_flight:,}")
     return table
 

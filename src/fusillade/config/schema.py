@@ -379,7 +379,14 @@ class RouteSection(Section):
     api_key_env: EnvVarName | None = None
     """Name of the environment variable holding the upstream's API key (sent as a Bearer token); none: no key."""
     concurrency: Count = 16
-    """Requests of this model in flight at once, across every daemon sharing the database."""
+    """Requests of this model in flight at once, across every daemon sharing the database; with `adaptive`, the
+    ceiling of the limit."""
+    adaptive: bool = False
+    """Find the limit from the upstream's answers: cut on refusals (429, 503, connection errors, timeouts) and
+    when its latency shows it is queueing, grown while calls succeed; between `min_concurrency` and
+    `concurrency`."""
+    min_concurrency: Count = 1
+    """With `adaptive`: the floor of the limit, where it starts."""
     stream: bool = False
     """Ask the upstream for server-sent events and reassemble them (reads with first-byte and idle timeouts)."""
     retry_404: bool = False
@@ -389,12 +396,23 @@ class RouteSection(Section):
     pricing: PricingSection | None = None
     """The model's prices, for the cost of batches; none: their cost is unknown (usage is counted anyway)."""
 
+    @model_validator(mode="after")
+    def _adaptive_bounds(self) -> Self:
+        if self.adaptive and self.min_concurrency > self.concurrency:
+            raise ValueError(
+                f"min_concurrency ({self.min_concurrency}) must not be above concurrency ({self.concurrency}), "
+                "the ceiling of an adaptive limit"
+            )
+        return self
+
     def route(self, api_key: str | None) -> Route:
         """This route with the key already read from the environment."""
         return Route(
             base_url=self.base_url,
             api_key=api_key,
             concurrency=self.concurrency,
+            adaptive=self.adaptive,
+            min_concurrency=self.min_concurrency,
             stream=self.stream,
             timeouts=self.timeouts.phase_timeouts(),
             retry_404=self.retry_404,

@@ -80,6 +80,7 @@ class Daemon:
         self._lanes = Lanes(routes, default_route)
         self.metrics.use_routes(routes)
         self.metrics.count_in_flight(self._lanes.models_in_flight)
+        self.metrics.read_limits(self._lanes.limits)
         self._daemon_id: ids.DaemonId | None = None
         self._stop_requested = False
         self._calls = Calls(
@@ -92,6 +93,7 @@ class Daemon:
             queue=storage,
             retention=storage,
             calls=self._calls,
+            limits=self._lanes.limits,
             context=self._context,
             on_reclaimed=self._ticks.want_claim,
         )

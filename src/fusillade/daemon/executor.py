@@ -33,9 +33,15 @@ from fusillade.domain import ids, models
 from fusillade.domain.retry import RetryPolicy, decide
 from fusillade.metrics import DaemonMetrics, ModelMetrics
 from fusillade.upstream import outcome as outcomes
+from fusillade.upstream.classify import CONNECTION_ERROR, TIMEOUT
 from fusillade.upstream.routes import Route
 
 logger = logging.getLogger(__name__)
+
+OVERLOAD_STATUSES = frozenset({429, 503, 504, 529})
+"""Answers that say the upstream is over its capacity (an adaptive limit is cut on them)."""
+OVERLOAD_CODES = frozenset({CONNECTION_ERROR, TIMEOUT})
+"""Failures without an answer that say the same."""
 
 
 class Upstream(Protocol):
@@ -213,6 +219,8 @@ class RequestExecutor:
             if start is None:
                 return
             route, deadline = start
+            # An adaptive limit learns from when the call was sent, with how many in flight (itself included).
+            sent = (self._clock.monotonic(), self._lanes.in_flight(request.model)) if route.adaptive else None
             started = time.perf_counter()  # for the metrics only: the real duration of the call
             try:
                 result = await self._client.send(request, route, headers=headers, deadline=deadline)
@@ -228,6 +236,8 @@ class RequestExecutor:
             finally:
                 marked = self._marks.ended(request.id)
             self._submit(request, result, marked=marked, duration=time.perf_counter() - started)
+            if sent is not None:
+                self._adapt(request.model, result, *sent)
         except Exception:
             logger.exception("Request %s: its task failed.", ids.request_wire(request.id))
         finally:
@@ -292,7 +302,18 @@ class RequestExecutor:
             await self._writes.write(models.Release(request.id))
         # FENCED: nothing may be written.
 
+    def _adapt(self, model: str, result: outcomes.Outcome, sent_at: float, in_flight: int) -> None:
+        """Tell the model's adaptive limit how the call went."""
+        now = self._clock.monotonic()
+        if type(result) is outcomes.Success:
+            if self._lanes.succeeded(model, sent_at=sent_at, in_flight=in_flight, now=now):
+                self._metrics.limit_cut(model, "latency")
+        elif overload(result) and self._lanes.overloaded(model, sent_at=sent_at, now=now):
+            self._metrics.limit_cut(model, "refused")
+
     def _pause_lane(self, model: str, retry_after: timedelta | None) -> None:
+        if retry_after is None and self._lanes.is_adaptive(model):
+            return  # a refusal without a time to wait: cutting the adaptive limit is the answer
         pause = retry_after if retry_after is not None else self._settings.rate_limit_pause
         if self._lanes.pause(model, self._clock.monotonic() + pause.total_seconds()):
             self._metrics.paused(model)
@@ -334,6 +355,15 @@ class RequestExecutor:
             self._on_retry_scheduled(decision.retry_at)
         elif isinstance(write, models.Fail):
             self._metrics.model(request.model).finished["failed"].inc()
+
+
+def overload(result: outcomes.Outcome) -> bool:
+    """Whether the outcome says the upstream is over its capacity."""
+    if not isinstance(result, outcomes.Retriable):
+        return False
+    if result.status_code is None:
+        return result.code in OVERLOAD_CODES
+    return result.status_code in OVERLOAD_STATUSES
 
 
 def _result_label(result: outcomes.Outcome) -> str:

@@ -1,7 +1,10 @@
-"""One lane per model: its route (limit, upstream), what this daemon has in flight on it, and a pause after the
+"""One lane per model: its route (limit, upstream), what this daemon has in flight on it, a pause after the
 upstream answered 429, and the slots reserved by claims under way. The tick loop asks the lanes what may start
-now; the routing table can be replaced
-while the daemon runs (a lowered limit lets calls in flight finish and starts no new ones until below it)."""
+now; the routing table can be replaced while the daemon runs (a lowered limit lets calls in flight finish and
+starts no new ones until below it).
+
+A model whose route is `adaptive` has its limit found by an `AdaptiveLimit` (one per model, the default route's
+models each their own), told of every call's outcome by the executor (`succeeded`, `overloaded`)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from fusillade.domain import models
+from fusillade.domain.adaptive_limit import AdaptiveLimit
 from fusillade.upstream.routes import Route
 
 
@@ -22,6 +26,10 @@ class Lanes:
         """Slots asked for by claims under way."""
         self._owners: Counter[str] = Counter()
         self._paused_until: dict[str, float] = {}
+        self._adaptive: dict[str, AdaptiveLimit] = {}
+        self.any_adaptive = False
+        """Whether any route is adaptive (the executor tells the lanes of outcomes only then)."""
+        self._bound_adaptive()
 
     # ------------------------------------------------------------------------------------------- routes
 
@@ -30,6 +38,19 @@ class Lanes:
         self._default = default
         if default is None:
             self._learnt.clear()
+        self._bound_adaptive()
+
+    def _bound_adaptive(self) -> None:
+        """Keep the adaptive limits of the models whose route is still adaptive, within its new bounds."""
+        for model, limit in list(self._adaptive.items()):
+            route = self.route(model)
+            if route is None or not route.adaptive:
+                del self._adaptive[model]
+            else:
+                limit.bound(route.min_concurrency, route.concurrency)
+        self.any_adaptive = any(route.adaptive for route in self._routes.values()) or bool(
+            self._default and self._default.adaptive
+        )
 
     @property
     def has_default(self) -> bool:
@@ -69,10 +90,46 @@ class Lanes:
                 if paused_until > now:
                     continue
                 del self._paused_until[model]
-            free = route.concurrency - self._in_flight[model] - self._reserved[model]
+            limit = self._limit(model, route)
+            free = limit - self._in_flight[model] - self._reserved[model]
             if free > 0:
-                result.append(models.ModelCapacity(model=model, free=free, limit=route.concurrency))
+                result.append(models.ModelCapacity(model=model, free=free, limit=limit))
         return result
+
+    def _limit(self, model: str, route: Route) -> int:
+        if not route.adaptive:
+            return route.concurrency
+        adaptive = self._adaptive.get(model)
+        if adaptive is None:
+            adaptive = self._adaptive[model] = AdaptiveLimit(route.min_concurrency, route.concurrency)
+        return adaptive.limit
+
+    def limits(self) -> dict[str, int]:
+        """The limit of each model's lane now."""
+        result = {}
+        for model in self.model_names:
+            route = self.route(model)
+            if route is not None:
+                result[model] = self._limit(model, route)
+        return result
+
+    # ------------------------------------------------------------------------------------ adaptive limits
+
+    def succeeded(self, model: str, *, sent_at: float, in_flight: int, now: float) -> bool:
+        """A call of `model` sent at `sent_at` (monotonic) with `in_flight` calls in flight succeeded; True if
+        its limit was cut (the upstream is queueing)."""
+        adaptive = self._adaptive.get(model)
+        return adaptive is not None and adaptive.succeeded(
+            sent_at=sent_at, in_flight=in_flight, latency=now - sent_at, now=now
+        )
+
+    def overloaded(self, model: str, *, sent_at: float, now: float) -> bool:
+        """A call of `model` sent at `sent_at` was refused for overload; True if its limit was cut."""
+        adaptive = self._adaptive.get(model)
+        return adaptive is not None and adaptive.overloaded(sent_at=sent_at, now=now)
+
+    def is_adaptive(self, model: str) -> bool:
+        return model in self._adaptive
 
     def next_resume(self) -> float | None:
         """When the earliest pause ends (monotonic), if any lane is paused."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fusillade import errors
 from fusillade.daemon.calls import Calls
@@ -43,6 +43,7 @@ class SideLoops:
         queue: RequestQueue,
         retention: RetentionStore,
         calls: Calls,
+        limits: Callable[[], Mapping[str, int]],
         context: LoopContext,
         on_reclaimed: Callable[[], None],
     ) -> None:
@@ -51,6 +52,8 @@ class SideLoops:
         self._queue = queue
         self._retention = retention
         self._calls = calls
+        self._limits = limits
+        """The lanes' limits now, reported with every heartbeat."""
         self._context = context
         self._on_reclaimed = on_reclaimed
         self._maintenance_wake = asyncio.Event()
@@ -71,7 +74,7 @@ class SideLoops:
             interval = context.settings.heartbeat_interval.total_seconds()
             await context.clock.sleep(interval)
             try:
-                await self._registry.heartbeat(daemon_id, in_flight=len(self._calls))
+                await self._registry.heartbeat(daemon_id, in_flight=len(self._calls), limits=self._limits())
             except (errors.StateConflict, errors.NotFound) as exc:
                 raise DaemonFenced(
                     f"Daemon {daemon_id} was declared dead (its heartbeat was older than "

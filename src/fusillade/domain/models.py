@@ -444,6 +444,8 @@ class DaemonRecord:
     stopped_at: datetime | None = None
     in_flight: int = 0
     """Requests in flight at the last heartbeat, as the daemon reported them."""
+    limits: Mapping[str, int] = field(default_factory=dict)
+    """The concurrency limit of each model's lane at the last heartbeat (an adaptive limit moves)."""
 
 
 # ------------------------------------------------------------------------------------------- api keys

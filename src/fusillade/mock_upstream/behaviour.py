@@ -21,6 +21,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 
 _Z_99 = 2.3263478740408408
 """The 99th percentile of the standard normal distribution."""
@@ -249,6 +250,12 @@ class Behaviour:
     """Seed of the random numbers behind error rates and latency; the server reseeds on every change and reset."""
     embedding_dimensions: int = 8
     """Length of an embedding when the request does not say (`dimensions`)."""
+    capacity: int | None = None
+    """How many requests it serves at once (each taking `latency`); None: any number. Above it, see
+    `over_capacity`."""
+    over_capacity: Literal["refuse", "queue"] = "refuse"
+    """Above `capacity`: "refuse" answers 429 at once (no Retry-After: a gateway's concurrency cap); "queue" holds
+    the request until a slot is free, first come first served, so latency grows with load (a model server)."""
     random_faults: tuple[tuple[float, Fault], ...] = field(init=False, repr=False, compare=False)
     """`error_rates` and `fault_rates` together, as (probability, fault) pairs."""
 
@@ -257,6 +264,10 @@ class Behaviour:
             raise ValueError(f"Behaviour.event_interval_s must be >= 0, not {self.event_interval_s}.")
         if self.fail_first_n_attempts < 0:
             raise ValueError(f"Behaviour.fail_first_n_attempts must be >= 0, not {self.fail_first_n_attempts}.")
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"Behaviour.capacity must be >= 1 (or None), not {self.capacity}.")
+        if self.over_capacity not in ("refuse", "queue"):
+            raise ValueError(f"Behaviour.over_capacity must be refuse or queue, not {self.over_capacity!r}.")
         if self.embedding_dimensions < 1:
             raise ValueError(f"Behaviour.embedding_dimensions must be >= 1, not {self.embedding_dimensions}.")
         pairs: list[tuple[float, Fault]] = [(rate, HttpError(status)) for status, rate in self.error_rates.items()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -184,6 +184,25 @@ def mock_upstream(
             "--embedding-dimensions", metavar="N", min=1, help="Length of the vectors that /v1/embeddings returns."
         ),
     ] = 8,
+    capacity: Annotated[
+        int | None,
+        typer.Option(
+            "--capacity",
+            metavar="N",
+            min=1,
+            help="Serve at most N requests at once (each taking the latency); above it, see --over-capacity.",
+            show_default=False,
+        ),
+    ] = None,
+    over_capacity: Annotated[
+        str,
+        typer.Option(
+            "--over-capacity",
+            metavar="refuse|queue",
+            help="Above --capacity: refuse answers 429 at once, without Retry-After (a gateway's cap); queue "
+            "holds the request until a slot is free, so latency grows with load (a model server).",
+        ),
+    ] = "refuse",
     header_history: Annotated[
         int,
         typer.Option(
@@ -222,6 +241,8 @@ def mock_upstream(
             api_key=api_key,
             seed=seed,
             embedding_dimensions=embedding_dimensions,
+            capacity=capacity,
+            over_capacity=_over_capacity(over_capacity),
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
@@ -293,6 +314,14 @@ def _status_rate(text: str) -> tuple[int, float]:
         return int(status), float(rate)
     except ValueError:
         raise ValueError(f"--error-rate: write STATUS=RATE, such as 500=0.1, not {text!r}.") from None
+
+
+def _over_capacity(text: str) -> Literal["refuse", "queue"]:
+    if text == "refuse":
+        return "refuse"
+    if text == "queue":
+        return "queue"
+    raise ValueError(f"--over-capacity: write refuse or queue, not {text!r}.")
 
 
 def _optional_int(text: str, option: str) -> int | None:

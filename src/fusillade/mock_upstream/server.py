@@ -89,6 +89,9 @@ class MockUpstream:
         self._url: str | None = None
         self._closing = asyncio.Event()
         self._answered = 0
+        self._serving = 0
+        """Requests inside their capacity slot (`Behaviour.capacity`)."""
+        self._slots = asyncio.Semaphore(self._behaviour.capacity or 1)
 
     @property
     def behaviour(self) -> Behaviour:
@@ -97,6 +100,8 @@ class MockUpstream:
     @behaviour.setter
     def behaviour(self, behaviour: Behaviour) -> None:
         """Applies from the next request on; reseeds the random numbers from `behaviour.seed`."""
+        if behaviour.capacity != self._behaviour.capacity:
+            self._slots = asyncio.Semaphore(behaviour.capacity or 1)
         self._behaviour = behaviour
         self._random = random.Random(behaviour.seed)
 
@@ -193,12 +198,37 @@ class MockUpstream:
                 return await self._send_error(request, HttpError(400, "The body must be a JSON object."))
             if not model:
                 return await self._send_error(request, HttpError(400, "You must provide a model parameter."))
-            return await self._answer(request, behaviour, endpoint, body, model, custom_id, attempt)
+            if behaviour.capacity is None:
+                return await self._answer(request, behaviour, endpoint, body, model, custom_id, attempt)
+            return await self._within_capacity(request, behaviour, endpoint, body, model, custom_id, attempt)
         except asyncio.CancelledError:
             self.stats.client_disconnects += 1
             raise
         finally:
             self.stats.leave(model)
+
+    async def _within_capacity(
+        self,
+        request: web.Request,
+        behaviour: Behaviour,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        model: str,
+        custom_id: str | None,
+        attempt: int | None,
+    ) -> web.StreamResponse:
+        """Answer in one of the `capacity` slots: refused (429) or queued for one when all are taken."""
+        assert behaviour.capacity is not None
+        if behaviour.over_capacity == "refuse" and self._serving >= behaviour.capacity:
+            self.stats.count_fault("over_capacity")
+            return await self._send_error(request, HttpError(429, "Over capacity: too many requests in flight."))
+        slots = self._slots
+        async with slots if behaviour.over_capacity == "queue" else contextlib.nullcontext():
+            self._serving += 1
+            try:
+                return await self._answer(request, behaviour, endpoint, body, model, custom_id, attempt)
+            finally:
+                self._serving -= 1
 
     async def _answer(
         self,

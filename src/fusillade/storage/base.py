@@ -274,8 +274,11 @@ class DaemonRegistry(Protocol):
         """A new daemon record, `running`, with a first heartbeat now."""
         ...
 
-    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.DaemonRecord:
-        """Record that the daemon is alive. `StateConflict` if it was marked dead (its requests may have
+    async def heartbeat(
+        self, daemon_id: ids.DaemonId, *, in_flight: int = 0, limits: Mapping[str, int] | None = None
+    ) -> models.DaemonRecord:
+        """Record that the daemon is alive, with its calls in flight and its lanes' limits now (None: leave the
+        last ones). `StateConflict` if it was marked dead (its requests may have
         been reclaimed: the daemon must stop), `NotFound` if unknown."""
         ...
 

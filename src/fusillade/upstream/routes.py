@@ -30,7 +30,13 @@ class Route:
     api_key: str | None = field(default=None, repr=False)
     """Sent as `Authorization: Bearer …`; resolved from the environment by the configuration, never stored."""
     concurrency: int = 16
-    """Requests of this model in flight at once (across every daemon on a shared database)."""
+    """Requests of this model in flight at once (across every daemon on a shared database); with `adaptive`,
+    the most the limit may grow to."""
+    adaptive: bool = False
+    """Find the limit from the upstream's answers (refusals and latency), between `min_concurrency` and
+    `concurrency` (`domain.adaptive_limit`)."""
+    min_concurrency: int = 1
+    """With `adaptive`: the least the limit may be cut to (and where it starts)."""
     stream: bool = False
     """Ask the upstream for SSE and reassemble the events into the non-streaming body."""
     timeouts: PhaseTimeouts = field(default_factory=PhaseTimeouts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from fusillade import errors
@@ -17,7 +18,7 @@ RETURNING {rows.DAEMON_COLUMNS}
 """
 
 _HEARTBEAT = f"""
-UPDATE daemons AS d SET last_heartbeat = $2, in_flight = $3
+UPDATE daemons AS d SET last_heartbeat = $2, in_flight = $3, limits = coalesce($4::jsonb, d.limits)
 WHERE d.id = $1 AND d.status = 'running'
 RETURNING {rows.DAEMON_COLUMNS}
 """
@@ -75,9 +76,14 @@ async def register_daemon(connection: Connection, info: models.DaemonInfo, now: 
 
 
 async def heartbeat(
-    connection: Connection, daemon_id: ids.DaemonId, in_flight: int, now: datetime
+    connection: Connection,
+    daemon_id: ids.DaemonId,
+    in_flight: int,
+    limits: Mapping[str, int] | None,
+    now: datetime,
 ) -> models.DaemonRecord:
-    row = await connection.fetchrow(_HEARTBEAT, daemon_id, now, in_flight)
+    encoded = None if limits is None else dict(limits)
+    row = await connection.fetchrow(_HEARTBEAT, daemon_id, now, in_flight, encoded)
     if row is not None:
         return rows.daemon_from_row(row)
     status = await connection.fetchval(_STATUS, daemon_id)

@@ -91,7 +91,8 @@ REQUEST_COLUMNS = f"""
 TEMPLATE_COLUMNS = "t.id, t.file_id, t.line_number, t.custom_id, t.method, t.url, t.model, t.body"
 
 DAEMON_COLUMNS = """
-    d.id, d.hostname, d.pid, d.version, d.status, d.started_at, d.last_heartbeat, d.stopped_at, d.in_flight
+    d.id, d.hostname, d.pid, d.version, d.status, d.started_at, d.last_heartbeat, d.stopped_at, d.in_flight,
+    d.limits
 """
 
 
@@ -237,6 +238,7 @@ def daemon_from_row(row: asyncpg.Record) -> models.DaemonRecord:
         last_heartbeat=row["last_heartbeat"],
         stopped_at=row["stopped_at"],
         in_flight=row["in_flight"],
+        limits=row["limits"] or {},
     )
 
 

@@ -336,10 +336,12 @@ class PostgresStorage:
         async with self._db.connection() as connection:
             return await daemons.register_daemon(connection, info, now)
 
-    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.DaemonRecord:
+    async def heartbeat(
+        self, daemon_id: ids.DaemonId, *, in_flight: int = 0, limits: Mapping[str, int] | None = None
+    ) -> models.DaemonRecord:
         now = self._clock.now()
         async with self._db.connection() as connection:
-            return await daemons.heartbeat(connection, daemon_id, in_flight, now)
+            return await daemons.heartbeat(connection, daemon_id, in_flight, limits, now)
 
     async def mark_daemon_dead(self, daemon_id: ids.DaemonId) -> None:
         now = self._clock.now()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 import orjson
@@ -18,7 +19,7 @@ INSERT INTO daemons (id, hostname, pid, version, config, status, started_at, las
 VALUES (?, ?, ?, ?, ?, 'running', ?, ?, NULL, 0)
 """
 SELECT_DAEMON = f"SELECT {rows.DAEMON_COLUMNS} FROM daemons WHERE id = ?"
-HEARTBEAT = "UPDATE daemons SET last_heartbeat = ?, in_flight = ? WHERE id = ?"
+HEARTBEAT = "UPDATE daemons SET last_heartbeat = ?, in_flight = ?, limits = coalesce(?, limits) WHERE id = ?"
 MARK_DEAD = "UPDATE daemons SET status = 'dead', stopped_at = COALESCE(stopped_at, ?) WHERE id = ?"
 LIST_DAEMONS = f"SELECT {rows.DAEMON_COLUMNS} FROM daemons ORDER BY started_at DESC, id DESC"
 MARK_STALE_DEAD = """
@@ -80,7 +81,11 @@ def _daemon_row(connection: sqlite3.Connection, daemon_id: ids.DaemonId) -> rows
 
 
 def heartbeat(
-    connection: sqlite3.Connection, now: datetime, daemon_id: ids.DaemonId, in_flight: int
+    connection: sqlite3.Connection,
+    now: datetime,
+    daemon_id: ids.DaemonId,
+    in_flight: int,
+    limits: Mapping[str, int] | None,
 ) -> models.DaemonRecord:
     row = _daemon_row(connection, daemon_id)
     if row.status == states.DaemonStatus.DEAD.value:
@@ -88,7 +93,8 @@ def heartbeat(
             f"Daemon {daemon_id} was marked dead (its requests may have been reclaimed); it must stop.",
             current_state=row.status,
         )
-    connection.execute(HEARTBEAT, (connections.to_micros(now), in_flight, daemon_id.bytes))
+    encoded = None if limits is None else orjson.dumps(dict(limits)).decode()
+    connection.execute(HEARTBEAT, (connections.to_micros(now), in_flight, encoded, daemon_id.bytes))
     return rows.daemon_from_row(_daemon_row(connection, daemon_id))
 
 

@@ -246,6 +246,7 @@ class DaemonRow(NamedTuple):
     last_heartbeat: int
     stopped_at: int | None
     in_flight: int
+    limits: str | None
 
 
 DAEMON_COLUMNS: Final = ", ".join(DaemonRow._fields)
@@ -262,6 +263,7 @@ def daemon_from_row(row: DaemonRow) -> models.DaemonRecord:
         last_heartbeat=_micros(row.last_heartbeat),
         stopped_at=_micros_or_none(row.stopped_at),
         in_flight=row.in_flight,
+        limits=orjson.loads(row.limits) if row.limits else {},
     )
 
 

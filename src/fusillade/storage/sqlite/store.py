@@ -318,9 +318,11 @@ class SqliteStorage:
     async def register_daemon(self, info: models.DaemonInfo) -> models.DaemonRecord:
         return await self._database.write(lambda connection, now: daemons.register_daemon(connection, now, info))
 
-    async def heartbeat(self, daemon_id: ids.DaemonId, *, in_flight: int = 0) -> models.DaemonRecord:
+    async def heartbeat(
+        self, daemon_id: ids.DaemonId, *, in_flight: int = 0, limits: Mapping[str, int] | None = None
+    ) -> models.DaemonRecord:
         return await self._database.write(
-            lambda connection, now: daemons.heartbeat(connection, now, daemon_id, in_flight)
+            lambda connection, now: daemons.heartbeat(connection, now, daemon_id, in_flight, limits)
         )
 
     async def mark_daemon_dead(self, daemon_id: ids.DaemonId) -> None:

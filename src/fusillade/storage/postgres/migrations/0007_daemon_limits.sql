@@ -1,0 +1,3 @@
+-- The concurrency limit of each model's lane at the daemon's last heartbeat (model -> limit), which an adaptive
+-- limit moves; `fusillade status` shows it.
+ALTER TABLE daemons ADD COLUMN limits jsonb;
