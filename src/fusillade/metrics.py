@@ -135,6 +135,12 @@ class DaemonMetrics:
             "are summed), by model.",
         )
         r.register(self.limits)
+        self.fallbacks = Counter(
+            "fusillade_fallbacks",
+            "Calls sent to a model's fallback instead of its own route, by model and fallback.",
+            ["model", "fallback"],
+            registry=r,
+        )
         self.limit_cuts = Counter(
             "fusillade_model_limit_cuts",
             "Times a model's adaptive limit was cut, by model and reason (refused: 429, 503, connection errors "
@@ -233,6 +239,9 @@ class DaemonMetrics:
 
     def retried(self, model: str, code: str | None) -> None:
         self.retries.labels(self.label(model), code_label(code)).inc()
+
+    def fell_back(self, model: str, fallback: str) -> None:
+        self.fallbacks.labels(self.label(model), self.label(fallback)).inc()
 
     def paused(self, model: str) -> None:
         self.lane_pauses.labels(self.label(model)).inc()

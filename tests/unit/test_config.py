@@ -565,3 +565,23 @@ def test_every_key_is_documented_and_in_the_example() -> None:
         leaf = key.rsplit(".", 1)[-1]
         assert f"`{leaf}`" in documented, key
         assert leaf in example, key
+
+
+def test_a_fallback_must_be_another_model_with_a_table_of_its_own(tmp_path: Path) -> None:
+    for fallback in ("nowhere", "m", "*"):
+        path = write(tmp_path, ROUTE + f'fallback = "{fallback}"\n')
+        problem = only_problem(path)
+        assert f"models.\"m\".fallback = '{fallback}'" in problem.message, problem.message
+        assert "another model with a table of its own" in problem.message
+    path = write(tmp_path, ROUTE + 'fallback_when_remaining = "1h"\n')
+    assert "without fallback" in only_problem(path).message
+
+
+def test_a_fallback_route_is_read_from_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        ROUTE + 'fallback = "big"\nfallback_when_remaining = "2h"\n[models.big]\nbase_url = "http://big:1"\n',
+    )
+    route = load_config(path, environ={}).route_for("m")
+    assert route is not None
+    assert (route.fallback, route.fallback_when_remaining) == ("big", timedelta(hours=2))

@@ -387,6 +387,12 @@ class RouteSection(Section):
     `concurrency`."""
     min_concurrency: Count = 1
     """With `adaptive`: the floor of the limit, where it starts."""
+    fallback: ModelName | None = None
+    """Another model with a table of its own in [models] that may answer this model's requests instead (the
+    request's `model` is rewritten to it): see `fallback_when_remaining`."""
+    fallback_when_remaining: PositiveDuration | None = None
+    """With `fallback`: a request whose batch has less than this left before its deadline goes to the fallback
+    (escalation: a faster or more available model finishes the batch in time); none: never for that reason."""
     stream: bool = False
     """Ask the upstream for server-sent events and reassemble them (reads with first-byte and idle timeouts)."""
     retry_404: bool = False
@@ -395,6 +401,12 @@ class RouteSection(Section):
     """Limits of each phase of a call."""
     pricing: PricingSection | None = None
     """The model's prices, for the cost of batches; none: their cost is unknown (usage is counted anyway)."""
+
+    @model_validator(mode="after")
+    def _fallback_needs_a_model(self) -> Self:
+        if self.fallback_when_remaining is not None and self.fallback is None:
+            raise ValueError("fallback_when_remaining is set without fallback (the model to fall back to)")
+        return self
 
     @model_validator(mode="after")
     def _adaptive_bounds(self) -> Self:
@@ -413,6 +425,8 @@ class RouteSection(Section):
             concurrency=self.concurrency,
             adaptive=self.adaptive,
             min_concurrency=self.min_concurrency,
+            fallback=self.fallback,
+            fallback_when_remaining=self.fallback_when_remaining,
             stream=self.stream,
             timeouts=self.timeouts.phase_timeouts(),
             retry_404=self.retry_404,
@@ -481,6 +495,23 @@ class Config(BaseSettings):
                 "their own); keep only one of them"
             )
         return section
+
+    @model_validator(mode="after")
+    def _fallbacks_exist(self) -> Self:
+        sections = [(f'models."{name}"', name, section) for name, section in self.models.items()]
+        if self.default_route is not None:
+            sections.append(("default_route", DEFAULT_ROUTE_MODEL, self.default_route))
+        for where, name, section in sections:
+            target = section.fallback
+            if target is None:
+                continue
+            if target in (name, DEFAULT_ROUTE_MODEL) or target not in self.models:
+                served = ", ".join(sorted(model for model in self.models if model != DEFAULT_ROUTE_MODEL))
+                raise ValueError(
+                    f"{where}.fallback = {target!r}: the fallback must be another model with a table of its own "
+                    f"in [models] (served: {served or 'none'})"
+                )
+        return self
 
     @property
     def source(self) -> Path | None:

@@ -15,6 +15,7 @@ daemon, which cancels the task and records why first:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import random
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Protocol
+
+import orjson
 
 from fusillade.clock import Clock
 from fusillade.daemon.lanes import Lanes
@@ -218,7 +221,9 @@ class RequestExecutor:
             start = self._start(request)
             if start is None:
                 return
-            route, deadline = start
+            route, deadline, called = start
+            if called is not request:  # sent to its fallback: from now on it is the fallback model's request
+                request = called
             # An adaptive limit learns from when the call was sent, with how many in flight (itself included).
             sent = (self._clock.monotonic(), self._lanes.in_flight(request.model)) if route.adaptive else None
             started = time.perf_counter()  # for the metrics only: the real duration of the call
@@ -243,9 +248,9 @@ class RequestExecutor:
         finally:
             finished()
 
-    def _start(self, request: models.ClaimedRequest) -> tuple[Route, float] | None:
-        """The route and deadline (event loop time) of a call that may start now; None when it may not (its
-        request is given back)."""
+    def _start(self, request: models.ClaimedRequest) -> tuple[Route, float, models.ClaimedRequest] | None:
+        """The route and deadline (event loop time) of a call that may start now, and the request to send (its
+        fallback model's when it escalates); None when it may not (its request is given back)."""
         route = self._lanes.route(request.model)
         if route is None:
             # The model left the routing table after the claim: give the request back.
@@ -264,8 +269,26 @@ class RequestExecutor:
             self._writes.submit(models.Release(request.id))
             return None
         self._marks.started(request.id, self._clock.monotonic())
-        remaining = (request.deadline + settings.expiry_grace - now).total_seconds()
-        return route, asyncio.get_running_loop().time() + remaining
+        remaining = request.deadline + settings.expiry_grace - now
+        deadline = asyncio.get_running_loop().time() + remaining.total_seconds()
+        if route.fallback_when_remaining is not None and request.deadline - now < route.fallback_when_remaining:
+            fallback = self._fallback(request, route)
+            if fallback is not None:
+                fallback_route, fallback_request = fallback
+                return fallback_route, deadline, fallback_request
+        return route, deadline, request
+
+    def _fallback(
+        self, request: models.ClaimedRequest, route: Route
+    ) -> tuple[Route, models.ClaimedRequest] | None:
+        """The fallback route of the request's model, and the request rewritten for it (its `model`, in the body
+        too); None if the fallback has no route now. The call keeps its slot in its own model's lane."""
+        assert route.fallback is not None
+        target = self._lanes.route(route.fallback)
+        if target is None:
+            return None
+        self._metrics.fell_back(request.model, route.fallback)
+        return target, for_model(request, route.fallback)
 
     def _submit(
         self, request: models.ClaimedRequest, result: outcomes.Outcome, *, marked: bool, duration: float
@@ -355,6 +378,18 @@ class RequestExecutor:
             self._on_retry_scheduled(decision.retry_at)
         elif isinstance(write, models.Fail):
             self._metrics.model(request.model).finished["failed"].inc()
+
+
+def for_model(request: models.ClaimedRequest, model: str) -> models.ClaimedRequest:
+    """The request as sent to another model: its `model`, and the body's, rewritten."""
+    try:
+        body = orjson.loads(request.body)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, dict):
+        body["model"] = model
+        return dataclasses.replace(request, model=model, body=orjson.dumps(body).decode())
+    return dataclasses.replace(request, model=model)
 
 
 def overload(result: outcomes.Outcome) -> bool:

@@ -37,6 +37,11 @@ class Route:
     `concurrency` (`domain.adaptive_limit`)."""
     min_concurrency: int = 1
     """With `adaptive`: the least the limit may be cut to (and where it starts)."""
+    fallback: str | None = None
+    """Another model (with a route of its own) that this model's requests may be sent to instead: see
+    `fallback_when_remaining`."""
+    fallback_when_remaining: timedelta | None = None
+    """Send a request to `fallback` when less than this is left before its batch's deadline (escalation)."""
     stream: bool = False
     """Ask the upstream for SSE and reassemble the events into the non-streaming body."""
     timeouts: PhaseTimeouts = field(default_factory=PhaseTimeouts)
