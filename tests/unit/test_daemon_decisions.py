@@ -135,6 +135,26 @@ def test_replacing_routes_changes_limits_without_losing_counts() -> None:
     assert lanes.capacities(0.0) == [models.ModelCapacity(model="a", free=2, limit=3)]
 
 
+def test_an_adaptive_lane_starts_at_its_floor_and_keeps_what_it_found_across_a_reload() -> None:
+    route = Route(base_url="http://x", concurrency=32, adaptive=True, min_concurrency=2)
+    lanes = Lanes({"a": route})
+    assert lanes.capacities(0.0) == [models.ModelCapacity(model="a", free=2, limit=2)]
+    for step in range(40):  # calls succeed at the same latency with the lane full: slow start grows it
+        lanes.succeeded("a", sent_at=step, in_flight=lanes.limits()["a"], now=step + 0.1)
+    found = lanes.limits()["a"]
+    assert found > 10
+    lanes.replace_routes({"a": Route(base_url="http://y", concurrency=64, adaptive=True, min_concurrency=2)})
+    assert lanes.limits() == {"a": found}
+    lanes.replace_routes({"a": Route(base_url="http://y", concurrency=8, adaptive=True)})
+    assert lanes.limits() == {"a": 8}  # within the new ceiling
+    assert lanes.overloaded("a", sent_at=100.0, now=100.1)
+    assert lanes.limits()["a"] < 8
+    lanes.replace_routes({"a": Route(base_url="http://y", concurrency=5)})  # fixed again
+    assert lanes.limits() == {"a": 5}
+    assert not lanes.overloaded("a", sent_at=200.0, now=200.1)  # a fixed limit is never cut
+    assert not lanes.is_adaptive("a")
+
+
 def test_backoff_doubles_to_its_cap_and_resets() -> None:
     backoff = Backoff(first=0.1, cap=0.4, jitter=0.0)
     assert [backoff.failed() for _ in range(4)] == [0.1, 0.2, 0.4, 0.4]
