@@ -27,6 +27,10 @@ PRIVATE = "alice-secret-project"
 """No route of its own: the default route (limit 1 per model) takes it."""
 
 
+FIXED = {"min_concurrency": None, "limits_now": []}
+"""A route with a fixed limit, in `status --json`."""
+
+
 def request_lines(model: str, count: int) -> bytes:
     lines = (
         {"custom_id": f"{model}-{index}", "method": "POST", "url": CHAT, "body": {"model": model, "messages": []}}
@@ -60,8 +64,8 @@ async def test_status_shows_routes_with_their_requests_in_flight_and_the_sdk_lis
             code, stdout, stderr = await processes.cli("status", "--json", "--config", str(config))
             assert code == 0, stderr
             assert json.loads(stdout)["routes"] == [
-                {"model": ROUTED, "upstream": host_port, "concurrency": 2, "in_flight": 2},
-                {"model": "*", "upstream": host_port, "concurrency": 1, "in_flight": 1},
+                {"model": ROUTED, "upstream": host_port, "concurrency": 2, "in_flight": 2, **FIXED},
+                {"model": "*", "upstream": host_port, "concurrency": 1, "in_flight": 1, **FIXED},
             ]
             code, table, stderr = await processes.cli("status", "--config", str(config))
             assert code == 0, stderr

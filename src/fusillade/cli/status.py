@@ -273,6 +273,7 @@ def _daemon_json(daemon: models.DaemonRecord, now: datetime, stale_after: timede
         "status": str(daemon.status),
         "silent": _silent(daemon, now, stale_after),
         "in_flight": daemon.in_flight,
+        "limits": dict(daemon.limits),
         "started_at": common.unix(daemon.started_at),
         "last_heartbeat": common.unix(daemon.last_heartbeat),
         "stopped_at": common.unix(daemon.stopped_at),
