@@ -40,6 +40,7 @@ from fusillade.daemon.headers import BatchHeaders, traceparent
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.loops import DaemonFenced, LoopContext, cancel_all
 from fusillade.daemon.pending_writes import PendingWrites
+from fusillade.daemon.pools import EndpointPools
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.daemon.side_loops import SideLoops
 from fusillade.daemon.ticks import TickScheduler
@@ -81,6 +82,8 @@ class Daemon:
         self.metrics.use_routes(routes)
         self.metrics.count_in_flight(self._lanes.models_in_flight)
         self.metrics.read_limits(self._lanes.limits)
+        self._pools = EndpointPools()
+        self.metrics.read_endpoints(self._pools.in_flight, self._pools.ejected)
         self._daemon_id: ids.DaemonId | None = None
         self._stop_requested = False
         self._calls = Calls(
@@ -119,6 +122,7 @@ class Daemon:
         claim and the next calls."""
         self._lanes.replace_routes(routes, default_route)
         self.metrics.use_routes(routes)
+        self._pools.forget_others({model for model in self._lanes.model_names if self._pooled(model)})
         self._ticks.want_claim(discover=True)
 
     def replace_settings(self, settings: DaemonSettings) -> None:
@@ -171,6 +175,7 @@ class Daemon:
             metrics=self.metrics,
             on_retry_scheduled=self._ticks.retry_scheduled,
             on_lane_paused=self._ticks.wake,
+            pools=self._pools,
         )
 
         def new_settings(settings: DaemonSettings) -> None:
@@ -248,6 +253,10 @@ class Daemon:
         logger.info("Daemon %s stopped.", daemon_id)
 
     # ------------------------------------------------------------------------------------------- helpers
+
+    def _pooled(self, model: str) -> bool:
+        route = self._lanes.route(model)
+        return route is not None and len(route.base_urls) > 1
 
     def _slot_freed(self) -> None:
         self._ticks.want_claim()
