@@ -122,7 +122,7 @@ def _base_urls(value: object) -> object:
     if isinstance(value, str):
         return _base_url(value)
     if not isinstance(value, list | tuple):
-        return value  # the type check says what is wrong
+        raise ValueError("must be a URL in quotes, or a list of them (the endpoints of a pool)")
     if not value:
         raise ValueError("is an empty list; write one URL, or a list of the endpoints of a pool")
     urls = []
@@ -357,6 +357,11 @@ class DaemonSection(Section):
             raise ValueError(
                 f"stale_after ({units.format_duration(self.stale_after)}) must be longer than heartbeat_interval "
                 f"({units.format_duration(self.heartbeat_interval)}), or live daemons would be taken for dead"
+            )
+        if self.endpoint_cool_down_max < self.endpoint_cool_down:
+            raise ValueError(
+                f"endpoint_cool_down_max ({units.format_duration(self.endpoint_cool_down_max)}) must not be "
+                f"shorter than endpoint_cool_down ({units.format_duration(self.endpoint_cool_down)})"
             )
         self.settings()  # any further rule of DaemonSettings itself
         return self
