@@ -103,3 +103,28 @@ async def test_a_pool_spreads_calls_over_its_endpoints_and_a_reload_keeps_it_goi
         assert first.stats.max_in_flight + second.stats.max_in_flight <= 2 * CONCURRENCY
     finally:
         await second.close()
+
+
+async def test_the_default_routes_models_share_its_pool_and_a_single_upstream_has_none(
+    sqlite_storage: SqliteStorage, upstream: MockUpstream, client: UpstreamClient
+) -> None:
+    first, second = upstream, await MockUpstream().start()
+    try:
+        default = Route(base_urls=(first.url, second.url), concurrency=4)
+        solo = {"solo": Route(base_url=second.url, concurrency=4)}
+        batch = await factories.create_batch(sqlite_storage, models_by_line=["x", "y", "solo"] * 40)
+        async with running(sqlite_storage, client, solo, SETTINGS, default_route=default) as daemon:
+            done = await finished(sqlite_storage, batch)
+
+        assert done.counts.completed == 120
+        assert first.stats.requests_by_model.keys() == {"x", "y"}  # the solo model never went to the pool
+        registry = daemon.metrics.registry
+        series = {
+            (sample.labels["model"], sample.labels["endpoint"])
+            for metric in registry.collect()
+            if metric.name == "fusillade_endpoint_in_flight"
+            for sample in metric.samples
+        }
+        assert series == {("*", address(first.url)), ("*", address(second.url))}
+    finally:
+        await second.close()

@@ -227,23 +227,23 @@ def test_the_daemons_pools_send_each_call_with_its_endpoints_route_and_retry_els
     request_id = ids.new_request_id()
     chosen = pools.choose("m", route, 0.0, request_id)
     assert chosen.route.base_urls == (chosen.endpoint.url,) and chosen.route.concurrency == 4
-    assert pools.finish("m", chosen, CallHealth.UNREACHABLE, 0.0, POLICY)
-    assert pools.retry_elsewhere("m", chosen, request_id)
+    assert pools.finish(chosen, CallHealth.UNREACHABLE, 0.0, POLICY)
+    assert pools.retry_elsewhere(chosen, request_id)
     # Its next call avoids the endpoint that failed it; the other calls go to the healthy one too.
     again = pools.choose("m", route, 1.0, request_id)
     assert again.endpoint is not chosen.endpoint
     assert pools.in_flight() == {("m", "a:8000"): 0, ("m", "b:8000"): 1}
     assert pools.ejected()[("m", address(chosen.endpoint.url))] == 1
     # With no healthy endpoint besides the failed one, the retry backs off as usual.
-    pools.finish("m", again, CallHealth.UNREACHABLE, 1.0, POLICY)
-    assert not pools.retry_elsewhere("m", again, request_id)
+    pools.finish(again, CallHealth.UNREACHABLE, 1.0, POLICY)
+    assert not pools.retry_elsewhere(again, request_id)
 
 
 def test_a_reloaded_route_keeps_the_health_of_the_endpoints_that_stay() -> None:
     pools = EndpointPools()
     first = Route(base_urls=(A, B))
     chosen = pools.choose("m", first, 0.0, ids.new_request_id())
-    pools.finish("m", chosen, CallHealth.UNREACHABLE, 0.0, POLICY)
+    pools.finish(chosen, CallHealth.UNREACHABLE, 0.0, POLICY)
     reloaded = Route(base_urls=(A, B, C), stream=True)
     later = [pools.choose("m", reloaded, 1.0, ids.new_request_id()) for _ in range(4)]
     assert chosen.endpoint.url not in {call.endpoint.url for call in later}

@@ -45,7 +45,7 @@ from fusillade.daemon.settings import DaemonSettings
 from fusillade.daemon.side_loops import SideLoops
 from fusillade.daemon.ticks import TickScheduler
 from fusillade.domain import ids, models
-from fusillade.metrics import DaemonMetrics
+from fusillade.metrics import DEFAULT_ROUTE_LABEL, DaemonMetrics
 from fusillade.storage.base import Storage
 from fusillade.upstream.routes import Route
 
@@ -122,7 +122,10 @@ class Daemon:
         claim and the next calls."""
         self._lanes.replace_routes(routes, default_route)
         self.metrics.use_routes(routes)
-        self._pools.forget_others({model for model in self._lanes.model_names if self._pooled(model)})
+        pooled = {model for model, route in routes.items() if len(route.base_urls) > 1}
+        if default_route is not None and len(default_route.base_urls) > 1:
+            pooled.add(DEFAULT_ROUTE_LABEL)
+        self._pools.forget_others(pooled)
         self._ticks.want_claim(discover=True)
 
     def replace_settings(self, settings: DaemonSettings) -> None:
@@ -253,10 +256,6 @@ class Daemon:
         logger.info("Daemon %s stopped.", daemon_id)
 
     # ------------------------------------------------------------------------------------------- helpers
-
-    def _pooled(self, model: str) -> bool:
-        route = self._lanes.route(model)
-        return route is not None and len(route.base_urls) > 1
 
     def _slot_freed(self) -> None:
         self._ticks.want_claim()

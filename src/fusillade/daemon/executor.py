@@ -230,7 +230,8 @@ class RequestExecutor:
             route, deadline = start
             chosen = None
             if len(route.base_urls) > 1:  # a pool: choose its endpoint (a route of one endpoint pays nothing)
-                chosen = self._pools.choose(request.model, route, self._clock.monotonic(), request.id)
+                key = self._metrics.label(request.model)  # a model's own route, or the default route's `*`
+                chosen = self._pools.choose(key, route, self._clock.monotonic(), request.id)
                 route = chosen.route
             # An adaptive limit learns from when the call was sent, with how many in flight (itself included).
             sent = (self._clock.monotonic(), self._lanes.in_flight(request.model)) if route.adaptive else None
@@ -329,7 +330,7 @@ class RequestExecutor:
         """Tell the pool how the call to its endpoint went (None: it ended without an outcome); True when its
         request may be retried at once on another endpoint."""
         health = CallHealth.UNKNOWN if result is None else call_health(result)
-        ejected = self._pools.finish(request.model, chosen, health, self._clock.monotonic(), self._ejection)
+        ejected = self._pools.finish(chosen, health, self._clock.monotonic(), self._ejection)
         if health is not CallHealth.FAILED and health is not CallHealth.UNREACHABLE:
             return False
         endpoint = chosen.endpoint
@@ -342,7 +343,7 @@ class RequestExecutor:
                 (endpoint.ejected_until or 0.0) - self._clock.monotonic(),
                 "no connection" if health is CallHealth.UNREACHABLE else "failures in a row",
             )
-        return self._pools.retry_elsewhere(request.model, chosen, request.id)
+        return self._pools.retry_elsewhere(chosen, request.id)
 
     async def _after_abort(self, request: models.ClaimedRequest, reason: AbortReason) -> None:
         if reason is AbortReason.CANCELLED:

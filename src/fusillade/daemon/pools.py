@@ -1,7 +1,9 @@
-"""The endpoint pools of the models whose route lists several endpoints (`Route.base_urls`): one
-`domain.endpoint_pool.EndpointPool` per model (the default route's models each their own), made on a model's
-first pooled call and made again, keeping the health and the calls in flight of the endpoints that stay, when
-its route changes (a reloaded routing table). Routes of one endpoint never come here.
+"""The endpoint pools of the routes that list several endpoints (`Route.base_urls`): one
+`domain.endpoint_pool.EndpointPool` per route, keyed as the route's metrics label: a model with a route of its
+own by its name, every model of the default route together as `*` (the same servers, whatever the model: they
+share its health and its calls in flight, and memory does not grow with the models tenants name). A pool is
+made on its first call and made again, keeping the health and the calls in flight of the endpoints that stay,
+when its route changes (a reloaded routing table). Routes of one endpoint never come here.
 
 A request whose call failed because of its endpoint (no connection, 5xx, timeout, broken stream) while another
 endpoint of the pool is healthy is retried elsewhere: the executor reschedules it without a backoff, and its
@@ -27,8 +29,10 @@ _CONNECT_TIMEOUT = "connect timeout"
 
 
 class Chosen(NamedTuple):
-    """The endpoint a call goes to, the generation it was sent in, and the route to send it with."""
+    """The pool (its key), the endpoint a call goes to, the generation it was sent in, and the route to send it
+    with."""
 
+    key: str
     endpoint: Endpoint
     generation: int
     route: Route
@@ -47,27 +51,28 @@ class EndpointPools:
         self._pools: dict[str, _Pool] = {}
         self._avoid: dict[ids.RequestId, Endpoint] = {}
 
-    def choose(self, model: str, route: Route, now: float, request_id: ids.RequestId) -> Chosen:
-        """The endpoint of a call of `model` starting now (monotonic), counted in flight until `finish`."""
-        pool = self._pools.get(model)
+    def choose(self, key: str, route: Route, now: float, request_id: ids.RequestId) -> Chosen:
+        """The endpoint of a call on the pool `key` (its route: `route`) starting now (monotonic), counted in
+        flight until `finish`."""
+        pool = self._pools.get(key)
         if pool is None or pool.route is not route:
-            pool = self._pools[model] = _new_pool(route, pool)
+            pool = self._pools[key] = _new_pool(route, pool)
         avoid = self._avoid.pop(request_id, None) if self._avoid else None
         endpoint = pool.endpoints.choose(now, avoid=avoid)
-        return Chosen(endpoint, endpoint.generation, pool.routes[endpoint.url])
+        return Chosen(key, endpoint, endpoint.generation, pool.routes[endpoint.url])
 
-    def finish(self, model: str, chosen: Chosen, health: CallHealth, now: float, policy: EjectionPolicy) -> bool:
+    def finish(self, chosen: Chosen, health: CallHealth, now: float, policy: EjectionPolicy) -> bool:
         """The call ended with `health`; True if that ejected its endpoint."""
-        pool = self._pools.get(model)
+        pool = self._pools.get(chosen.key)
         if pool is None or chosen.endpoint not in pool.endpoints.endpoints:
             chosen.endpoint.in_flight -= 1  # the endpoint left the pool (a reload) while the call ran
             return False
         return pool.endpoints.finish(chosen.endpoint, chosen.generation, health, now, policy)
 
-    def retry_elsewhere(self, model: str, chosen: Chosen, request_id: ids.RequestId) -> bool:
+    def retry_elsewhere(self, chosen: Chosen, request_id: ids.RequestId) -> bool:
         """Whether the request of a call its endpoint failed may be retried at once on another endpoint (one is
         healthy); if so its next call in this daemon avoids the endpoint that failed it."""
-        pool = self._pools.get(model)
+        pool = self._pools.get(chosen.key)
         if pool is None or not pool.endpoints.has_healthy_besides(chosen.endpoint):
             return False
         if len(self._avoid) >= MAX_AVOID_HINTS:
@@ -75,13 +80,13 @@ class EndpointPools:
         self._avoid[request_id] = chosen.endpoint
         return True
 
-    def forget_others(self, pooled_models: set[str]) -> None:
-        """Drop the pools of models not in `pooled_models` (their route changed to one endpoint, or left)."""
-        for model in [model for model in self._pools if model not in pooled_models]:
-            del self._pools[model]
+    def forget_others(self, keys: set[str]) -> None:
+        """Drop the pools whose key is not in `keys` (their route changed to one endpoint, or left)."""
+        for key in [key for key in self._pools if key not in keys]:
+            del self._pools[key]
 
     def in_flight(self) -> Counter[tuple[str, str]]:
-        """Calls in flight per (model, endpoint address)."""
+        """Calls in flight per (pool key, endpoint address)."""
         counts: Counter[tuple[str, str]] = Counter()
         for model, pool in self._pools.items():
             for endpoint in pool.endpoints.endpoints:
@@ -89,7 +94,7 @@ class EndpointPools:
         return counts
 
     def ejected(self) -> Counter[tuple[str, str]]:
-        """1 per (model, endpoint address) ejected now, 0 for the others."""
+        """1 per (pool key, endpoint address) ejected now, 0 for the others."""
         counts: Counter[tuple[str, str]] = Counter()
         for model, pool in self._pools.items():
             for endpoint in pool.endpoints.endpoints:
