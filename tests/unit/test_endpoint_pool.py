@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -271,6 +272,8 @@ def test_a_route_of_one_endpoint_has_it_as_its_only_base_url() -> None:
     pool = Route(base_urls=[A, B])  # type: ignore[arg-type]
     assert (pool.base_url, pool.base_urls) == (A, (A, B))
     assert pool.endpoint_route(B) == Route(base_url=B)
+    moved = dataclasses.replace(Route(base_url=A, concurrency=3), base_url=B)
+    assert (moved.base_urls, moved.concurrency) == ((B,), 3)
 
 
 @pytest.mark.parametrize(

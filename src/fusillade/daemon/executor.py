@@ -337,9 +337,9 @@ class RequestExecutor:
         self._metrics.endpoint_failed(request.model, endpoint.address, ejected=ejected)
         if ejected:
             logger.warning(
-                "Endpoint %s of model %s ejected for %.0f s (%s).",
+                "Endpoint %s of route %s ejected for %.3g s (%s).",
                 endpoint.address,
-                request.model,
+                chosen.key,
                 (endpoint.ejected_until or 0.0) - self._clock.monotonic(),
                 "no connection" if health is CallHealth.UNREACHABLE else "failures in a row",
             )

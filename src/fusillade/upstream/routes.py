@@ -58,7 +58,12 @@ class Route:
         elif not self.base_url:
             object.__setattr__(self, "base_url", self.base_urls[0])
         elif self.base_url != self.base_urls[0]:
-            raise ValueError(f"Route.base_url ({self.base_url!r}) must be the first of base_urls.")
+            if len(self.base_urls) > 1:
+                raise ValueError(
+                    f"Route.base_url ({self.base_url!r}) must be the first of base_urls; give base_urls alone."
+                )
+            # One endpoint: `base_url` wins, as `dataclasses.replace(route, base_url=...)` means.
+            object.__setattr__(self, "base_urls", (self.base_url,))
         if len(set(self.base_urls)) != len(self.base_urls):
             raise ValueError(f"Route.base_urls lists an endpoint twice: {list(self.base_urls)}.")
 
