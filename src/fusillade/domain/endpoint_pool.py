@@ -94,7 +94,7 @@ class Endpoint:
 
 
 class EndpointPool:
-    """The endpoints of one model's route, and the choice of the next call's endpoint."""
+    """The endpoints of one route, what is known of each, and the choice of the next call's endpoint."""
 
     __slots__ = ("_next", "endpoints")
 
