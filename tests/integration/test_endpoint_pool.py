@@ -128,3 +128,28 @@ async def test_the_default_routes_models_share_its_pool_and_a_single_upstream_ha
         assert series == {("*", address(first.url)), ("*", address(second.url))}
     finally:
         await second.close()
+
+
+async def test_an_endpoint_answering_only_5xx_is_ejected_after_a_streak_and_only_probed_after(
+    sqlite_storage: SqliteStorage, upstream: MockUpstream, client: UpstreamClient
+) -> None:
+    failing = upstream
+    failing.behaviour = Behaviour(error_rates={502: 1.0})
+    healthy = await MockUpstream(Behaviour(latency=FixedLatency(0.01))).start()
+    try:
+        routes = {"m": Route(base_urls=(failing.url, healthy.url), concurrency=CONCURRENCY)}
+        batch = await factories.create_batch(sqlite_storage, models_by_line=["m"] * 300)
+        async with running(sqlite_storage, client, routes, SETTINGS) as daemon:
+            done = await finished(sqlite_storage, batch)
+
+        assert (done.counts.completed, done.counts.failed) == (300, 0)
+        ejections = sample(daemon.metrics, "fusillade_endpoint_ejections_total", address(failing.url))
+        assert ejections >= 1
+        # A streak of 3 ejected it; calls already in flight then (at most the limit) and one probe per later
+        # ejection are all it got.
+        calls = failing.stats.requests_total
+        assert calls <= 3 + CONCURRENCY + (ejections - 1), (calls, ejections)
+        assert sample(daemon.metrics, "fusillade_endpoint_errors_total", address(failing.url)) == calls
+        assert healthy.stats.responses_by_status == {200: 300}
+    finally:
+        await healthy.close()
