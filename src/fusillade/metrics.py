@@ -6,6 +6,8 @@ so `/metrics` shows no tenant's string and its size does not grow with the tenan
 
 - `model`: a model with a route of its own (`[models."NAME"]`) keeps its name; every model served by the default
   route is `*` (`DEFAULT_ROUTE_LABEL`);
+- `endpoint` (of a pool's metrics): `host:port` of one of the route's `base_url`s, never the rest of the URL
+  (a path may hold a secret);
 - `code` (of a retried attempt): `timeout`, `connection_error`, `stream_error`, `upstream_error`, `http_404`,
   `http_408`, `http_429`, `http_500`, `http_502`, `http_503`, `http_504`, `http_5xx` (any other 5xx),
   `http_other`, `other` (`code_label`);
@@ -204,6 +206,21 @@ class DaemonMetrics:
             ["model"],
             registry=r,
         )
+        self.endpoint_errors = Counter(
+            "fusillade_endpoint_errors",
+            "Calls to an endpoint of a pool that failed because of it (no connection, 5xx, timeout, broken "
+            "stream), by model and endpoint (host:port).",
+            ["model", "endpoint"],
+            registry=r,
+        )
+        self.endpoint_ejections = Counter(
+            "fusillade_endpoint_ejections",
+            "Times an endpoint of a pool was ejected (left out for a cool-down), by model and endpoint.",
+            ["model", "endpoint"],
+            registry=r,
+        )
+        self.endpoints = _PerEndpoint(self.label)
+        r.register(self.endpoints)
         self.database_errors = Counter(
             "fusillade_database_errors",
             "Database calls of the daemon that failed and were retried, by task.",
@@ -257,6 +274,22 @@ class DaemonMetrics:
     def limit_cut(self, model: str, reason: str) -> None:
         self.limit_cuts.labels(self.label(model), reason).inc()
 
+    def endpoint_failed(self, model: str, endpoint: str, *, ejected: bool) -> None:
+        """A call to `endpoint` (host:port) of a pool failed because of it; `ejected`: that ejected it."""
+        label = self.label(model)
+        self.endpoint_errors.labels(label, endpoint).inc()
+        if ejected:
+            self.endpoint_ejections.labels(label, endpoint).inc()
+
+    def read_endpoints(
+        self,
+        in_flight: Callable[[], Mapping[tuple[str, str], int]],
+        ejected: Callable[[], Mapping[tuple[str, str], int]],
+    ) -> None:
+        """Read the calls in flight and the ejected endpoints per (model, endpoint) of the pools when scraped."""
+        self.endpoints.in_flight = in_flight
+        self.endpoints.ejected = ejected
+
 
 class _PerModel(Collector):
     """A gauge by model (`fusillade_requests_in_flight`, `fusillade_model_limit`), read from the daemon's lanes
@@ -284,3 +317,45 @@ class _PerModel(Collector):
 
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(self._name, self._documentation, labels=["model"])
+
+
+class _PerEndpoint(Collector):
+    """`fusillade_endpoint_in_flight` and `fusillade_endpoint_ejected`, by model and endpoint of a pool, read
+    from the daemon's pools at each scrape (summed per label, a label seen once kept at 0)."""
+
+    def __init__(self, label: Callable[[str], str]) -> None:
+        self.in_flight: Callable[[], Mapping[tuple[str, str], int]] = dict
+        self.ejected: Callable[[], Mapping[tuple[str, str], int]] = dict
+        self._label = label
+        self._seen: set[tuple[str, str]] = set()
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight_family, ejected_family = self._families()
+        for family, source in ((in_flight_family, self.in_flight), (ejected_family, self.ejected)):
+            counts: Tally[tuple[str, str]] = Tally()
+            for (model, endpoint), count in source().items():
+                counts[self._label(model), endpoint] += count
+            self._seen.update(counts)
+            for labels in sorted(self._seen):
+                family.add_metric(list(labels), counts[labels])
+        yield in_flight_family
+        yield ejected_family
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "fusillade_endpoint_in_flight",
+                "Calls this daemon has in flight on each endpoint of a pool, by model and endpoint (host:port).",
+                labels=["model", "endpoint"],
+            ),
+            GaugeMetricFamily(
+                "fusillade_endpoint_ejected",
+                "Endpoints of a pool left out now (1: ejected, or waiting for its probe), by model and endpoint; "
+                "summed over the models of the default route.",
+                labels=["model", "endpoint"],
+            ),
+        )

@@ -25,10 +25,8 @@ ROUTED = "meta-llama/Llama-3.1-8B-Instruct"
 """Routed to the upstream with a limit of 2."""
 PRIVATE = "alice-secret-project"
 """No route of its own: the default route (limit 1 per model) takes it."""
-
-
-FIXED = {"min_concurrency": None, "limits_now": []}
-"""A route with a fixed limit, in `status --json`."""
+FIXED_LIMIT = {"min_concurrency": None, "limits_now": []}
+"""What `status --json` shows of a route without an adaptive limit."""
 
 
 def request_lines(model: str, count: int) -> bytes:
@@ -64,8 +62,8 @@ async def test_status_shows_routes_with_their_requests_in_flight_and_the_sdk_lis
             code, stdout, stderr = await processes.cli("status", "--json", "--config", str(config))
             assert code == 0, stderr
             assert json.loads(stdout)["routes"] == [
-                {"model": ROUTED, "upstream": host_port, "concurrency": 2, "in_flight": 2, **FIXED},
-                {"model": "*", "upstream": host_port, "concurrency": 1, "in_flight": 1, **FIXED},
+                {"model": ROUTED, "upstream": host_port, "concurrency": 2, "in_flight": 2, **FIXED_LIMIT},
+                {"model": "*", "upstream": host_port, "concurrency": 1, "in_flight": 1, **FIXED_LIMIT},
             ]
             code, table, stderr = await processes.cli("status", "--config", str(config))
             assert code == 0, stderr

@@ -296,6 +296,16 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
         ('[models.m]\nbase_url = "http://h/v1?x=1"', "models.m.base_url", "must not have a query"),
         ('[models.m]\nbase_url = "http://h /v1"', "models.m.base_url", "must not contain spaces"),
         ("[models.m]\nconcurrency = 4", "models.m.base_url", "is required"),
+        ("[models.m]\nbase_url = []", "models.m.base_url", "is an empty list"),
+        ("[models.m]\nbase_url = 8000", "models.m.base_url", "must be a URL in quotes, or a list of them"),
+        ('[models.m]\nbase_url = ["http://a", 3]', "models.m.base_url", "endpoint 2 of the list is not a URL"),
+        ('[models.m]\nbase_url = ["http://a", "ftp://b"]', "models.m.base_url", "endpoint 2 of the list: 'ftp"),
+        ('[models.m]\nbase_url = ["http://a", "http://a"]', "models.m.base_url", "lists 'http://a' twice"),
+        (
+            '[daemon]\nendpoint_cool_down = "10m"',
+            "daemon",
+            "endpoint_cool_down_max (5m) must not be shorter than endpoint_cool_down (10m)",
+        ),
         (ROUTE + "concurrency = -3", "models.m.concurrency", "must be at least 1"),
         (ROUTE + 'concurrency = "many"', "models.m.concurrency", "must be a whole number"),
         (ROUTE + 'stream = "sometimes"', "models.m.stream", "must be true or false"),
@@ -392,6 +402,37 @@ def test_routes_read_their_keys_from_the_given_environment_only(tmp_path: Path) 
     assert config.route_for("m", {"M_KEY": "secret"}) == Route(
         base_url="http://127.0.0.1:9000/v1", api_key="secret"
     )
+
+
+def test_a_list_of_base_urls_is_a_pool_of_endpoints(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [models.pool]
+        base_url = ["http://10.0.0.7:8000/v1", "http://10.0.0.8:8000/v1"]
+        concurrency = 8
+
+        [models.one]
+        base_url = ["http://10.0.0.9:8000"]
+        """,
+    )
+    config = load_config(path, environ={})
+    routes = config.resolve_routes({})
+    assert routes["pool"].base_urls == ("http://10.0.0.7:8000/v1", "http://10.0.0.8:8000/v1")
+    assert routes["pool"].base_url == "http://10.0.0.7:8000/v1"
+    assert routes["pool"].concurrency == 8
+    assert routes["one"] == Route(base_url="http://10.0.0.9:8000")  # a list of one: a single upstream
+    assert config.redacted()["models"]["pool"]["base_url"] == [
+        "http://10.0.0.7:8000/v1",
+        "http://10.0.0.8:8000/v1",
+    ]
+    # A string stays a string, as it was written.
+    assert load_config(write(tmp_path, ROUTE), environ={}).models["m"].base_url == "http://127.0.0.1:9000/v1"
+
+
+def test_a_pool_can_come_from_the_environment_as_a_json_list() -> None:
+    config = load_config(environ={"FUSILLADE_MODELS__M__BASE_URL": '["http://a:1", "http://b:2"]'})
+    assert config.resolve_routes({})["m"].base_urls == ("http://a:1", "http://b:2")
 
 
 def test_the_default_route_serves_unlisted_models(tmp_path: Path) -> None:

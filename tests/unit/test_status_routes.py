@@ -62,3 +62,21 @@ def test_an_adaptive_route_shows_its_bounds_and_the_limits_the_running_daemons_r
 def test_a_floor_above_the_ceiling_is_refused() -> None:
     with pytest.raises(ValueError, match="min_concurrency"):
         RouteSection(base_url="http://v:1", concurrency=4, adaptive=True, min_concurrency=8)
+
+
+def test_a_pool_shows_each_endpoint_as_its_host_and_port() -> None:
+    config = Config(
+        models={
+            "pool": RouteSection(
+                base_url=["http://a.internal:8000/v1", "http://b.internal:8000/secret-path/v1"], concurrency=8
+            )
+        },
+        default_route=RouteSection(base_url=["http://c:1", "http://d:2"]),
+    )
+
+    rows = route_rows(config, {"pool": 5})
+
+    assert rows == [
+        RouteRow("pool", "a.internal:8000, b.internal:8000", 8, 5),
+        RouteRow("*", "c:1, d:2", 16, 0),
+    ]

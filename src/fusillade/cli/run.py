@@ -27,7 +27,7 @@ from fusillade.domain.prices import Prices
 if TYPE_CHECKING:
     from fusillade.cli import local_run
 
-ROUTE_SYNTAX = "MODEL=URL[,concurrency=N][,key-env=VAR][,stream]"
+ROUTE_SYNTAX = "MODEL=URL[,URL...][,concurrency=N][,key-env=VAR][,stream]"
 _ROUTE_OPTIONS = {"base_url": "URL", "concurrency": "concurrency", "api_key_env": "key-env", "stream": "stream"}
 _SHOWN_ERRORS = 50
 
@@ -50,8 +50,8 @@ def run(
             "-m",
             metavar="ROUTE",
             help=f"Where a model's requests go (repeatable): ROUTE is {ROUTE_SYNTAX}; MODEL '*' is the route "
-            "of every other model. Adds to or replaces the configuration's routes; key-env names the variable "
-            "that holds the key.",
+            "of every other model; several URLs are a pool of endpoints. Adds to or replaces the configuration's "
+            "routes; key-env names the variable that holds the key.",
             show_default=False,
         ),
     ] = None,
@@ -178,16 +178,19 @@ def with_model_routes(config: Config, options: list[str]) -> Config:
 
 
 def parse_model_route(text: str) -> tuple[str, RouteSection]:
-    """`MODEL=URL[,concurrency=N][,key-env=VAR][,stream]` -> the model and its route; ValueError saying what
-    is wrong."""
+    """`MODEL=URL[,URL...][,concurrency=N][,key-env=VAR][,stream]` -> the model and its route (several URLs: a
+    pool of endpoints); ValueError saying what is wrong."""
     model, separator, rest = text.partition("=")
     if not separator or not model or not rest:
         raise ValueError(f"write it as {ROUTE_SYNTAX}, such as llama=http://127.0.0.1:8000,concurrency=32")
     url, *settings = rest.split(",")
-    values: dict[str, object] = {"base_url": url}
+    urls = [url]
+    values: dict[str, object] = {}
     for setting in settings:
         name, has_value, value = setting.partition("=")
-        if name == "stream" and not has_value:
+        if setting.startswith(("http://", "https://")):
+            urls.append(setting)
+        elif name == "stream" and not has_value:
             values["stream"] = True
         elif name == "concurrency" and has_value:
             values["concurrency"] = value
@@ -197,6 +200,7 @@ def parse_model_route(text: str) -> tuple[str, RouteSection]:
             raise ValueError(
                 f"unknown setting {setting!r}; the settings are concurrency=N, key-env=VAR and stream"
             )
+    values["base_url"] = urls[0] if len(urls) == 1 else urls
     try:
         return model, RouteSection.model_validate(values)
     except pydantic.ValidationError as exc:

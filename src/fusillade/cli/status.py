@@ -10,7 +10,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import orjson
 import typer
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from fusillade.cli import common, tokens
 from fusillade.config import DEFAULT_ROUTE_MODEL, Config
-from fusillade.domain import ids, models, states
+from fusillade.domain import endpoint_pool, ids, models, states
 from fusillade.domain.prices import Prices
 from fusillade.domain.usage import cost_fields, openai_usage
 from fusillade.storage.base import Storage
@@ -27,7 +26,6 @@ from fusillade.storage.base import Storage
 _ROUTE_COLUMNS = ("model", "upstream", "limit", "in flight")
 _BATCH_COLUMNS = ("batch", "owner", "status", "done", "failed", "in flight", "tokens")
 _DAEMON_COLUMNS = ("daemon", "host:pid", "status", "in flight", "heartbeat", "started")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +43,7 @@ class RouteRow:
     model: str
     """The model, or `*` for the default route."""
     upstream: str
-    """`host:port` of the upstream."""
+    """`host:port` of the upstream (of each endpoint of a pool, comma-separated)."""
     concurrency: int
     """The route's limit (the default route's: per model)."""
     in_flight: int
@@ -107,7 +105,7 @@ def route_rows(
     rows = [
         RouteRow(
             name,
-            upstream_address(section.base_url),
+            upstream_addresses(section.base_urls),
             section.concurrency,
             in_flight.get(name, 0),
             section.min_concurrency if section.adaptive else None,
@@ -120,7 +118,9 @@ def route_rows(
         others = sum(count for model, count in in_flight.items() if model not in own)
         floor = default.min_concurrency if default.adaptive else None
         rows.append(
-            RouteRow(DEFAULT_ROUTE_MODEL, upstream_address(default.base_url), default.concurrency, others, floor)
+            RouteRow(
+                DEFAULT_ROUTE_MODEL, upstream_addresses(default.base_urls), default.concurrency, others, floor
+            )
         )
     return rows
 
@@ -138,10 +138,12 @@ def _limits_now(snapshot: Snapshot, stale_after: timedelta) -> dict[str, list[in
 def upstream_address(base_url: str) -> str:
     """`host:port` of an upstream URL (`[v6]:port` for an IPv6 address), the scheme's port when none is
     written; never its path, which may hold a secret."""
-    parts = urlsplit(base_url)
-    host = parts.hostname or "?"
-    port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return endpoint_pool.address(base_url)
+
+
+def upstream_addresses(base_urls: Sequence[str]) -> str:
+    """`host:port` of each endpoint of a route, comma-separated (`a:8000, b:8000` for a pool)."""
+    return ", ".join(upstream_address(url) for url in base_urls)
 
 
 # ------------------------------------------------------------------------------------------------- tables

@@ -117,6 +117,28 @@ def _base_url(url: str) -> str:
     return url
 
 
+def _base_urls(value: object) -> object:
+    """One URL, or a list of them (a pool of endpoints: at least one, each once), each checked as `_base_url`."""
+    if isinstance(value, str):
+        return _base_url(value)
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a URL in quotes, or a list of them (the endpoints of a pool)")
+    if not value:
+        raise ValueError("is an empty list; write one URL, or a list of the endpoints of a pool")
+    urls = []
+    for number, url in enumerate(value, start=1):
+        if not isinstance(url, str):
+            raise ValueError(f"endpoint {number} of the list is not a URL in quotes")
+        try:
+            urls.append(_base_url(url))
+        except ValueError as exc:
+            raise ValueError(f"endpoint {number} of the list: {exc}") from None
+    repeated = next((url for index, url in enumerate(urls) if url in urls[:index]), None)
+    if repeated is not None:
+        raise ValueError(f"lists {repeated!r} twice; write each endpoint of a pool once")
+    return tuple(urls)
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.removeprefix("[").removesuffix("]"), int(port)
@@ -175,6 +197,8 @@ ByteSize = Annotated[
 EnvVarName = Annotated[str, AfterValidator(_env_var_name)]
 """The NAME of an environment variable that holds a secret (never the secret)."""
 BaseUrl = Annotated[str, AfterValidator(_base_url)]
+BaseUrls = Annotated[str | tuple[str, ...], BeforeValidator(_base_urls)]
+"""One base URL, or a list of them: the endpoints of a pool."""
 ModelName = Annotated[str, Field(min_length=1)]
 
 
@@ -320,6 +344,10 @@ class DaemonSection(Section):
         _DAEMON.batch_metadata_headers
     )
     """Keys of a batch's metadata sent upstream as x-fusillade-batch-<key> headers."""
+    endpoint_cool_down: PositiveDuration = _DAEMON.endpoint_cool_down
+    """An endpoint of a pool that fails is left out this long, then probed; doubled with each ejection in a row."""
+    endpoint_cool_down_max: PositiveDuration = _DAEMON.endpoint_cool_down_max
+    """The longest an endpoint of a pool is left out at once."""
     retry: RetrySection = Field(default_factory=RetrySection)
     """Retry policy of retriable upstream failures."""
 
@@ -329,6 +357,11 @@ class DaemonSection(Section):
             raise ValueError(
                 f"stale_after ({units.format_duration(self.stale_after)}) must be longer than heartbeat_interval "
                 f"({units.format_duration(self.heartbeat_interval)}), or live daemons would be taken for dead"
+            )
+        if self.endpoint_cool_down_max < self.endpoint_cool_down:
+            raise ValueError(
+                f"endpoint_cool_down_max ({units.format_duration(self.endpoint_cool_down_max)}) must not be "
+                f"shorter than endpoint_cool_down ({units.format_duration(self.endpoint_cool_down)})"
             )
         self.settings()  # any further rule of DaemonSettings itself
         return self
@@ -374,8 +407,10 @@ class RouteSection(Section):
     """`[models."<name>"]` and the default route (`[default_route]` or `[models."*"]`): where a model's requests
     go and how many run at once."""
 
-    base_url: BaseUrl
-    """The upstream, http(s), such as "https://api.openai.com/v1"; the request's path is appended."""
+    base_url: BaseUrls
+    """The upstream, http(s), such as "https://api.openai.com/v1"; the request's path is appended. A list of
+    URLs is a pool of endpoints serving the model: each call goes to the healthy one with the fewest calls in
+    flight."""
     api_key_env: EnvVarName | None = None
     """Name of the environment variable holding the upstream's API key (sent as a Bearer token); none: no key."""
     concurrency: Count = 16
@@ -417,10 +452,15 @@ class RouteSection(Section):
             )
         return self
 
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """The endpoints: `base_url` as one, or the pool."""
+        return (self.base_url,) if isinstance(self.base_url, str) else self.base_url
+
     def route(self, api_key: str | None) -> Route:
         """This route with the key already read from the environment."""
         return Route(
-            base_url=self.base_url,
+            base_urls=self.base_urls,
             api_key=api_key,
             concurrency=self.concurrency,
             adaptive=self.adaptive,

@@ -40,11 +40,12 @@ from fusillade.daemon.headers import BatchHeaders, traceparent
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.loops import DaemonFenced, LoopContext, cancel_all
 from fusillade.daemon.pending_writes import PendingWrites
+from fusillade.daemon.pools import EndpointPools
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.daemon.side_loops import SideLoops
 from fusillade.daemon.ticks import TickScheduler
 from fusillade.domain import ids, models
-from fusillade.metrics import DaemonMetrics
+from fusillade.metrics import DEFAULT_ROUTE_LABEL, DaemonMetrics
 from fusillade.storage.base import Storage
 from fusillade.upstream.routes import Route
 
@@ -81,6 +82,8 @@ class Daemon:
         self.metrics.use_routes(routes)
         self.metrics.count_in_flight(self._lanes.models_in_flight)
         self.metrics.read_limits(self._lanes.limits)
+        self._pools = EndpointPools()
+        self.metrics.read_endpoints(self._pools.in_flight, self._pools.ejected)
         self._daemon_id: ids.DaemonId | None = None
         self._stop_requested = False
         self._calls = Calls(
@@ -119,6 +122,10 @@ class Daemon:
         claim and the next calls."""
         self._lanes.replace_routes(routes, default_route)
         self.metrics.use_routes(routes)
+        pooled = {model for model, route in routes.items() if len(route.base_urls) > 1}
+        if default_route is not None and len(default_route.base_urls) > 1:
+            pooled.add(DEFAULT_ROUTE_LABEL)
+        self._pools.forget_others(pooled)
         self._ticks.want_claim(discover=True)
 
     def replace_settings(self, settings: DaemonSettings) -> None:
@@ -171,6 +178,7 @@ class Daemon:
             metrics=self.metrics,
             on_retry_scheduled=self._ticks.retry_scheduled,
             on_lane_paused=self._ticks.wake,
+            pools=self._pools,
         )
 
         def new_settings(settings: DaemonSettings) -> None:

@@ -31,8 +31,10 @@ import orjson
 from fusillade.clock import Clock
 from fusillade.daemon.lanes import Lanes
 from fusillade.daemon.pending_writes import Done, PendingWrites, WriteResult
+from fusillade.daemon.pools import Chosen, EndpointPools, call_health, ejection_policy
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import ids, models
+from fusillade.domain.endpoint_pool import CallHealth
 from fusillade.domain.retry import RetryPolicy, decide
 from fusillade.metrics import DaemonMetrics, ModelMetrics
 from fusillade.upstream import outcome as outcomes
@@ -91,8 +93,10 @@ def decide_write(
     policy: RetryPolicy,
     now: datetime,
     random_value: float,
+    elsewhere: bool = False,
 ) -> Decision:
-    """The state write an outcome calls for (pure)."""
+    """The state write an outcome calls for (pure). `elsewhere`: a retry may start at once on another endpoint
+    of the route's pool (the failed one was the cause): no backoff, still an attempt."""
     if isinstance(result, outcomes.Success):
         return Decision(completion(request, result))
     if isinstance(result, outcomes.Permanent):
@@ -112,6 +116,7 @@ def decide_write(
         deadline=request.deadline,
         retry_after=result.retry_after,
         random=random_value,
+        immediate=elsewhere,
     )
     if retry.retry_at is not None:
         return Decision(
@@ -190,8 +195,12 @@ class RequestExecutor:
         metrics: DaemonMetrics,
         on_retry_scheduled: Callable[[datetime], None],
         on_lane_paused: Callable[[], None],
+        pools: EndpointPools | None = None,
     ) -> None:
+        """`pools`: the endpoint pools of routes with several endpoints (kept by the daemon across its lives)."""
         self._client = client
+        self._pools = pools if pools is not None else EndpointPools()
+        self._ejection = ejection_policy(settings.endpoint_cool_down, settings.endpoint_cool_down_max)
         self._lanes = lanes
         self._writes = writes
         self._marks = marks
@@ -224,9 +233,15 @@ class RequestExecutor:
             route, deadline, called = start
             if called is not request:  # sent to its fallback: from now on it is the fallback model's request
                 request = called
+            chosen = None
+            if len(route.base_urls) > 1:  # a pool: choose its endpoint (a route of one endpoint pays nothing)
+                key = self._metrics.label(request.model)  # a model's own route, or the default route's `*`
+                chosen = self._pools.choose(key, route, self._clock.monotonic(), request.id)
+                route = chosen.route
             # An adaptive limit learns from when the call was sent, with how many in flight (itself included).
             sent = (self._clock.monotonic(), self._lanes.in_flight(request.model)) if route.adaptive else None
             started = time.perf_counter()  # for the metrics only: the real duration of the call
+            result: outcomes.Outcome | None = None
             try:
                 result = await self._client.send(request, route, headers=headers, deadline=deadline)
             except TimeoutError:  # the batch deadline passed during the call: the expiry sweep fails the row
@@ -240,7 +255,10 @@ class RequestExecutor:
                 return
             finally:
                 marked = self._marks.ended(request.id)
-            self._submit(request, result, marked=marked, duration=time.perf_counter() - started)
+                elsewhere = chosen is not None and self._endpoint_done(request, chosen, result)
+            assert result is not None  # the call returned
+            duration = time.perf_counter() - started
+            self._submit(request, result, marked=marked, duration=duration, elsewhere=elsewhere)
             if sent is not None:
                 self._adapt(request.model, result, *sent)
         except Exception:
@@ -291,9 +309,16 @@ class RequestExecutor:
         return target, for_model(request, route.fallback)
 
     def _submit(
-        self, request: models.ClaimedRequest, result: outcomes.Outcome, *, marked: bool, duration: float
+        self,
+        request: models.ClaimedRequest,
+        result: outcomes.Outcome,
+        *,
+        marked: bool,
+        duration: float,
+        elsewhere: bool = False,
     ) -> None:
-        """Submit the write the call's outcome calls for."""
+        """Submit the write the call's outcome calls for (`elsewhere`: a retry may start at once on another
+        endpoint of the pool)."""
         instruments = self._metrics.model(request.model)
         if type(result) is outcomes.Success:
             # The common case, kept short: one write, counted by a callback made once per model label (which reads
@@ -305,7 +330,12 @@ class RequestExecutor:
         if isinstance(result, outcomes.Retriable) and result.status_code == 429:
             self._pause_lane(request.model, result.retry_after)
         decision = decide_write(
-            request, result, policy=self._settings.retry, now=self._clock.now(), random_value=self._random.random()
+            request,
+            result,
+            policy=self._settings.retry,
+            now=self._clock.now(),
+            random_value=self._random.random(),
+            elsewhere=elsewhere,
         )
         if not marked and isinstance(decision.write, models.Reschedule):
             self._writes.submit(models.MarkProcessing(request.id))  # a retry starts from processing
@@ -315,6 +345,28 @@ class RequestExecutor:
 
     def replace_settings(self, settings: DaemonSettings) -> None:
         self._settings = settings
+        self._ejection = ejection_policy(settings.endpoint_cool_down, settings.endpoint_cool_down_max)
+
+    def _endpoint_done(
+        self, request: models.ClaimedRequest, chosen: Chosen, result: outcomes.Outcome | None
+    ) -> bool:
+        """Tell the pool how the call to its endpoint went (None: it ended without an outcome); True when its
+        request may be retried at once on another endpoint."""
+        health = CallHealth.UNKNOWN if result is None else call_health(result)
+        ejected = self._pools.finish(chosen, health, self._clock.monotonic(), self._ejection)
+        if health is not CallHealth.FAILED and health is not CallHealth.UNREACHABLE:
+            return False
+        endpoint = chosen.endpoint
+        self._metrics.endpoint_failed(request.model, endpoint.address, ejected=ejected)
+        if ejected:
+            logger.warning(
+                "Endpoint %s of route %s ejected for %.3g s (%s).",
+                endpoint.address,
+                chosen.key,
+                (endpoint.ejected_until or 0.0) - self._clock.monotonic(),
+                "no connection" if health is CallHealth.UNREACHABLE else "failures in a row",
+            )
+        return self._pools.retry_elsewhere(chosen, request.id)
 
     async def _after_abort(self, request: models.ClaimedRequest, reason: AbortReason) -> None:
         if reason is AbortReason.CANCELLED:

@@ -54,6 +54,11 @@ class DaemonSettings:
     """Longest pause between retries of a failing database call."""
     batch_metadata_headers: Sequence[str] = ()
     """Keys of a batch's metadata sent upstream as `x-fusillade-batch-<key>` headers."""
+    endpoint_cool_down: timedelta = timedelta(seconds=10)
+    """An endpoint of a pool that fails (no connection, or a streak of 5xx and timeouts) is left out this long,
+    then probed with one call; each ejection in a row doubles it."""
+    endpoint_cool_down_max: timedelta = timedelta(minutes=5)
+    """The longest an endpoint of a pool is left out at once."""
     traceparent: bool = False
     """Send a W3C `traceparent` header with each call: the trace id is the request's id (so every attempt of a
     request shares one trace in the upstream's logs), the span id is new per attempt."""
@@ -78,7 +83,13 @@ class DaemonSettings:
                 f"stale_after ({self.stale_after}) must be longer than heartbeat_interval "
                 f"({self.heartbeat_interval}), or live daemons would be reclaimed."
             )
+        if self.endpoint_cool_down_max < self.endpoint_cool_down:
+            raise ValueError(
+                f"endpoint_cool_down_max ({self.endpoint_cool_down_max}) must not be shorter than "
+                f"endpoint_cool_down ({self.endpoint_cool_down})."
+            )
         for name in (
+            "endpoint_cool_down",
             "idle_poll_interval",
             "heartbeat_interval",
             "maintenance_interval",

@@ -93,18 +93,22 @@ def decide(
     deadline: datetime,
     retry_after: timedelta | None = None,
     random: float,
+    immediate: bool = False,
 ) -> RetryDecision:
     """Whether and when to retry after attempt number `attempt` (0-based) failed with a retriable error.
 
     The next attempt starts after the backoff delay, or after `retry_after` if that is longer; it is given
     up when `max_attempts` are used, or when it would start at or after `deadline - stop_before_deadline`.
+    `immediate`: the next attempt goes elsewhere (another endpoint of a pool, the failed one being the cause),
+    so it starts now, with neither backoff nor `retry_after` (which spoke for the failed endpoint); it still
+    counts as an attempt.
     """
     if now.tzinfo is None or deadline.tzinfo is None:
         raise ValueError("decide needs timezone-aware datetimes (UTC).")
     if policy.max_attempts is not None and attempt + 1 >= policy.max_attempts:
         return RetryDecision(None, "max_attempts")
-    delay = backoff_delay(policy, attempt, random=random)
-    if retry_after is not None and retry_after > delay:
+    delay = timedelta(0) if immediate else backoff_delay(policy, attempt, random=random)
+    if retry_after is not None and retry_after > delay and not immediate:
         delay = retry_after
     # Compare durations rather than adding first, so that a huge Retry-After cannot overflow a datetime.
     if delay >= deadline - policy.stop_before_deadline - now:

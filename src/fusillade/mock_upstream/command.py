@@ -198,7 +198,7 @@ def mock_upstream(
         str,
         typer.Option(
             "--over-capacity",
-            metavar="refuse|queue",
+            metavar="MODE",
             help="Above --capacity: refuse answers 429 at once, without Retry-After (a gateway's cap); queue "
             "holds the request until a slot is free, so latency grows with load (a model server).",
         ),
