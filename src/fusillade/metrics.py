@@ -139,8 +139,9 @@ class DaemonMetrics:
         r.register(self.limits)
         self.fallbacks = Counter(
             "fusillade_fallbacks",
-            "Calls sent to a model's fallback instead of its own route, by model and fallback.",
-            ["model", "fallback"],
+            "Calls sent to a model's fallback instead of its own route, by model, fallback and reason (down: "
+            "every endpoint of the model's own was ejected; deadline: fallback_when_remaining).",
+            ["model", "fallback", "reason"],
             registry=r,
         )
         self.limit_cuts = Counter(
@@ -257,8 +258,8 @@ class DaemonMetrics:
     def retried(self, model: str, code: str | None) -> None:
         self.retries.labels(self.label(model), code_label(code)).inc()
 
-    def fell_back(self, model: str, fallback: str) -> None:
-        self.fallbacks.labels(self.label(model), self.label(fallback)).inc()
+    def fell_back(self, model: str, fallback: str, reason: str) -> None:
+        self.fallbacks.labels(self.label(model), self.label(fallback), reason).inc()
 
     def paused(self, model: str) -> None:
         self.lane_pauses.labels(self.label(model)).inc()

@@ -43,7 +43,7 @@ async def test_near_the_deadline_the_rest_of_a_batch_goes_to_the_fallback(
         by_model = {usage.model: usage.requests for usage in done.usage}
         assert by_model == {"small": sent_to_small, "big": sent_to_big}
         fell_back = daemon.metrics.registry.get_sample_value(
-            "fusillade_fallbacks_total", {"model": "small", "fallback": "big"}
+            "fusillade_fallbacks_total", {"model": "small", "fallback": "big", "reason": "deadline"}
         )
         assert fell_back == sent_to_big
 
@@ -60,3 +60,27 @@ async def test_without_a_route_for_the_fallback_the_request_goes_to_its_own(
 
     assert done.counts.completed == 5
     assert upstream.stats.requests_by_model == {"small": 5}
+
+
+async def test_when_its_upstream_is_down_a_model_falls_back_and_nothing_fails(
+    sqlite_storage: SqliteStorage, upstream: MockUpstream, client: UpstreamClient
+) -> None:
+    async with MockUpstream() as gone:
+        dead_url = gone.url
+    # Its only endpoint refuses connections: ejected at the first call, then every call goes to the fallback,
+    # the failed one at once (no backoff), until a probe finds it back.
+    routes = {
+        "small": Route(base_url=dead_url, concurrency=4, fallback="big"),
+        "big": Route(base_url=upstream.url, concurrency=4),
+    }
+    batch = await factories.create_batch(sqlite_storage, models_by_line=["small"] * 30)
+
+    async with running(sqlite_storage, client, routes) as daemon:
+        done = await finished(sqlite_storage, batch, within=20)
+
+    assert (done.counts.completed, done.counts.failed) == (30, 0)
+    assert upstream.stats.requests_by_model == {"big": 30}
+    down = daemon.metrics.registry.get_sample_value(
+        "fusillade_fallbacks_total", {"model": "small", "fallback": "big", "reason": "down"}
+    )
+    assert down is not None and down >= 26  # all but the calls in flight when the endpoint was ejected

@@ -234,7 +234,9 @@ class RequestExecutor:
             if called is not request:  # sent to its fallback: from now on it is the fallback model's request
                 request = called
             chosen = None
-            if len(route.base_urls) > 1:  # a pool: choose its endpoint (a route of one endpoint pays nothing)
+            if len(route.base_urls) > 1 or route.fallback is not None:
+                # A pool, or a route that falls back when its upstream is down: choose the endpoint, knowing its
+                # health (a route of one endpoint without a fallback pays nothing).
                 key = self._metrics.label(request.model)  # a model's own route, or the default route's `*`
                 chosen = self._pools.choose(key, route, self._clock.monotonic(), request.id)
                 route = chosen.route
@@ -289,15 +291,25 @@ class RequestExecutor:
         self._marks.started(request.id, self._clock.monotonic())
         remaining = request.deadline + settings.expiry_grace - now
         deadline = asyncio.get_running_loop().time() + remaining.total_seconds()
-        if route.fallback_when_remaining is not None and request.deadline - now < route.fallback_when_remaining:
-            fallback = self._fallback(request, route)
+        if route.fallback is not None:
+            reason = self._fallback_reason(request, route, now)
+            fallback = None if reason is None else self._fallback(request, route, reason)
             if fallback is not None:
                 fallback_route, fallback_request = fallback
                 return fallback_route, deadline, fallback_request
         return route, deadline, request
 
+    def _fallback_reason(self, request: models.ClaimedRequest, route: Route, now: datetime) -> str | None:
+        """Why the request goes to its route's fallback (`down`: every endpoint of its own is out; `deadline`:
+        less than `fallback_when_remaining` is left), or None: it goes to its own."""
+        if self._pools.all_down(self._metrics.label(request.model), self._clock.monotonic()):
+            return "down"
+        if route.fallback_when_remaining is not None and request.deadline - now < route.fallback_when_remaining:
+            return "deadline"
+        return None
+
     def _fallback(
-        self, request: models.ClaimedRequest, route: Route
+        self, request: models.ClaimedRequest, route: Route, reason: str
     ) -> tuple[Route, models.ClaimedRequest] | None:
         """The fallback route of the request's model, and the request rewritten for it (its `model`, in the body
         too); None if the fallback has no route now. The call keeps its slot in its own model's lane."""
@@ -305,7 +317,7 @@ class RequestExecutor:
         target = self._lanes.route(route.fallback)
         if target is None:
             return None
-        self._metrics.fell_back(request.model, route.fallback)
+        self._metrics.fell_back(request.model, route.fallback, reason)
         return target, for_model(request, route.fallback)
 
     def _submit(
@@ -366,6 +378,8 @@ class RequestExecutor:
                 (endpoint.ejected_until or 0.0) - self._clock.monotonic(),
                 "no connection" if health is CallHealth.UNREACHABLE else "failures in a row",
             )
+        if chosen.route.fallback is not None and self._pools.all_down(chosen.key, self._clock.monotonic()):
+            return True  # its next attempt goes to the fallback: at once
         return self._pools.retry_elsewhere(chosen, request.id)
 
     async def _after_abort(self, request: models.ClaimedRequest, reason: AbortReason) -> None:

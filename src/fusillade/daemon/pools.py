@@ -69,6 +69,11 @@ class EndpointPools:
             return False
         return pool.endpoints.finish(chosen.endpoint, chosen.generation, health, now, policy)
 
+    def all_down(self, key: str, now: float) -> bool:
+        """Whether every endpoint of the pool `key` is ejected with no probe due (False for a pool not seen)."""
+        pool = self._pools.get(key)
+        return pool is not None and pool.endpoints.all_down(now)
+
     def retry_elsewhere(self, chosen: Chosen, request_id: ids.RequestId) -> bool:
         """Whether the request of a call its endpoint failed may be retried at once on another endpoint (one is
         healthy); if so its next call in this daemon avoids the endpoint that failed it."""

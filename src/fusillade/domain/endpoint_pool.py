@@ -150,6 +150,13 @@ class EndpointPool:
         endpoint.generation += 1
         return True
 
+    def all_down(self, now: float) -> bool:
+        """Whether every endpoint is ejected and none is due for a probe (or each is being probed)."""
+        return all(
+            endpoint.ejected_until is not None and (endpoint.ejected_until > now or endpoint.probing)
+            for endpoint in self.endpoints
+        )
+
     def has_healthy_besides(self, endpoint: Endpoint) -> bool:
         """Whether a healthy endpoint other than `endpoint` can take a call (a retry elsewhere may start now)."""
         return any(other.ejected_until is None and other is not endpoint for other in self.endpoints)
