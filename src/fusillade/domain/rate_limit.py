@@ -80,6 +80,12 @@ class TokenBucket:
             return now
         return now + (1.0 - level) / self.per_second
 
+    def refilled_at(self, count: int) -> float | None:
+        """When the bucket, as last changed, holds `count` tokens; None if it held them already then."""
+        if self.tokens >= count - EPSILON:
+            return None
+        return self.updated_at + (count - self.tokens) / self.per_second
+
     def change_rate(self, per_minute: int, now: float) -> None:
         """A new rate from now on (a reloaded route): the tokens held stay, within the new capacity."""
         if per_minute <= 0:
