@@ -6,15 +6,21 @@ alone. The upstream records when each call arrived."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
+from datetime import timedelta
+from typing import cast
 
+from fusillade import clock as clocks
 from fusillade.mock_upstream import MockUpstream
 from fusillade.storage import base
 from fusillade.storage.postgres.store import PostgresStorage
 from fusillade.storage.sqlite.store import SqliteStorage
 from fusillade.upstream.client import UpstreamClient
-from tests.integration.conftest import fast_settings, routes_for, running
+from tests.integration.conftest import fast_settings, routes_for, running, simulated, simulated_settings
 from tests.integration.test_daemon import finished
+from tests.integration.test_daemon_time import PROMPT, STEP, TimedClient
+from tests.integration.test_daemon_time import finished as finished_now
 from tests.support import factories
 
 RATE = 600  # a minute: 10 a second, a bucket of 5
@@ -84,3 +90,35 @@ async def test_one_daemon_on_sqlite_holds_the_rate(
 
     assert done.counts.completed == 55
     check_rate(upstream, measured=4.0)
+
+
+async def test_an_empty_bucket_wakes_the_tick_when_it_refills_not_the_idle_poll(
+    simulated_storage: base.Storage,
+    upstream: MockUpstream,
+    client: UpstreamClient,
+    manual_clock: clocks.ManualClock,
+) -> None:
+    """On simulated time (each backend): 120 a minute is a bucket of one token, back every half second. With an
+    idle poll of an hour, only the bucket's own wake-up can start the next call, and nothing polls between."""
+    batch = await factories.create_batch(simulated_storage, count=4, model="m")
+    timed = TimedClient(client, manual_clock)
+    settings = simulated_settings(idle_poll_interval=timedelta(hours=1))
+    routes = routes_for(upstream, {"m": 8}, requests_per_minute=120)
+
+    async with simulated(
+        simulated_storage, cast(UpstreamClient, timed), upstream, manual_clock, routes, settings
+    ) as (daemon, simulation):
+        await simulation.until(
+            lambda: finished_now(simulated_storage, batch), step=STEP, limit=10.0, message="the batch to finish"
+        )
+        claims = daemon.metrics.registry.get_sample_value("fusillade_claim_duration_seconds_count") or 0.0
+
+    assert timed.calls() == 4
+    # When each was claimed, on the store's clock (the clock may move on while a claim travels to PostgreSQL and
+    # back, so the calls' own moments are less exact).
+    requests = await factories.all_requests(simulated_storage, batch.id)
+    claimed = sorted(request.started_at for request in requests if request.started_at is not None)
+    assert len(claimed) == 4
+    for earlier, later in itertools.pairwise(claimed):
+        assert 0.5 <= (later - earlier).total_seconds() <= 0.5 + PROMPT / 5, claimed
+    assert claims <= 10, claims  # one per token, and a few around them; not a poll every step

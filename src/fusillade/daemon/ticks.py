@@ -41,6 +41,8 @@ class _ClaimOrder(NamedTuple):
     capacities: list[models.ModelCapacity]
     limit: int
     owner_in_flight: dict[str, int] | None
+    asked_at: float
+    """When it was made (monotonic): the moment of the bucket levels its answer reports."""
 
 
 class TickScheduler:
@@ -213,6 +215,7 @@ class TickScheduler:
             capacities,
             min(settings.claim_batch_size, sum(capacity.free for capacity in capacities)),
             self._lanes.owners_in_flight() or None,
+            clock.monotonic(),
         )
 
     async def _tick(
@@ -284,7 +287,7 @@ class TickScheduler:
 
     def _rate_answered(self, claim: _ClaimOrder, claimed: models.Claimed | None) -> None:
         if self._lanes.any_rated:
-            self._lanes.claim_answered(claim.capacities, claimed, self._context.clock.monotonic())
+            self._lanes.claim_answered(claim.capacities, claimed, claim.asked_at)
 
     async def _release_orphans(self, daemon_id: ids.DaemonId, writes: PendingWrites) -> None:
         busy = writes.waiting_for()
