@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import cast
+
+from aiohttp import web
 
 from fusillade import clock as clocks
 from fusillade.mock_upstream import MockUpstream
@@ -17,6 +20,7 @@ from fusillade.storage import base
 from fusillade.storage.postgres.store import PostgresStorage
 from fusillade.storage.sqlite.store import SqliteStorage
 from fusillade.upstream.client import UpstreamClient
+from fusillade.upstream.routes import Route
 from tests.integration.conftest import fast_settings, routes_for, running, simulated, simulated_settings
 from tests.integration.test_daemon import finished
 from tests.integration.test_daemon_time import PROMPT, STEP, TimedClient
@@ -122,3 +126,38 @@ async def test_an_empty_bucket_wakes_the_tick_when_it_refills_not_the_idle_poll(
     for earlier, later in itertools.pairwise(claimed):
         assert 0.5 <= (later - earlier).total_seconds() <= 0.5 + PROMPT / 5, claimed
     assert claims <= 10, claims  # one per token, and a few around them; not a poll every step
+
+
+async def test_an_upstream_that_says_its_requests_are_used_up_pauses_the_model_until_the_reset(
+    sqlite_storage: SqliteStorage, client: UpstreamClient
+) -> None:
+    """The first answer says no request is left for 0.6 s (OpenAI's headers): the next call waits for it, though
+    the bucket (600 a minute, 5 at once) and the concurrency would let it go at once."""
+    arrived: list[float] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        arrived.append(time.monotonic())
+        headers = {"x-ratelimit-remaining-requests": "0" if len(arrived) == 1 else "9"}
+        headers["x-ratelimit-reset-requests"] = "600ms"
+        body = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}
+        return web.json_response(body, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        routes = {"m": Route(base_url=f"http://{host}:{port}", concurrency=1, requests_per_minute=RATE)}
+        batch = await factories.create_batch(sqlite_storage, models_by_line=["m"] * 3)
+        async with running(sqlite_storage, client, routes, fast_settings()) as daemon:
+            done = await finished(sqlite_storage, batch)
+            pauses = daemon.metrics.registry.get_sample_value("fusillade_model_pauses_total", {"model": "m"})
+    finally:
+        await runner.cleanup()
+
+    assert done.counts.completed == 3
+    assert arrived[1] - arrived[0] >= 0.55, arrived
+    assert arrived[2] - arrived[1] < 0.5, arrived  # the second answer left requests: no pause
+    assert pauses == 1

@@ -1,10 +1,13 @@
-"""The token bucket of a per-minute rate limit, alone and driven by a greedy simulated claimer."""
+"""The token bucket of a per-minute rate limit, alone and driven by a greedy simulated claimer; the reading of
+OpenAI's `x-ratelimit-*-requests` headers."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
-from fusillade.domain.rate_limit import TokenBucket, burst
+from fusillade.domain.rate_limit import TokenBucket, burst, parse_reset, requests_used_up
 
 
 def test_capacity_is_half_a_seconds_worth_and_at_least_one() -> None:
@@ -92,3 +95,24 @@ def test_a_greedy_claimer_holds_the_rate_and_no_second_bursts_above_one_and_a_ha
     for start in range(0, 59_000, 50):
         window = sum(count for when, count in taken if start / 1000 <= when < start / 1000 + 1)
         assert window <= 1.5 * per_second + 1
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("2.5", 2.5), (" 7s ", 7.0)],
+)
+def test_openai_reset_durations_are_read(text: str, seconds: float) -> None:
+    assert parse_reset(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5 minutes", "-1", "1s2x", "nan"])
+def test_unreadable_reset_durations_are_none(text: str) -> None:
+    assert parse_reset(text) is None
+
+
+def test_requests_are_used_up_only_when_none_are_left_and_the_reset_is_readable() -> None:
+    reset = {"x-ratelimit-reset-requests": "1s"}
+    assert requests_used_up({"x-ratelimit-remaining-requests": "0", **reset}) == timedelta(seconds=1)
+    assert requests_used_up({"x-ratelimit-remaining-requests": "3", **reset}) is None
+    assert requests_used_up(reset) is None
+    assert requests_used_up({"x-ratelimit-remaining-requests": "0"}) is None

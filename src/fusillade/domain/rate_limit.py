@@ -14,8 +14,15 @@ level after each claim and says when the next token is due, so that the tick wak
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
+REMAINING_REQUESTS = "x-ratelimit-remaining-requests"
+RESET_REQUESTS = "x-ratelimit-reset-requests"
+_RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_RESET_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 SECONDS_PER_MINUTE = 60.0
 EPSILON = 1e-6
 """Tokens short of a whole one that still count as one: times of the order of a Unix timestamp in seconds carry
@@ -94,3 +101,29 @@ class TokenBucket:
         self.updated_at = max(now, self.updated_at)
         self.per_minute = per_minute
         self.tokens = min(self.tokens, float(self.capacity))
+
+
+def requests_used_up(headers: Mapping[str, str]) -> timedelta | None:
+    """How long until the upstream takes requests again when its OpenAI-style headers say none are left
+    (`x-ratelimit-remaining-requests: 0`, `x-ratelimit-reset-requests: 6m0s`); None when some are left, or the
+    headers are missing or unreadable."""
+    remaining = headers.get(REMAINING_REQUESTS)
+    if remaining is None or remaining.strip() != "0":
+        return None
+    return parse_reset(headers.get(RESET_REQUESTS, ""))
+
+
+def parse_reset(text: str) -> timedelta | None:
+    """An OpenAI reset duration (`1s`, `6m0s`, `20ms`, `1h2m3.5s`, or a plain number of seconds); None if
+    unreadable."""
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _RESET_PART.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            return None
+        seconds = sum(float(number) * _RESET_UNITS[unit] for number, unit in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return timedelta(seconds=seconds)
