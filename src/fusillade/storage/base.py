@@ -209,8 +209,8 @@ class RequestQueue(Protocol):
         (`domain.rate_limit.TokenBucket`, full at first) shared by every claimer of the database (PostgreSQL: a
         row, under the model's claim lock; SQLite: the store's process, where the daemon claims), refilled to
         the store's time at each claim. The claim takes at most the bucket's whole tokens of that model and
-        spends one per request claimed (a request given back unsent is not refunded: it may have been the
-        reason for the spend), and reports each such model's level after it in `Claimed.buckets`. A capacity
+        spends one per request claimed (a request given back unsent later is not refunded: the limit errs on
+        the side of sending less), and reports each such model's level after it in `Claimed.buckets`. A capacity
         without a rate costs the claim nothing more."""
         ...
 
