@@ -10,8 +10,8 @@
 
 What a tick claims (`_claim_order`) comes from the lanes: each model's free slots, none for a model paused by a
 429 or out of request tokens (a rate limit: the lanes' buckets say when to wake), with the owners' calls in flight
-for fairness. The slots a claim asks for are reserved until its answer,
-so that no other tick claims them twice. All timers read the daemon's clock.
+for fairness. The slots a claim asks for are reserved until its answer, so that no other tick claims them twice.
+All timers read the daemon's clock.
 """
 
 from __future__ import annotations
