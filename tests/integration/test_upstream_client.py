@@ -548,3 +548,20 @@ async def test_send_needs_an_open_client() -> None:
     client = UpstreamClient()
     with pytest.raises(RuntimeError, match="not open"):
         await client.send(claimed(), Route(base_url="http://127.0.0.1:1"))
+
+
+async def test_a_rate_limited_route_reads_that_the_upstream_has_no_requests_left(
+    serve: Serve, http_client: UpstreamClient
+) -> None:
+    used_up = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0.5s"}
+    server = await serve(json_answer(COMPLETION, **used_up))
+    left = await serve(json_answer(COMPLETION, **{**used_up, "x-ratelimit-remaining-requests": "12"}))
+
+    limited = await http_client.send(claimed(), route(server, requests_per_minute=600))
+    unlimited = await http_client.send(claimed(), route(server))
+    some_left = await http_client.send(claimed(), route(left, requests_per_minute=600))
+
+    assert isinstance(limited, Success)
+    assert limited.requests_used_up == timedelta(minutes=6, seconds=0.5)
+    assert isinstance(unlimited, Success) and unlimited.requests_used_up is None  # not even read
+    assert isinstance(some_left, Success) and some_left.requests_used_up is None

@@ -309,6 +309,7 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
         (ROUTE + "concurrency = -3", "models.m.concurrency", "must be at least 1"),
         (ROUTE + 'concurrency = "many"', "models.m.concurrency", "must be a whole number"),
         (ROUTE + 'stream = "sometimes"', "models.m.stream", "must be true or false"),
+        (ROUTE + "requests_per_minute = 0", "models.m.requests_per_minute", "must be at least 1"),
         (ROUTE + 'api_key_env = "1KEY"', "models.m.api_key_env", "must be the name of an environment variable"),
         (ROUTE + 'api_key_env = "MY-KEY"', "models.m.api_key_env", "must be the name of an environment variable"),
         (ROUTE + "[models.m.timeouts]\nidle = 0", "models.m.timeouts.idle", 'write "none" for no limit'),
@@ -582,6 +583,8 @@ def test_the_example_file_loads() -> None:
     routes = config.resolve_routes(environ)
     assert set(routes) == {"gpt-4o-mini", "meta-llama/Llama-3.1-8B-Instruct"}
     assert routes["gpt-4o-mini"].timeouts == PhaseTimeouts()
+    assert routes["gpt-4o-mini"].requests_per_minute == 4500
+    assert routes["meta-llama/Llama-3.1-8B-Instruct"].requests_per_minute is None
     assert config.route_for("unlisted", environ) == Route(
         base_url="http://127.0.0.1:8001/v1", api_key="l", concurrency=8
     )

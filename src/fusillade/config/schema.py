@@ -436,6 +436,9 @@ class RouteSection(Section):
     """Limits of each phase of a call."""
     pricing: PricingSection | None = None
     """The model's prices, for the cost of batches; none: their cost is unknown (usage is counted anyway)."""
+    requests_per_minute: Count | None = None
+    """Requests of this model sent per minute at most, across every daemon sharing the database (a token bucket
+    of half a second's worth, so bursts stay small); none: no rate limit."""
 
     @model_validator(mode="after")
     def _fallback_needs_a_model(self) -> Self:
@@ -470,6 +473,7 @@ class RouteSection(Section):
             stream=self.stream,
             timeouts=self.timeouts.phase_timeouts(),
             retry_404=self.retry_404,
+            requests_per_minute=self.requests_per_minute,
         )
 
 

@@ -337,6 +337,8 @@ class RequestExecutor:
             # the usage from the write: nothing is allocated per request to count it).
             instruments.latency["success"].observe(duration)
             self._writes.submit(completion(request, result), self._completed(instruments))
+            if result.requests_used_up is not None:  # only ever set on a route with a rate limit
+                self._pause_lane(request.model, result.requests_used_up)
             return
         instruments.latency[_result_label(result)].observe(duration)
         if isinstance(result, outcomes.Retriable) and result.status_code == 429:

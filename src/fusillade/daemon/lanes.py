@@ -4,7 +4,13 @@ now; the routing table can be replaced while the daemon runs (a lowered limit le
 starts no new ones until below it).
 
 A model whose route is `adaptive` has its limit found by an `AdaptiveLimit` (one per model, the default route's
-models each their own), told of every call's outcome by the executor (`succeeded`, `overloaded`)."""
+models each their own), told of every call's outcome by the executor (`succeeded`, `overloaded`).
+
+A model whose route has `requests_per_minute` has a request bucket here too (`domain.rate_limit`): a mirror of
+the store's, which holds the limit (shared by every daemon on PostgreSQL). A claim asks for at most the whole
+tokens the mirror holds, spends them ahead while it is under way, and the mirror takes the level the store
+reported after it (`Claimed.buckets`). A model whose mirror is empty is left out of claims until a tenth of a
+second's worth of tokens is back, and `next_resume` wakes the tick then: no polling."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from collections.abc import Iterable, Mapping
 
 from fusillade.domain import models
 from fusillade.domain.adaptive_limit import AdaptiveLimit
+from fusillade.domain.rate_limit import TokenBucket
 from fusillade.upstream.routes import Route
 
 
@@ -29,6 +36,9 @@ class Lanes:
         self._adaptive: dict[str, AdaptiveLimit] = {}
         self.any_adaptive = False
         """Whether any route is adaptive (the executor tells the lanes of outcomes only then)."""
+        self._buckets: dict[str, TokenBucket] = {}
+        self.any_rated = False
+        """Whether any route has a rate limit (the tick loop tells the lanes of claims' tokens only then)."""
         self._bound_adaptive()
 
     # ------------------------------------------------------------------------------------------- routes
@@ -50,6 +60,13 @@ class Lanes:
                 limit.bound(route.min_concurrency, route.concurrency)
         self.any_adaptive = any(route.adaptive for route in self._routes.values()) or bool(
             self._default and self._default.adaptive
+        )
+        for model in list(self._buckets):
+            route = self.route(model)
+            if route is None or route.requests_per_minute is None:
+                del self._buckets[model]
+        self.any_rated = any(route.requests_per_minute for route in self._routes.values()) or bool(
+            self._default and self._default.requests_per_minute
         )
 
     @property
@@ -80,7 +97,10 @@ class Lanes:
     # ------------------------------------------------------------------------------------------ capacity
 
     def capacities(self, now: float) -> list[models.ModelCapacity]:
-        """What may start now (monotonic `now`), per model with free slots and no pause."""
+        """What may start now (monotonic `now`), per model with free slots, no pause and, with a rate limit,
+        tokens in its bucket."""
+        for bucket in self._buckets.values():
+            bucket.spend(0, now)  # refilled to now: a bucket the tick woke for is no longer due (`next_resume`)
         result = []
         for model in self.model_names:
             route = self.route(model)
@@ -92,8 +112,14 @@ class Lanes:
                 del self._paused_until[model]
             limit = self._limit(model, route)
             free = limit - self._in_flight[model] - self._reserved[model]
+            if route.requests_per_minute is not None and free > 0:
+                free = min(free, self._bucket(model, route.requests_per_minute, now).available(now))
             if free > 0:
-                result.append(models.ModelCapacity(model=model, free=free, limit=limit))
+                result.append(
+                    models.ModelCapacity(
+                        model=model, free=free, limit=limit, requests_per_minute=route.requests_per_minute
+                    )
+                )
         return result
 
     def _limit(self, model: str, route: Route) -> int:
@@ -132,8 +158,12 @@ class Lanes:
         return model in self._adaptive
 
     def next_resume(self) -> float | None:
-        """When the earliest pause ends (monotonic), if any lane is paused."""
-        return min(self._paused_until.values(), default=None)
+        """When the earliest pause ends or an empty request bucket has tokens again (monotonic), if any."""
+        resume = min(self._paused_until.values(), default=None)
+        for bucket in self._buckets.values():
+            if (refill := bucket.refilled_at(max(1, bucket.capacity // 5))) is not None:
+                resume = refill if resume is None else min(resume, refill)
+        return resume
 
     def pause(self, model: str, until: float) -> bool:
         """Pause a model's lane until `until` (monotonic); a later pause extends it. True if it was extended."""
@@ -141,6 +171,39 @@ class Lanes:
             return False
         self._paused_until[model] = until
         return True
+
+    # ------------------------------------------------------------------------------------------ rate limits
+
+    def _bucket(self, model: str, per_minute: int, now: float) -> TokenBucket:
+        bucket = self._buckets.get(model)
+        if bucket is None:
+            bucket = self._buckets[model] = TokenBucket.full(per_minute, now)
+        elif bucket.per_minute != per_minute:
+            bucket.change_rate(per_minute, now)
+        return bucket
+
+    def spend_ahead(self, capacities: Iterable[models.ModelCapacity], now: float) -> None:
+        """A claim asks for these: spend their tokens until its answer, so that no other claim asks for them."""
+        for capacity in capacities:
+            if capacity.requests_per_minute is not None and (bucket := self._buckets.get(capacity.model)):
+                bucket.spend(capacity.free, now)
+
+    def claim_answered(
+        self, capacities: Iterable[models.ModelCapacity], claimed: models.Claimed | None, now: float
+    ) -> None:
+        """The claim that asked for `capacities` took `claimed` (None: it failed): give back the tokens spent
+        ahead, then take the level the store reported, or spend what was claimed."""
+        for capacity in capacities:
+            if capacity.requests_per_minute is None or (bucket := self._buckets.get(capacity.model)) is None:
+                continue
+            bucket.refund(capacity.free, now)
+            if claimed is None:
+                continue
+            level = claimed.buckets.get(capacity.model)
+            if level is not None:
+                bucket.set_level(level, now)
+            else:
+                bucket.spend(sum(1 for request in claimed if request.model == capacity.model), now)
 
     # ------------------------------------------------------------------------------------------ in flight
 

@@ -9,8 +9,9 @@
 ```
 
 What a tick claims (`_claim_order`) comes from the lanes: each model's free slots, none for a model paused by a
-429, with the owners' calls in flight for fairness. The slots a claim asks for are reserved until its answer,
-so that no other tick claims them twice. All timers read the daemon's clock.
+429 or out of request tokens (a rate limit: the lanes' buckets say when to wake), with the owners' calls in flight
+for fairness. The slots a claim asks for are reserved until its answer, so that no other tick claims them twice.
+All timers read the daemon's clock.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class _ClaimOrder(NamedTuple):
     capacities: list[models.ModelCapacity]
     limit: int
     owner_in_flight: dict[str, int] | None
+    asked_at: float
+    """When it was made (monotonic): the moment of the bucket levels its answer reports."""
 
 
 class TickScheduler:
@@ -206,10 +209,13 @@ class TickScheduler:
         if not capacities:
             return None
         self._lanes.reserve(capacities)  # until the claim's answer: another tick must not claim these slots
+        if self._lanes.any_rated:
+            self._lanes.spend_ahead(capacities, clock.monotonic())
         return _ClaimOrder(
             capacities,
             min(settings.claim_batch_size, sum(capacity.free for capacity in capacities)),
             self._lanes.owners_in_flight() or None,
+            clock.monotonic(),
         )
 
     async def _tick(
@@ -235,6 +241,7 @@ class TickScheduler:
             writes.put_back(group)
             if claim is not None:  # the next life claims with the same lanes
                 self._lanes.unreserve(claim.capacities)
+                self._rate_answered(claim, None)
             raise DaemonFenced(
                 f"Daemon {daemon_id} was declared dead by the others; it stops so that requests they took "
                 "over are not sent twice."
@@ -243,6 +250,7 @@ class TickScheduler:
             writes.put_back(group)
             if claim is not None:
                 self._lanes.unreserve(claim.capacities)
+                self._rate_answered(claim, None)
                 self._uncertain = True
                 self._claim_wanted = True
             # While stopping, the stop event cannot cut the pause short: keep backing off.
@@ -255,6 +263,7 @@ class TickScheduler:
             writes.put_back(group)
             if claim is not None:
                 self._lanes.unreserve(claim.capacities)
+                self._rate_answered(claim, None)
             raise
         backoff.succeeded()
         elapsed = time.perf_counter() - started
@@ -268,12 +277,17 @@ class TickScheduler:
             metrics.claim_duration.observe(elapsed)
             metrics.claim_size.observe(len(claimed))
             self._lanes.unreserve(claim.capacities)
+            self._rate_answered(claim, claimed)
             # Claim again at once if this claim was cut by its limit (more may be waiting); otherwise when
             # woken: a slot freed, new work, a due retry, a lane resuming, or the idle timer.
             if len(claimed) >= claim.limit:
                 self._claim_wanted = True
             for request in claimed:
                 self._calls.start(request, executor)
+
+    def _rate_answered(self, claim: _ClaimOrder, claimed: models.Claimed | None) -> None:
+        if self._lanes.any_rated:
+            self._lanes.claim_answered(claim.capacities, claimed, claim.asked_at)
 
     async def _release_orphans(self, daemon_id: ids.DaemonId, writes: PendingWrites) -> None:
         busy = writes.waiting_for()

@@ -318,6 +318,16 @@ class ModelCapacity:
     limit: int | None = None
     """The model's limit across every daemon sharing the database (None: no shared limit). The claim counts
     requests in flight for the model and never lets the total exceed this."""
+    requests_per_minute: int | None = None
+    """The model's rate limit (None: none): a token bucket per model shared by every claimer of the database
+    (`domain.rate_limit`); the claim takes at most its whole tokens and spends one per request claimed."""
+
+
+class Claimed(list[ClaimedRequest]):
+    """The requests a claim took (a list), and `buckets`: for each model asked for with a rate limit, the level
+    of its bucket just after the claim (tokens, fractional), at the claim's time. Empty without rate limits."""
+
+    buckets: Mapping[str, float] = {}  # never changed: a claim with rates sets its own
 
 
 # ------------------------------------------------------------------------------ request queue commands

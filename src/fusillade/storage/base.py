@@ -195,7 +195,7 @@ class RequestQueue(Protocol):
         *,
         limit: int,
         owner_in_flight: Mapping[str, int] | None = None,
-    ) -> list[models.ClaimedRequest]:
+    ) -> models.Claimed:
         """Claim at most `limit` pending requests in total and at most `capacity.free` per model (and never
         more than `capacity.limit - in flight` across all daemons), moving them to `claimed` for
         `daemon_id`. Eligible: state pending, `not_before` passed or unset, batch neither cancelling,
@@ -203,7 +203,15 @@ class RequestQueue(Protocol):
         a deadline), then input line. With `owner_in_flight` (requests each owner has in flight), owners
         with fewer in flight go first (fairness); the deadline order holds within an owner. Concurrent
         claimers always get disjoint requests; the global per-model limit holds across them. A daemon that was
-        marked dead may not claim (`StateConflict`): its requests may already have gone to others."""
+        marked dead may not claim (`StateConflict`): its requests may already have gone to others.
+
+        Rate limits: a model whose capacity has `requests_per_minute` has one request bucket
+        (`domain.rate_limit.TokenBucket`, full at first) shared by every claimer of the database (PostgreSQL: a
+        row, under the model's claim lock; SQLite: the store's process, where the daemon claims), refilled to
+        the store's time at each claim. The claim takes at most the bucket's whole tokens of that model and
+        spends one per request claimed (a request given back unsent later is not refunded: the limit errs on
+        the side of sending less), and reports each such model's level after it in `Claimed.buckets`. A capacity
+        without a rate costs the claim nothing more."""
         ...
 
     async def apply_writes(
@@ -229,7 +237,7 @@ class RequestQueue(Protocol):
         *,
         limit: int,
         owner_in_flight: Mapping[str, int] | None = None,
-    ) -> tuple[models.WriteReport, list[models.ClaimedRequest]]:
+    ) -> tuple[models.WriteReport, models.Claimed]:
         """`apply_writes(writes)`, then `claim_requests(capacities, ...)`, in one trip to the database: the
         daemon's tick (it hands in its results and takes new work in one go). The claim comes second, so it
         sees the slots the writes freed under a global limit. Each part behaves as its own operation (either

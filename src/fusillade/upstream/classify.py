@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import orjson
 
 from fusillade.clock import WallClock
-from fusillade.domain import retry
+from fusillade.domain import rate_limit, retry
 from fusillade.domain.usage import usage_in
 from fusillade.upstream import reassemble
 from fusillade.upstream.outcome import Outcome, Permanent, Retriable, Success
@@ -56,9 +56,17 @@ _NAME_NOISE = str.maketrans("", "", "_-. ")
 
 
 def classify_response(
-    status: int, headers: Mapping[str, str], body: bytes, *, clock: WallClock, retry_404: bool = False
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    clock: WallClock,
+    retry_404: bool = False,
+    rate_limited: bool = False,
 ) -> Outcome:
-    """A complete, non-streamed HTTP response (a stream is reassembled first, then becomes a `Success`)."""
+    """A complete, non-streamed HTTP response (a stream is reassembled first, then becomes a `Success`). With
+    `rate_limited` (the route has a rate limit), a success reads whether the upstream's headers say no request
+    is left (`Success.requests_used_up`)."""
     if 200 <= status <= 299:
         try:
             document = orjson.loads(body)
@@ -67,7 +75,8 @@ def classify_response(
         error = reassemble.embedded_error(document)
         if error is not None:
             return classify_embedded_error(reassemble.EmbeddedError(error, body.decode()), retry_404=retry_404)
-        return Success(status_code=status, body=body.decode(), usage=usage_in(document))
+        used_up = rate_limit.requests_used_up(headers) if rate_limited else None
+        return Success(status_code=status, body=body.decode(), usage=usage_in(document), requests_used_up=used_up)
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -38,7 +38,7 @@ import aiohttp
 import yarl
 
 from fusillade.clock import SystemClock, WallClock
-from fusillade.domain import ids, models
+from fusillade.domain import ids, models, rate_limit
 from fusillade.domain.usage import usage_of
 from fusillade.upstream import classify, reassemble, sse, stream_request
 from fusillade.upstream.outcome import Outcome, Permanent, Retriable, Success
@@ -164,7 +164,12 @@ class UpstreamClient:
                     if data is None:
                         return self._logged(request, classify.response_too_large(self._max_bytes))
                     outcome = classify.classify_response(
-                        response.status, response.headers, data, clock=self._clock, retry_404=route.retry_404
+                        response.status,
+                        response.headers,
+                        data,
+                        clock=self._clock,
+                        retry_404=route.retry_404,
+                        rate_limited=route.requests_per_minute is not None,
                     )
                 clean = True
             finally:
@@ -233,7 +238,8 @@ class UpstreamClient:
         except reassemble.EmbeddedError as exc:
             return classify.classify_embedded_error(exc, retry_404=route.retry_404)
         text = body.decode()
-        return Success(status_code=response.status, body=text, usage=usage_of(text))
+        used_up = rate_limit.requests_used_up(response.headers) if route.requests_per_minute is not None else None
+        return Success(status_code=response.status, body=text, usage=usage_of(text), requests_used_up=used_up)
 
     def _logged(self, request: models.ClaimedRequest, outcome: Outcome) -> Outcome:
         if _log.isEnabledFor(logging.DEBUG):

@@ -17,6 +17,9 @@ class Success:
     usage: Usage | None
     """The token usage the response reported (`domain.usage`), read while the body was parsed anyway; None
     when it reported none."""
+    requests_used_up: timedelta | None = None
+    """On a route with a rate limit: the upstream's headers said no requests are left, for this long
+    (`domain.rate_limit.requests_used_up`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -52,6 +52,9 @@ class Route:
     timeouts: PhaseTimeouts = field(default_factory=PhaseTimeouts)
     retry_404: bool = False
     """Treat 404 as retriable (an upstream still loading a model may answer 404 for a while)."""
+    requests_per_minute: int | None = None
+    """Requests of this model sent per minute at most (across every daemon on a shared database); a token bucket
+    of half a second's worth (`domain.rate_limit`). None: no rate limit."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_urls, tuple):

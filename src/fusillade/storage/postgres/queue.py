@@ -24,7 +24,7 @@ from fusillade.storage.postgres import rows
 from fusillade.storage.postgres.connection import Connection
 
 # Columns in the order `rows.claimed_from_rows` unpacks them.
-_CLAIM = "SELECT * FROM claim_requests($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_CLAIM = "SELECT * FROM claim_requests($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::integer[])"
 
 # A loose index scan over the pending index: one probe per distinct model instead of a walk of every row.
 _PENDING_MODELS = """
@@ -91,8 +91,10 @@ class ClaimPlan:
     free: list[int]
     limits: list[int | None]
     lock_keys: list[int]
-    """Advisory lock keys of the models with a shared limit, sorted."""
+    """Advisory lock keys of the models with a shared limit or a rate limit, sorted."""
     total: int
+    rates: list[int | None] | None = None
+    """Each model's requests per minute; None when no model has a rate limit."""
 
 
 def plan_claim(capacities: Sequence[models.ModelCapacity], limit: int) -> ClaimPlan | None:
@@ -105,12 +107,16 @@ def plan_claim(capacities: Sequence[models.ModelCapacity], limit: int) -> ClaimP
         return None
     order = list(chosen.values())
     random.shuffle(order)  # when `limit` cuts, no model is always served last
+    rated = any(capacity.requests_per_minute is not None for capacity in order)
     return ClaimPlan(
         models=[capacity.model for capacity in order],
         free=[min(capacity.free, limit) for capacity in order],
         limits=[capacity.limit for capacity in order],
-        lock_keys=sorted({model_lock_key(c.model) for c in order if c.limit is not None}),
+        lock_keys=sorted(
+            {model_lock_key(c.model) for c in order if c.limit is not None or c.requests_per_minute is not None}
+        ),
         total=limit,
+        rates=[capacity.requests_per_minute for capacity in order] if rated else None,
     )
 
 
@@ -121,7 +127,7 @@ async def claim(
     *,
     owner_in_flight: Mapping[str, int] | None,
     now: datetime,
-) -> list[models.ClaimedRequest]:
+) -> models.Claimed:
     busy_owners = {owner: count for owner, count in (owner_in_flight or {}).items() if count > 0}
     try:
         found = await connection.fetch(
@@ -136,6 +142,7 @@ async def claim(
             # With no owner in flight, fairness orders exactly like the deadline order.
             list(busy_owners) if busy_owners else None,
             list(busy_owners.values()),
+            plan.rates,
         )
     except asyncpg.ObjectNotInPrerequisiteStateError as exc:  # raised by claim_requests for a dead daemon
         raise errors.StateConflict(
@@ -143,7 +150,16 @@ async def claim(
             "claim any more.",
             current_state=states.DaemonStatus.DEAD.value,
         ) from exc
-    return rows.claimed_from_rows(found, daemon_id=daemon_id, claimed_at=now)
+    if plan.rates is None:
+        return rows.claimed_from_rows(found, daemon_id=daemon_id, claimed_at=now)
+    # The buckets' levels after the claim come last, one row each with no id.
+    buckets: dict[str, float] = {}
+    while found and found[-1][0] is None:
+        bucket = found.pop()
+        buckets[bucket["model"]] = bucket["bucket_tokens"]
+    claimed = rows.claimed_from_rows(found, daemon_id=daemon_id, claimed_at=now)
+    claimed.buckets = buckets
+    return claimed
 
 
 async def vacuum(connection: Connection) -> None:

@@ -197,14 +197,15 @@ def template_from_row(row: asyncpg.Record) -> models.RequestTemplate:
 
 def claimed_from_rows(
     found: list[asyncpg.Record], *, daemon_id: ids.DaemonId, claimed_at: datetime
-) -> list[models.ClaimedRequest]:
-    """The claimed requests of rows (id, batch_id, owner, custom_id, model, method, url, body, attempt, deadline),
+) -> models.Claimed:
+    """The claimed requests of rows (id, batch_id, owner, custom_id, model, method, url, body, attempt, deadline,
+    and the `bucket_tokens` of the bucket rows, NULL here),
     all claimed by `daemon_id` at `claimed_at` (the claim sets both, so they are not read back)."""
     # The daemons' hot path: positional unpacking, and each distinct batch id converted once (a claim usually
     # takes many requests of few batches).
     batch_ids: dict[Any, ids.BatchId] = {}
-    claimed = []
-    for request_id, batch_id, owner, custom_id, model, method, url, body, attempt, deadline in found:
+    claimed = models.Claimed()
+    for request_id, batch_id, owner, custom_id, model, method, url, body, attempt, deadline, _ in found:
         plain_batch_id = batch_ids.get(batch_id)
         if plain_batch_id is None:
             plain_batch_id = batch_ids[batch_id] = ids.BatchId(plain_uuid(batch_id))

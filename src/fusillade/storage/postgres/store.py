@@ -265,10 +265,10 @@ class PostgresStorage:
         *,
         limit: int,
         owner_in_flight: Mapping[str, int] | None = None,
-    ) -> list[models.ClaimedRequest]:
+    ) -> models.Claimed:
         plan = queue.plan_claim(capacities, limit)
         if plan is None:
-            return []
+            return models.Claimed()
         now = self._clock.now()
         async with self._db.connection() as connection:
             return await queue.claim(connection, plan, daemon_id, owner_in_flight=owner_in_flight, now=now)
@@ -293,7 +293,7 @@ class PostgresStorage:
         *,
         limit: int,
         owner_in_flight: Mapping[str, int] | None = None,
-    ) -> tuple[models.WriteReport, list[models.ClaimedRequest]]:
+    ) -> tuple[models.WriteReport, models.Claimed]:
         named = fenced_writes.named_requests(writes)
         plan = queue.plan_claim(capacities, limit)
         now = self._clock.now()
@@ -305,7 +305,7 @@ class PostgresStorage:
                     connection, daemon_id, writes, named, now=now, budgeted=self._budgeted
                 )
             if plan is None:
-                return report, []
+                return report, models.Claimed()
             claimed = await queue.claim(connection, plan, daemon_id, owner_in_flight=owner_in_flight, now=now)
         return report, claimed
 

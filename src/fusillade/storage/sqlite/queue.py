@@ -16,6 +16,7 @@ from typing import NamedTuple, TypeAlias
 
 from fusillade import errors
 from fusillade.domain import ids, models, states
+from fusillade.domain.rate_limit import TokenBucket
 from fusillade.storage.sqlite import connection as connections
 
 # In flight <=> claimed_at set and finished_at not set (the invariant behind the in-flight indexes).
@@ -135,24 +136,50 @@ def claim_requests(
     *,
     limit: int,
     owner_in_flight: Mapping[str, int] | None,
-) -> list[models.ClaimedRequest]:
+    buckets: dict[str, TokenBucket] | None = None,
+) -> models.Claimed:
+    """`buckets`: the request buckets of the models with a rate limit, kept by the store (one process claims on
+    SQLite); without them a rate limit is not applied."""
     status = connection.execute(SELECT_DAEMON_STATUS, (daemon_id.bytes,)).fetchone()
     if status is not None and status[0] == states.DaemonStatus.DEAD.value:
         raise errors.StateConflict(DEAD_DAEMON_CLAIM.format(daemon_id), current_state=status[0])
     wanted = [capacity for capacity in capacities if capacity.free > 0]
     if sum(capacity.free for capacity in wanted) > limit:
         wanted = random.sample(wanted, len(wanted))
-    claimed: list[models.ClaimedRequest] = []
+    claimed = models.Claimed()
+    levels: dict[str, float] | None = None
     for capacity in wanted:
         count = min(capacity.free, limit - len(claimed))
         if capacity.limit is not None:
             in_flight = connection.execute(COUNT_IN_FLIGHT, (capacity.model,)).fetchone()[0]
             count = min(count, capacity.limit - in_flight)
+        bucket = None
+        if capacity.requests_per_minute is not None and buckets is not None:
+            bucket = _bucket(buckets, capacity.model, capacity.requests_per_minute, now)
+            count = min(count, bucket.available(now.timestamp()))
+        taken = 0
         if count > 0:
-            claimed.extend(_claim_model(connection, now, daemon_id, capacity.model, count, owner_in_flight))
+            found = _claim_model(connection, now, daemon_id, capacity.model, count, owner_in_flight)
+            taken = len(found)
+            claimed.extend(found)
+        if bucket is not None:
+            bucket.spend(taken, now.timestamp())
+            levels = levels if levels is not None else {}
+            levels[capacity.model] = bucket.level(now.timestamp())
         if len(claimed) >= limit:
             break
+    if levels is not None:
+        claimed.buckets = levels
     return claimed
+
+
+def _bucket(buckets: dict[str, TokenBucket], model: str, per_minute: int, now: datetime) -> TokenBucket:
+    bucket = buckets.get(model)
+    if bucket is None:
+        bucket = buckets[model] = TokenBucket.full(per_minute, now.timestamp())
+    elif bucket.per_minute != per_minute:
+        bucket.change_rate(per_minute, now.timestamp())
+    return bucket
 
 
 def _claim_model(

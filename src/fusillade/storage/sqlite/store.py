@@ -18,6 +18,7 @@ from typing import Final
 from fusillade import clock as clocks
 from fusillade import errors
 from fusillade.domain import ids, models, served, states, usage_report
+from fusillade.domain.rate_limit import TokenBucket
 from fusillade.storage import base, refusals
 from fusillade.storage.sqlite import (
     batches,
@@ -45,6 +46,9 @@ class SqliteStorage:
 
     def __init__(self, database: connections.Database) -> None:
         self._database = database
+        self._buckets: dict[str, TokenBucket] = {}
+        """The request buckets of rate-limited models: in this process, as one process claims on SQLite (its
+        daemon); claims run one at a time (each a write transaction)."""
 
     @classmethod
     async def open(
@@ -241,12 +245,18 @@ class SqliteStorage:
         *,
         limit: int,
         owner_in_flight: Mapping[str, int] | None = None,
-    ) -> list[models.ClaimedRequest]:
+    ) -> models.Claimed:
         if limit <= 0 or not any(capacity.free > 0 for capacity in capacities):
-            return []
+            return models.Claimed()
         return await self._database.write(
             lambda connection, now: queue.claim_requests(
-                connection, now, daemon_id, capacities, limit=limit, owner_in_flight=owner_in_flight
+                connection,
+                now,
+                daemon_id,
+                capacities,
+                limit=limit,
+                owner_in_flight=owner_in_flight,
+                buckets=self._buckets,
             )
         )
 
@@ -268,25 +278,31 @@ class SqliteStorage:
         *,
         limit: int,
         owner_in_flight: Mapping[str, int] | None = None,
-    ) -> tuple[models.WriteReport, list[models.ClaimedRequest]]:
+    ) -> tuple[models.WriteReport, models.Claimed]:
         _one_write_per_request(writes)
         claiming = limit > 0 and any(capacity.free > 0 for capacity in capacities)
         if not writes and not claiming:
-            return models.WriteReport(), []
+            return models.WriteReport(), models.Claimed()
 
         def tick(
             connection: sqlite3.Connection, now: datetime
-        ) -> tuple[models.WriteReport, list[models.ClaimedRequest] | errors.StateConflict]:
+        ) -> tuple[models.WriteReport, models.Claimed | errors.StateConflict]:
             report = models.WriteReport()
             if writes:
                 report = fenced_writes.apply_writes(connection, now, daemon_id, writes)
             if not claiming:
-                return report, []
+                return report, models.Claimed()
             # A refused claim (dead daemon) must not undo the writes: it checks before changing anything, and
             # its error is handed back instead of raised, so that the transaction commits.
             try:
                 return report, queue.claim_requests(
-                    connection, now, daemon_id, capacities, limit=limit, owner_in_flight=owner_in_flight
+                    connection,
+                    now,
+                    daemon_id,
+                    capacities,
+                    limit=limit,
+                    owner_in_flight=owner_in_flight,
+                    buckets=self._buckets,
                 )
             except errors.StateConflict as exc:
                 return report, exc

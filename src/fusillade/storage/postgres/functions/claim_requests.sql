@@ -1,5 +1,5 @@
 -- claim_requests: the claim of `queue.claim`, one call in its own transaction.
--- version: 2
+-- version: 3
 --
 -- This file is the function's one definition. `fusillade migrate` runs it (under the migration lock, after the
 -- migrations) when the database holds an older version or none, and records the version in `schema_functions`;
@@ -7,12 +7,20 @@
 -- function back. Raise the version with every change, and keep the signature: a new one would add a second
 -- function beside this one (drop the old one in a migration once no release calls it).
 -- History: version 1 was written in migration 0001_initial, version 2 (the plain path taken when fairness does
--- not change the order) in 0003_claim_fast_path.
+-- not change the order) in 0003_claim_fast_path. Version 3 added `model_rates` and the `bucket_tokens` column: a
+-- new signature, so it stands beside version 2's nine-argument function, which a release older than this one
+-- still calls (drop it in a migration once none does).
 --
 -- 0. A daemon marked dead may not claim (its requests may already have gone to others): SQLSTATE 55000.
 -- 1. Models with a shared limit: per-model transaction advisory locks, taken in key order (two claimers cannot
 --    deadlock), serialise their claims; then, in a new snapshot, so counting every claim committed before the
 --    locks were granted, each such model's take is capped by its limit minus what is in flight across daemons.
+-- 1b. Models with a rate limit (`model_rates`; NULL when no model has one, and this step costs nothing): the
+--    bucket of each (`model_rate_buckets`, under the same lock) is refilled to the claim's time and caps the take
+--    at its whole tokens; the claim statement spends one token per request it claimed (a data-modifying CTE, so
+--    the bucket and the claim commit together), and the levels after the claim come back as extra rows at the
+--    end (id NULL, `model`, `bucket_tokens`), from which the daemon knows when the next token is due.
+--    The arithmetic is `domain.rate_limit`'s: capacity GREATEST(1, rate / 120), refill rate / 60 a second.
 -- 2. Fairness (owners with fewer requests in flight first) costs a skip scan of the owners and a lock on each
 --    owner's first rows per claim. When every owner with pending requests of a wanted model has as many requests
 --    in flight (the common case: one tenant), the fair order is the deadline order: take the plain path.
@@ -34,11 +42,12 @@ CREATE OR REPLACE FUNCTION claim_requests(
     claimer         uuid,       -- the daemon
     model_lock_keys bigint[],   -- advisory lock keys of the models with a limit, sorted
     busy_owners     text[],     -- owners with requests in flight (NULL: deadline order only) ...
-    busy_counts     integer[]   -- ... and how many each has
+    busy_counts     integer[],  -- ... and how many each has
+    model_rates     integer[]   -- each model's requests per minute (NULL: none; the array NULL: no model has one)
 )
 RETURNS TABLE (
     id uuid, batch_id uuid, owner text, custom_id text, model text, method text, url text, body text,
-    attempt integer, deadline timestamptz
+    attempt integer, deadline timestamptz, bucket_tokens double precision
 )
 LANGUAGE plpgsql
 SET enable_sort = off
@@ -46,6 +55,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     takes integer[] := wanted_free;
+    levels double precision[];  -- the bucket of each wanted model refilled to claim_time (NULL: no rate limit)
 BEGIN
     IF EXISTS (SELECT 1 FROM daemons d WHERE d.id = claimer AND d.status = 'dead') THEN
         RAISE EXCEPTION 'daemon % was marked dead', claimer USING ERRCODE = 'object_not_in_prerequisite_state';
@@ -63,6 +73,24 @@ BEGIN
         INTO takes
         FROM unnest(wanted_models, wanted_free, model_limits)
             WITH ORDINALITY AS w(model, free, model_limit, position);
+    END IF;
+    IF model_rates IS NOT NULL THEN
+        SELECT array_agg(l.level ORDER BY l.position),
+               array_agg(CASE WHEN l.level IS NULL THEN l.take
+                              ELSE LEAST(l.take, GREATEST(0, floor(l.level + 1e-6)::integer)) END
+                         ORDER BY l.position)
+        INTO levels, takes
+        FROM (
+            SELECT w.position, w.take,
+                   CASE WHEN w.rate IS NULL THEN NULL
+                        WHEN b.model IS NULL THEN GREATEST(1, w.rate / 120)::double precision
+                        ELSE LEAST(GREATEST(1, w.rate / 120)::double precision,
+                                   b.tokens + w.rate / 60.0::double precision
+                                   * GREATEST(0, extract(epoch FROM claim_time - b.updated_at))::double precision)
+                   END AS level
+            FROM unnest(wanted_models, takes, model_rates) WITH ORDINALITY AS w(model, take, rate, position)
+            LEFT JOIN model_rate_buckets b ON b.model = w.model
+        ) l;
     END IF;
     IF cardinality(busy_owners) = 1 AND NOT EXISTS (
         -- One busy owner (one tenant at work, the usual case): is any other owner pending? Two probes around
@@ -121,8 +149,19 @@ BEGIN
             SET state = 'in_flight', daemon_id = claimer, claimed_at = claim_time
             WHERE r.ctid = ANY(ARRAY(SELECT ctid FROM picked))
             RETURNING r.id, r.batch_id, r.owner, r.custom_id, r.model, r.template_id, r.attempt, r.deadline
+        ),
+        debited AS (
+            -- Nothing to do without rate limits: `levels` is NULL and the planner drops this part.
+            INSERT INTO model_rate_buckets AS b (model, tokens, updated_at)
+            SELECT w.model, w.level - COALESCE(n.claimed, 0), claim_time
+            FROM unnest(wanted_models, levels) AS w(model, level)
+            LEFT JOIN (SELECT c.model, count(*) AS claimed FROM claimed c GROUP BY c.model) n ON n.model = w.model
+            WHERE levels IS NOT NULL AND w.level IS NOT NULL
+            ON CONFLICT (model) DO UPDATE
+            SET tokens = excluded.tokens, updated_at = GREATEST(b.updated_at, excluded.updated_at)
         )
-        SELECT c.id, c.batch_id, c.owner, c.custom_id, c.model, t.method, t.url, t.body, c.attempt, c.deadline
+        SELECT c.id, c.batch_id, c.owner, c.custom_id, c.model, t.method, t.url, t.body, c.attempt, c.deadline,
+               NULL::double precision
         FROM claimed c
         JOIN request_templates t ON t.id = c.template_id;
     ELSE
@@ -179,10 +218,30 @@ BEGIN
             SET state = 'in_flight', daemon_id = claimer, claimed_at = claim_time
             WHERE r.ctid = ANY(ARRAY(SELECT ctid FROM picked))
             RETURNING r.id, r.batch_id, r.owner, r.custom_id, r.model, r.template_id, r.attempt, r.deadline
+        ),
+        debited AS (
+            -- Nothing to do without rate limits: `levels` is NULL and the planner drops this part.
+            INSERT INTO model_rate_buckets AS b (model, tokens, updated_at)
+            SELECT w.model, w.level - COALESCE(n.claimed, 0), claim_time
+            FROM unnest(wanted_models, levels) AS w(model, level)
+            LEFT JOIN (SELECT c.model, count(*) AS claimed FROM claimed c GROUP BY c.model) n ON n.model = w.model
+            WHERE levels IS NOT NULL AND w.level IS NOT NULL
+            ON CONFLICT (model) DO UPDATE
+            SET tokens = excluded.tokens, updated_at = GREATEST(b.updated_at, excluded.updated_at)
         )
-        SELECT c.id, c.batch_id, c.owner, c.custom_id, c.model, t.method, t.url, t.body, c.attempt, c.deadline
+        SELECT c.id, c.batch_id, c.owner, c.custom_id, c.model, t.method, t.url, t.body, c.attempt, c.deadline,
+               NULL::double precision
         FROM claimed c
         JOIN request_templates t ON t.id = c.template_id;
+    END IF;
+    IF levels IS NOT NULL THEN
+        RETURN QUERY
+        SELECT NULL::uuid, NULL::uuid, NULL::text, NULL::text, b.model, NULL::text, NULL::text, NULL::text,
+               NULL::integer, NULL::timestamptz, b.tokens
+        FROM model_rate_buckets b
+        WHERE b.model = ANY(wanted_models) AND b.model IN (
+            SELECT w.model FROM unnest(wanted_models, levels) AS w(model, level) WHERE w.level IS NOT NULL
+        );
     END IF;
 END
 $$;
