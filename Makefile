@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/first_request.py
 	$(PY) bench/write_statement.py
 	$(PY) bench/adaptive_limit.py --runs 1
+	$(PY) bench/rate_limit.py
 
 # The sdist and the wheel in dist/ (tests/packaging builds them too, and installs the wheel in a clean virtualenv).
 dist: install
