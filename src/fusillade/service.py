@@ -282,13 +282,12 @@ class Service:
 
     async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Batch:
         """Put the batch's failed requests back to pending and wake the daemon if any moved. Returns the batch as
-        the retry left it, read before the daemon is woken (so a fast daemon cannot have finished the retried
-        requests already: the caller sees them pending)."""
-        moved = await self._storage.retry_failed(batch_id, owner=owner)
-        batch = await self._storage.get_batch(batch_id, owner=owner)
-        if moved:
+        the retry left it, read in the retry's transaction (so no daemon can have finished the retried requests
+        already: the caller sees them pending)."""
+        retried = await self._storage.retry_failed(batch_id, owner=owner)
+        if retried.moved:
             self._notify_work()
-        return batch
+        return retried.batch
 
     async def list_requests(
         self,

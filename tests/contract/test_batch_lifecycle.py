@@ -147,7 +147,7 @@ async def test_retry_failed_reopens_the_batch(storage: base.Storage, clock: cloc
     clock.advance(SECOND)
     with pytest.raises(errors.NotFound):
         await storage.retry_failed(batch.id, owner="bob")
-    assert await storage.retry_failed(batch.id, owner="alice") == 2
+    assert (await storage.retry_failed(batch.id, owner="alice")).moved == 2
     reopened = await storage.get_batch(batch.id, owner="alice")
     assert reopened.status is states.BatchStatus.IN_PROGRESS
     assert reopened.completed_at is None and reopened.finalizing_at is None
@@ -162,7 +162,7 @@ async def test_retry_failed_reopens_the_batch(storage: base.Storage, clock: cloc
     with pytest.raises(errors.NotFound):  # emptied by the retry: gone until a request fails again
         await storage.get_file(batch.error_file_id, owner="alice")
     assert (await storage.get_file(batch.output_file_id, owner="alice")).request_count == 2
-    assert await storage.retry_failed(batch.id, owner="alice") == 0
+    assert (await storage.retry_failed(batch.id, owner="alice")).moved == 0
     assert sorted(item.id for item in await factories.claim(storage, daemon)) == sorted([first, second])
 
 
@@ -176,8 +176,11 @@ async def test_a_retry_replaces_the_result_files_its_owner_deleted(
     await storage.delete_file(batch.error_file_id, owner="alice")
 
     clock.advance(SECOND)
-    assert await storage.retry_failed(batch.id, owner="alice") == 2
+    done = await storage.retry_failed(batch.id, owner="alice")
+    assert done.moved == 2
     retried = await storage.get_batch(batch.id, owner="alice")
+    assert done.batch == retried  # the batch as the retry left it, its new files included
+    assert (retried.status, retried.counts.pending) == (states.BatchStatus.IN_PROGRESS, 2)
     assert retried.output_file_id != batch.output_file_id and retried.error_file_id != batch.error_file_id
     output = await storage.get_file(retried.output_file_id, owner="alice")
     assert (output.purpose, output.created_at, output.batch_id) == (
@@ -206,14 +209,14 @@ async def test_a_retry_replaces_the_result_files_its_owner_deleted(
 
     # Only the deleted one is replaced; a retry that moves nothing replaces nothing.
     await storage.delete_file(retried.error_file_id, owner="alice")
-    assert await storage.retry_failed(batch.id, owner="alice") == 1
+    assert (await storage.retry_failed(batch.id, owner="alice")).moved == 1
     again = await storage.get_batch(batch.id, owner="alice")
     assert again.output_file_id == retried.output_file_id
     assert again.error_file_id not in (retried.error_file_id, batch.error_file_id)
     await storage.delete_file(again.output_file_id, owner="alice")
     [last] = await factories.claim(storage, daemon)
     await factories.complete(storage, daemon, [last.id])
-    assert await storage.retry_failed(batch.id, owner="alice") == 0
+    assert (await storage.retry_failed(batch.id, owner="alice")).moved == 0
     assert (await storage.get_batch(batch.id, owner="alice")).output_file_id == again.output_file_id
 
 
@@ -221,7 +224,7 @@ async def test_retry_failed_without_failures_changes_nothing(storage: base.Stora
     batch = await factories.create_batch(storage, count=2)
     await factories.run_to_completion(storage, batch)
     assert await storage.finalize_batches() == [batch.id]
-    assert await storage.retry_failed(batch.id, owner="alice") == 0
+    assert (await storage.retry_failed(batch.id, owner="alice")).moved == 0
     assert (await storage.get_batch(batch.id, owner="alice")).status is states.BatchStatus.COMPLETED
 
 

@@ -211,7 +211,7 @@ async def test_claim_finds_requests_reopened_by_retry(storage: base.Storage) -> 
     batch = await factories.create_batch(storage, count=2)
     await factories.run_to_completion(storage, batch, failing=1)
     await storage.finalize_batches()
-    assert await storage.retry_failed(batch.id, owner="alice") == 1
+    assert (await storage.retry_failed(batch.id, owner="alice")).moved == 1
     daemon = await factories.register(storage, "again")
     assert [item.custom_id for item in await factories.claim(storage, daemon)] == ["req-1"]
 

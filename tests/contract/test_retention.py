@@ -61,7 +61,7 @@ async def test_purge_keeps_templates_that_an_unfinished_batch_needs(storage: bas
     # The batch is finished but live: a retry may still need the templates, so they stay.
     assert await purge_everything(storage, limit=3) == 0
     failed_later = claimed[0].id
-    assert await storage.retry_failed(batch.id, owner="alice") == 0
+    assert (await storage.retry_failed(batch.id, owner="alice")).moved == 0
     done = await storage.get_batch(batch.id, owner="alice")
     assert done.status is states.BatchStatus.COMPLETED
     assert len(await factories.read_lines(storage, batch.output_file_id)) == 4
@@ -84,7 +84,7 @@ async def test_purge_keeps_templates_a_finished_batch_may_retry_from(storage: ba
     await storage.delete_file(file.id, owner="alice")
     assert await purge_everything(storage, limit=10) == 0
 
-    assert await storage.retry_failed(batch.id, owner="alice") == 2
+    assert (await storage.retry_failed(batch.id, owner="alice")).moved == 2
     again = await factories.claim(storage, daemon)
     assert sorted(item.custom_id for item in again) == ["req-1", "req-2"]
     assert all(orjson.loads(item.body)["model"] == factories.MODEL for item in again)

@@ -163,7 +163,7 @@ async def _expire(
 async def _retry(
     storage: base.Storage, clock: clocks.ManualClock, batch: models.Batch, daemon: ids.DaemonId
 ) -> object:
-    return await storage.retry_failed(batch.id, owner=factories.OWNER)
+    return (await storage.retry_failed(batch.id, owner=factories.OWNER)).moved
 
 
 async def _reclaim(

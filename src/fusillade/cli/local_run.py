@@ -186,9 +186,9 @@ async def run_batch(
         else:
             note(_resume_message(batch, files))
             if retry_failed and batch.counts.failed:
-                count = await storage.retry_failed(batch.id, owner=LOCAL_OWNER)
-                note(f"Sending the {count:,} requests that failed the last time again (--retry-failed).")
-                batch = await storage.get_batch(batch.id, owner=LOCAL_OWNER)
+                retried = await storage.retry_failed(batch.id, owner=LOCAL_OWNER)
+                note(f"Sending the {retried.moved:,} requests that failed the last time again (--retry-failed).")
+                batch = retried.batch
         interrupted = False
         if not _finished(batch):
             with display(batch.counts) as progress:

@@ -248,6 +248,15 @@ class Batch:
 
 
 @dataclass(frozen=True, slots=True)
+class Retried:
+    """What a retry of a batch's failed requests did: how many went back to pending, and the batch as the retry
+    left it (read in its transaction: a daemon may finish the retried requests right after)."""
+
+    moved: int
+    batch: Batch
+
+
+@dataclass(frozen=True, slots=True)
 class ModelUsage:
     """The token usage of one model's completed requests (in a batch, or an owner's usage report)."""
 

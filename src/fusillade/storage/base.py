@@ -148,9 +148,10 @@ class BatchStore(Protocol):
         raises `StateConflict`."""
         ...
 
-    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
+    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Retried:
         """Put the batch's failed requests back to pending (attempt 0, errors and responses cleared) and
-        reopen the batch (`finalizing_at`/`completed_at` cleared). Returns how many. A cancelling,
+        reopen the batch (`finalizing_at`/`completed_at` cleared). Returns how many, and the batch as read in
+        the same transaction. A cancelling,
         cancelled or expired batch raises `StateConflict`. When requests moved, an output or error file of the
         batch that its owner deleted is replaced by a new one (a new id, `created_at` now) holding the batch's
         results of its kind, the earlier ones too: the batch's `output_file_id`/`error_file_id` never point to a

@@ -222,10 +222,11 @@ class PostgresStorage:
             await lifecycle.cancel_batch(connection, batch_id, owner, now)
             return await batches.fetch_batch(connection, batch_id, owner)
 
-    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
+    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Retried:
         now = self._clock.now()
         async with self._db.transaction() as connection:
-            return await lifecycle.retry_failed(connection, batch_id, owner, now)
+            moved = await lifecycle.retry_failed(connection, batch_id, owner, now)
+            return models.Retried(moved, await batches.fetch_batch(connection, batch_id, owner))
 
     async def delete_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> None:
         now = self._clock.now()

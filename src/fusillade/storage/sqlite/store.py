@@ -207,9 +207,12 @@ class SqliteStorage:
             lambda connection, now: lifecycle.cancel_batch(connection, now, batch_id, owner)
         )
 
-    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> int:
+    async def retry_failed(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> models.Retried:
         return await self._database.write(
-            lambda connection, now: lifecycle.retry_failed(connection, now, batch_id, owner)
+            lambda connection, now: models.Retried(
+                lifecycle.retry_failed(connection, now, batch_id, owner),
+                batches.get_batch(connection, batch_id, owner),
+            )
         )
 
     async def delete_batch(self, batch_id: ids.BatchId, *, owner: models.OwnerScope) -> None:
