@@ -3,10 +3,18 @@ while the bucket holds its estimate, or whatever its size when the bucket is ful
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import orjson
 import pytest
 
-from fusillade.domain.rate_limit import DEFAULT_OUTPUT_TOKENS, TokenBucket, estimate_tokens
+from fusillade.domain.rate_limit import (
+    DEFAULT_OUTPUT_TOKENS,
+    TokenBucket,
+    estimate_tokens,
+    limits_used_up,
+    tokens_used_up,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -84,3 +92,20 @@ def test_a_token_limit_holds_its_rate_under_a_greedy_claimer() -> None:
             spent += 300
         now += 0.001
     assert abs(spent - 60_000) <= 500 + 300
+
+
+def test_tokens_are_used_up_when_none_are_left_and_the_longer_reset_wins() -> None:
+    headers = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1s",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "6m0s",
+    }
+    assert tokens_used_up(headers) == timedelta(minutes=6)
+    assert tokens_used_up({**headers, "x-ratelimit-remaining-tokens": "120"}) is None
+    assert limits_used_up(headers, requests=True, tokens=True) == timedelta(minutes=6)
+    assert limits_used_up(headers, requests=True, tokens=False) == timedelta(seconds=1)
+    assert limits_used_up(headers, requests=False, tokens=False) is None
+    assert limits_used_up(
+        {**headers, "x-ratelimit-reset-tokens": "soon"}, requests=True, tokens=True
+    ) == timedelta(seconds=1)

@@ -29,6 +29,8 @@ import orjson
 
 REMAINING_REQUESTS = "x-ratelimit-remaining-requests"
 RESET_REQUESTS = "x-ratelimit-reset-requests"
+REMAINING_TOKENS = "x-ratelimit-remaining-tokens"
+RESET_TOKENS = "x-ratelimit-reset-tokens"
 _RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _RESET_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 SECONDS_PER_MINUTE = 60.0
@@ -169,6 +171,29 @@ def requests_used_up(headers: Mapping[str, str]) -> timedelta | None:
     if remaining is None or remaining.strip() != "0":
         return None
     return parse_reset(headers.get(RESET_REQUESTS, ""))
+
+
+def tokens_used_up(headers: Mapping[str, str]) -> timedelta | None:
+    """`requests_used_up` for tokens: how long until the upstream takes tokens again when its headers say none
+    are left (`x-ratelimit-remaining-tokens: 0`, `x-ratelimit-reset-tokens`)."""
+    remaining = headers.get(REMAINING_TOKENS)
+    if remaining is None or remaining.strip() != "0":
+        return None
+    return parse_reset(headers.get(RESET_TOKENS, ""))
+
+
+def limits_used_up(headers: Mapping[str, str], *, requests: bool, tokens: bool) -> timedelta | None:
+    """The longer of `requests_used_up` (with `requests`) and `tokens_used_up` (with `tokens`); None if
+    neither says the upstream's count is used up."""
+    waits = [
+        wait
+        for wait in (
+            requests_used_up(headers) if requests else None,
+            tokens_used_up(headers) if tokens else None,
+        )
+        if wait is not None
+    ]
+    return max(waits, default=None)
 
 
 def parse_reset(text: str) -> timedelta | None:
