@@ -565,3 +565,25 @@ async def test_a_rate_limited_route_reads_that_the_upstream_has_no_requests_left
     assert limited.requests_used_up == timedelta(minutes=6, seconds=0.5)
     assert isinstance(unlimited, Success) and unlimited.requests_used_up is None  # not even read
     assert isinstance(some_left, Success) and some_left.requests_used_up is None
+
+
+async def test_a_token_limited_route_reads_that_the_upstream_has_no_tokens_left(
+    serve: Serve, http_client: UpstreamClient
+) -> None:
+    headers = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1s",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "20s",
+    }
+    server = await serve(json_answer(COMPLETION, **headers))
+    requests_left = await serve(json_answer(COMPLETION, **{**headers, "x-ratelimit-remaining-requests": "5"}))
+
+    tokens = await http_client.send(claimed(), route(server, tokens_per_minute=9000))
+    both = await http_client.send(claimed(), route(requests_left, tokens_per_minute=9000, requests_per_minute=60))
+    requests_only = await http_client.send(claimed(), route(server, requests_per_minute=600))
+
+    assert isinstance(tokens, Success) and tokens.requests_used_up == timedelta(seconds=20)
+    assert isinstance(both, Success) and both.requests_used_up == timedelta(seconds=20)
+    # A route without a token limit does not read the token headers: the requests' reset only.
+    assert isinstance(requests_only, Success) and requests_only.requests_used_up == timedelta(seconds=1)

@@ -10,7 +10,11 @@ A model whose route has `requests_per_minute` has a request bucket here too (`do
 the store's, which holds the limit (shared by every daemon on PostgreSQL). A claim asks for at most the whole
 tokens the mirror holds, spends them ahead while it is under way, and the mirror takes the level the store
 reported after it (`Claimed.buckets`). A model whose mirror is empty is left out of claims until a tenth of a
-second's worth of tokens is back, and `next_resume` wakes the tick then: no polling."""
+second's worth of tokens is back, and `next_resume` wakes the tick then: no polling.
+
+A model whose route has `tokens_per_minute` has its token bucket in the store alone (SQLite: the process), as
+only the claim sees the requests' estimates; when it stops a claim before a request it does not hold, the claim
+says how long until it does (`Claimed.token_waits`) and the lane pauses until then."""
 
 from __future__ import annotations
 
@@ -65,9 +69,9 @@ class Lanes:
             route = self.route(model)
             if route is None or route.requests_per_minute is None:
                 del self._buckets[model]
-        self.any_rated = any(route.requests_per_minute for route in self._routes.values()) or bool(
-            self._default and self._default.requests_per_minute
-        )
+        self.any_rated = any(
+            route.requests_per_minute or route.tokens_per_minute for route in self._routes.values()
+        ) or bool(self._default and (self._default.requests_per_minute or self._default.tokens_per_minute))
 
     @property
     def has_default(self) -> bool:
@@ -117,7 +121,11 @@ class Lanes:
             if free > 0:
                 result.append(
                     models.ModelCapacity(
-                        model=model, free=free, limit=limit, requests_per_minute=route.requests_per_minute
+                        model=model,
+                        free=free,
+                        limit=limit,
+                        requests_per_minute=route.requests_per_minute,
+                        tokens_per_minute=route.tokens_per_minute,
                     )
                 )
         return result
@@ -192,7 +200,11 @@ class Lanes:
         self, capacities: Iterable[models.ModelCapacity], claimed: models.Claimed | None, now: float
     ) -> None:
         """The claim that asked for `capacities` took `claimed` (None: it failed): give back the tokens spent
-        ahead, then take the level the store reported, or spend what was claimed."""
+        ahead, then take the level the store reported, or spend what was claimed; pause the lanes whose token
+        bucket stopped the claim."""
+        if claimed is not None:
+            for model, wait in claimed.token_waits.items():
+                self.pause(model, now + wait)
         for capacity in capacities:
             if capacity.requests_per_minute is None or (bucket := self._buckets.get(capacity.model)) is None:
                 continue

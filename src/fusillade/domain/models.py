@@ -330,6 +330,9 @@ class ModelCapacity:
     requests_per_minute: int | None = None
     """The model's rate limit (None: none): a token bucket per model shared by every claimer of the database
     (`domain.rate_limit`); the claim takes at most its whole tokens and spends one per request claimed."""
+    tokens_per_minute: int | None = None
+    """The model's token limit (None: none): a bucket counted in tokens (`domain.rate_limit`); the claim takes
+    requests in order while it holds their estimate (`estimate_tokens`), and their real usage corrects it."""
 
 
 class Claimed(list[ClaimedRequest]):
@@ -337,6 +340,9 @@ class Claimed(list[ClaimedRequest]):
     of its bucket just after the claim (tokens, fractional), at the claim's time. Empty without rate limits."""
 
     buckets: Mapping[str, float] = {}  # never changed: a claim with rates sets its own
+    token_waits: Mapping[str, float] = {}  # the same
+    """For each model whose token bucket stopped the claim before its next request: seconds from the claim
+    until the bucket holds that request's estimate (the lane pauses until then)."""
 
 
 # ------------------------------------------------------------------------------ request queue commands

@@ -9,7 +9,13 @@ than half a second loses what would overflow, so a claimer must come back as soo
 
 The same arithmetic runs in the PostgreSQL claim (`functions/claim_requests.sql`), where the bucket of a model is
 a row shared by every daemon; the daemon keeps one per model too (`daemon.lanes`), which mirrors the store's
-level after each claim and says when the next token is due, so that the tick wakes then instead of polling."""
+level after each claim and says when the next token is due, so that the tick wakes then instead of polling.
+
+A token limit (`tokens_per_minute`) is a bucket of the same shape counted in tokens: a request costs its
+`estimate_tokens`, charged when it is claimed and corrected by its real usage when it completes (`charge`, which
+may take the level below zero: the model then waits longer). A request is admitted while the bucket holds its
+estimate, or whatever its estimate when the bucket is full (`admits`): a request larger than the capacity (half a
+second's worth) passes then and takes the level below zero, so no request is ever blocked for good."""
 
 from __future__ import annotations
 
@@ -19,14 +25,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+import orjson
+
 REMAINING_REQUESTS = "x-ratelimit-remaining-requests"
 RESET_REQUESTS = "x-ratelimit-reset-requests"
+REMAINING_TOKENS = "x-ratelimit-remaining-tokens"
+RESET_TOKENS = "x-ratelimit-reset-tokens"
 _RESET_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _RESET_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 SECONDS_PER_MINUTE = 60.0
 EPSILON = 1e-6
 """Tokens short of a whole one that still count as one: times of the order of a Unix timestamp in seconds carry
 about 0.2 microseconds of float error."""
+
+
+DEFAULT_OUTPUT_TOKENS = 256
+"""The output tokens a request is assumed to produce when its body sets no `max_tokens`,
+`max_completion_tokens` or `max_output_tokens` (embeddings: none)."""
+CHARACTERS_PER_TOKEN = 4
+_OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def estimate_tokens(body: str, url: str = "") -> int:
+    """The tokens a request is expected to cost before it is sent: its prompt, about one token per four
+    characters of its whole body (JSON syntax included: an over-estimate, corrected by the real usage), plus
+    its output limit (`max_completion_tokens`, `max_tokens` or `max_output_tokens`, the first a non-negative
+    integer) or `DEFAULT_OUTPUT_TOKENS`; an embedding (`url` ending in `/embeddings`) has no output."""
+    prompt = (len(body) + CHARACTERS_PER_TOKEN - 1) // CHARACTERS_PER_TOKEN
+    if url.rstrip("/").endswith("/embeddings"):
+        return prompt
+    output = DEFAULT_OUTPUT_TOKENS
+    if any(name in body for name in _OUTPUT_LIMITS):  # parse only a body that may set a limit
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            document = None
+        if isinstance(document, dict):
+            for name in _OUTPUT_LIMITS:
+                value = document.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    output = value
+                    break
+    return prompt + output
 
 
 def burst(per_minute: int) -> int:
@@ -80,6 +120,26 @@ class TokenBucket:
         self.tokens = min(float(self.capacity), tokens)
         self.updated_at = now
 
+    def charge(self, tokens: float, now: float) -> None:
+        """Charge `tokens` more (a request's real usage above its estimate), or give them back when negative (at
+        most up to the capacity); the level may go below zero."""
+        self.tokens = min(float(self.capacity), self.level(now) - tokens)
+        self.updated_at = max(now, self.updated_at)
+
+    def admits(self, cost: float, now: float) -> bool:
+        """Whether a request costing `cost` may be claimed at `now`: the bucket holds it, or the bucket is full
+        (a request larger than the capacity passes then, taking the level below zero)."""
+        # A microsecond's worth of slack: times of the order of a Unix timestamp carry about 0.2 microseconds
+        # of float error, a fraction of a token at thousands a second.
+        slack = EPSILON + self.per_second * 1e-6
+        return self.level(now) >= min(cost, float(self.capacity)) - slack
+
+    def wait_for(self, cost: float, now: float) -> float:
+        """Seconds from `now` until the bucket `admits` a request costing `cost` (0 if it does already), rounded
+        up to the microsecond (the stores' clocks count microseconds: a wait rounded down would fall short)."""
+        missing = min(cost, float(self.capacity)) - self.level(now)
+        return max(0.0, math.ceil(missing / self.per_second * 1e6) / 1e6)
+
     def next_token(self, now: float) -> float:
         """When the bucket holds a whole token (`now` if it does already)."""
         level = self.level(now)
@@ -111,6 +171,29 @@ def requests_used_up(headers: Mapping[str, str]) -> timedelta | None:
     if remaining is None or remaining.strip() != "0":
         return None
     return parse_reset(headers.get(RESET_REQUESTS, ""))
+
+
+def tokens_used_up(headers: Mapping[str, str]) -> timedelta | None:
+    """`requests_used_up` for tokens: how long until the upstream takes tokens again when its headers say none
+    are left (`x-ratelimit-remaining-tokens: 0`, `x-ratelimit-reset-tokens`)."""
+    remaining = headers.get(REMAINING_TOKENS)
+    if remaining is None or remaining.strip() != "0":
+        return None
+    return parse_reset(headers.get(RESET_TOKENS, ""))
+
+
+def limits_used_up(headers: Mapping[str, str], *, requests: bool, tokens: bool) -> timedelta | None:
+    """The longer of `requests_used_up` (with `requests`) and `tokens_used_up` (with `tokens`); None if
+    neither says the upstream's count is used up."""
+    waits = [
+        wait
+        for wait in (
+            requests_used_up(headers) if requests else None,
+            tokens_used_up(headers) if tokens else None,
+        )
+        if wait is not None
+    ]
+    return max(waits, default=None)
 
 
 def parse_reset(text: str) -> timedelta | None:

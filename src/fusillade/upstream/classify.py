@@ -63,10 +63,12 @@ def classify_response(
     clock: WallClock,
     retry_404: bool = False,
     rate_limited: bool = False,
+    token_limited: bool = False,
 ) -> Outcome:
     """A complete, non-streamed HTTP response (a stream is reassembled first, then becomes a `Success`). With
     `rate_limited` (the route has a rate limit), a success reads whether the upstream's headers say no request
-    is left (`Success.requests_used_up`)."""
+    is left (`Success.requests_used_up`); with `token_limited` (the route has a token limit), whether they say no
+    token is left."""
     if 200 <= status <= 299:
         try:
             document = orjson.loads(body)
@@ -75,7 +77,11 @@ def classify_response(
         error = reassemble.embedded_error(document)
         if error is not None:
             return classify_embedded_error(reassemble.EmbeddedError(error, body.decode()), retry_404=retry_404)
-        used_up = rate_limit.requests_used_up(headers) if rate_limited else None
+        used_up = (
+            rate_limit.limits_used_up(headers, requests=rate_limited, tokens=token_limited)
+            if rate_limited or token_limited
+            else None
+        )
         return Success(status_code=status, body=body.decode(), usage=usage_in(document), requests_used_up=used_up)
     try:
         document = orjson.loads(body)

@@ -170,6 +170,7 @@ class UpstreamClient:
                         clock=self._clock,
                         retry_404=route.retry_404,
                         rate_limited=route.requests_per_minute is not None,
+                        token_limited=route.tokens_per_minute is not None,
                     )
                 clean = True
             finally:
@@ -238,7 +239,13 @@ class UpstreamClient:
         except reassemble.EmbeddedError as exc:
             return classify.classify_embedded_error(exc, retry_404=route.retry_404)
         text = body.decode()
-        used_up = rate_limit.requests_used_up(response.headers) if route.requests_per_minute is not None else None
+        used_up = None
+        if route.requests_per_minute is not None or route.tokens_per_minute is not None:
+            used_up = rate_limit.limits_used_up(
+                response.headers,
+                requests=route.requests_per_minute is not None,
+                tokens=route.tokens_per_minute is not None,
+            )
         return Success(status_code=response.status, body=text, usage=usage_of(text), requests_used_up=used_up)
 
     def _logged(self, request: models.ClaimedRequest, outcome: Outcome) -> Outcome:

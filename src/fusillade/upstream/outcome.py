@@ -19,7 +19,8 @@ class Success:
     when it reported none."""
     requests_used_up: timedelta | None = None
     """On a route with a rate limit: the upstream's headers said no requests are left, for this long
-    (`domain.rate_limit.requests_used_up`)."""
+    (`domain.rate_limit.requests_used_up`); on a route with a token limit, or no tokens
+    (`domain.rate_limit.limits_used_up`: the longer of the two)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -55,6 +55,9 @@ class Route:
     requests_per_minute: int | None = None
     """Requests of this model sent per minute at most (across every daemon on a shared database); a token bucket
     of half a second's worth (`domain.rate_limit`). None: no rate limit."""
+    tokens_per_minute: int | None = None
+    """Tokens (estimated, corrected by the real usage) of this model's requests per minute at most; a bucket of
+    half a second's worth (`domain.rate_limit`). None: no token limit."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base_urls, tuple):

@@ -18,6 +18,7 @@ from fusillade import errors
 from fusillade.domain import ids, models, states
 from fusillade.domain.rate_limit import TokenBucket
 from fusillade.storage.sqlite import connection as connections
+from fusillade.storage.sqlite.token_limits import Admission, TokenLimits
 
 # In flight <=> claimed_at set and finished_at not set (the invariant behind the in-flight indexes).
 COUNT_IN_FLIGHT = (
@@ -137,9 +138,10 @@ def claim_requests(
     limit: int,
     owner_in_flight: Mapping[str, int] | None,
     buckets: dict[str, TokenBucket] | None = None,
+    tokens: TokenLimits | None = None,
 ) -> models.Claimed:
     """`buckets`: the request buckets of the models with a rate limit, kept by the store (one process claims on
-    SQLite); without them a rate limit is not applied."""
+    SQLite); without them a rate limit is not applied. `tokens`: the same for token limits."""
     status = connection.execute(SELECT_DAEMON_STATUS, (daemon_id.bytes,)).fetchone()
     if status is not None and status[0] == states.DaemonStatus.DEAD.value:
         raise errors.StateConflict(DEAD_DAEMON_CLAIM.format(daemon_id), current_state=status[0])
@@ -158,8 +160,11 @@ def claim_requests(
             bucket = _bucket(buckets, capacity.model, capacity.requests_per_minute, now)
             count = min(count, bucket.available(now.timestamp()))
         taken = 0
+        admit = None
+        if capacity.tokens_per_minute is not None and tokens is not None:
+            admit = tokens.admission(capacity.model, capacity.tokens_per_minute, now.timestamp(), claimed)
         if count > 0:
-            found = _claim_model(connection, now, daemon_id, capacity.model, count, owner_in_flight)
+            found = _claim_model(connection, now, daemon_id, capacity.model, count, owner_in_flight, admit)
             taken = len(found)
             claimed.extend(found)
         if bucket is not None:
@@ -189,12 +194,15 @@ def _claim_model(
     model: str,
     count: int,
     owner_in_flight: Mapping[str, int] | None,
+    admit: Admission | None = None,
 ) -> list[models.ClaimedRequest]:
     moment = connections.to_micros(now)
     busy = {owner: in_flight for owner, in_flight in (owner_in_flight or {}).items() if in_flight > 0}
     rows = _fair_rows(connection, moment, model, count, busy) if busy else None
     if rows is None:
         rows = list(map(ClaimableRow._make, connection.execute(SELECT_CLAIMABLE, (model, moment, count))))
+    if admit is not None:
+        rows = admit.keep(rows)
     if not rows:
         return []
     daemon_key = daemon_id.bytes
@@ -203,7 +211,7 @@ def _claim_model(
     # Rows share a few batches: convert each batch id and deadline once.
     batch_ids = {key: ids.BatchId(to_uuid(key)) for key in {row.batch_id for row in rows}}
     deadlines = {value: connections.from_micros(value) for value in {row.deadline for row in rows}}
-    return [
+    result = [
         models.ClaimedRequest(
             id=ids.RequestId(to_uuid(row.id)),
             batch_id=batch_ids[row.batch_id],
@@ -220,6 +228,9 @@ def _claim_model(
         )
         for row in rows
     ]
+    if admit is not None:
+        admit.claimed(result)
+    return result
 
 
 # A row's place in the fair order: (owner's requests in flight, deadline, batch_id, line_number). Unique: a

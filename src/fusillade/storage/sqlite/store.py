@@ -35,6 +35,7 @@ from fusillade.storage.sqlite import (
     usage,
 )
 from fusillade.storage.sqlite import connection as connections
+from fusillade.storage.sqlite.token_limits import TokenLimits
 
 TEMPLATE_CHUNK_ROWS: Final = 1000
 """Templates inserted per transaction of an upload (a few milliseconds of the write lock; bounds the memory an
@@ -49,6 +50,8 @@ class SqliteStorage:
         self._buckets: dict[str, TokenBucket] = {}
         """The request buckets of rate-limited models: in this process, as one process claims on SQLite (its
         daemon); claims run one at a time (each a write transaction)."""
+        self._tokens = TokenLimits()
+        """The token buckets of models with `tokens_per_minute`, and the estimates their results correct."""
 
     @classmethod
     async def open(
@@ -260,6 +263,7 @@ class SqliteStorage:
                 limit=limit,
                 owner_in_flight=owner_in_flight,
                 buckets=self._buckets,
+                tokens=self._tokens,
             )
         )
 
@@ -269,9 +273,13 @@ class SqliteStorage:
         _one_write_per_request(writes)
         if not writes:
             return models.WriteReport()
-        return await self._database.write(
-            lambda connection, now: fenced_writes.apply_writes(connection, now, daemon_id, writes)
-        )
+
+        def apply(connection: sqlite3.Connection, now: datetime) -> models.WriteReport:
+            report = fenced_writes.apply_writes(connection, now, daemon_id, writes)
+            self._tokens.correct(writes, now.timestamp())
+            return report
+
+        return await self._database.write(apply)
 
     async def apply_writes_and_claim(
         self,
@@ -293,6 +301,7 @@ class SqliteStorage:
             report = models.WriteReport()
             if writes:
                 report = fenced_writes.apply_writes(connection, now, daemon_id, writes)
+                self._tokens.correct(writes, now.timestamp())
             if not claiming:
                 return report, models.Claimed()
             # A refused claim (dead daemon) must not undo the writes: it checks before changing anything, and
@@ -306,6 +315,7 @@ class SqliteStorage:
                     limit=limit,
                     owner_in_flight=owner_in_flight,
                     buckets=self._buckets,
+                    tokens=self._tokens,
                 )
             except errors.StateConflict as exc:
                 return report, exc
