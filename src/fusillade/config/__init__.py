@@ -23,6 +23,7 @@ from __future__ import annotations
 from fusillade.config.loading import CONFIG_VARIABLE, load_config
 from fusillade.config.problems import InvalidConfiguration, Problem
 from fusillade.config.reloading import ConfigWatcher, watching
+from fusillade.config.routes import RouteSection, TimeoutsSection
 from fusillade.config.schema import (
     DEFAULT_DATABASE_URL,
     DEFAULT_ROUTE_MODEL,
@@ -32,9 +33,7 @@ from fusillade.config.schema import (
     Config,
     DaemonSection,
     RetrySection,
-    RouteSection,
     ServerSection,
-    TimeoutsSection,
     UploadsSection,
 )
 from fusillade.config.units import format_duration, parse_duration

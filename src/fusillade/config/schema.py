@@ -10,22 +10,16 @@ never part of the configuration: it names the environment variables that hold th
 from __future__ import annotations
 
 import os
-import re
-import tempfile
 from collections.abc import Mapping
 from datetime import timedelta
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    PlainSerializer,
     PrivateAttr,
     ValidationInfo,
     field_validator,
@@ -35,14 +29,29 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from fusillade.config import units
 from fusillade.config.problems import InvalidConfiguration, Problem, dotted_key
+from fusillade.config.routes import RouteSection
+from fusillade.config.values import (
+    ByteSize,
+    Count,
+    Duration,
+    EnvVarName,
+    ModelName,
+    OptionalPositiveDuration,
+    PositiveDuration,
+    Section,
+    existing_directory,
+    header_key,
+    listen_address,
+    none_word,
+    split_address,
+)
 from fusillade.daemon.settings import DaemonSettings
 from fusillade.domain import jsonl
 from fusillade.domain.prices import Prices
 from fusillade.domain.retry import RetryPolicy
-from fusillade.domain.usage import Pricing
 from fusillade.storage import urls
 from fusillade.storage.base import DEFAULT_DATABASE_TIMEOUT
-from fusillade.upstream.routes import PhaseTimeouts, Route
+from fusillade.upstream.routes import Route
 
 ENV_PREFIX = "FUSILLADE_"
 """Environment variables starting with this override the file (`FUSILLADE_SERVER__PORT=8081`)."""
@@ -55,160 +64,7 @@ RESTART_KEYS = ("database_url", "database_timeout", "server", "auth")
 
 _DAEMON = DaemonSettings()
 _RETRY = RetryPolicy()
-_TIMEOUTS = PhaseTimeouts()
-_ENV_VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HIDDEN = "***"
-
-
-# ----------------------------------------------------------------------------------------------- value types
-
-
-def _positive(duration: timedelta) -> timedelta:
-    if duration <= timedelta(0):
-        raise ValueError("must be longer than 0s")
-    return duration
-
-
-def _positive_or_none(duration: timedelta | None) -> timedelta | None:
-    if duration is not None and duration <= timedelta(0):
-        raise ValueError('must be longer than 0s; write "none" for no limit')
-    return duration
-
-
-def _none_word(value: object) -> object:
-    return None if isinstance(value, str) and value.strip().lower() == "none" else value
-
-
-def _env_var_name(name: str) -> str:
-    # Never quote the value back: it may be a key pasted in the wrong place.
-    if name.startswith("sk-"):
-        raise ValueError(
-            "holds what looks like an API key itself, and keys never go in the configuration: put the key "
-            "in an environment variable (export OPENAI_API_KEY=...) and write the variable's name here "
-            '("OPENAI_API_KEY")'
-        )
-    if not _ENV_VAR_NAME.fullmatch(name):
-        raise ValueError(
-            "must be the name of an environment variable (letters, digits and underscores, not starting with a "
-            'digit), such as "OPENAI_API_KEY"; the key itself goes in that variable'
-        )
-    return name
-
-
-def _base_url(url: str) -> str:
-    if "@" in url:
-        raise ValueError(
-            "must not hold a user name or password; put the upstream's key in an environment variable and name "
-            "that variable in api_key_env"
-        )
-    hint = "write it as http://HOST:PORT or https://HOST/PATH, such as https://api.openai.com/v1"
-    if url != url.strip() or any(character.isspace() for character in url):
-        raise ValueError(f"{url!r} must not contain spaces; {hint}")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (reading it validates it)
-    except ValueError as exc:
-        raise ValueError(f"{url!r} is not a valid URL ({exc}); {hint}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL; {hint}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"{url!r} must not have a query (?...) or a fragment (#...); {hint}")
-    return url
-
-
-def _base_urls(value: object) -> object:
-    """One URL, or a list of them (a pool of endpoints: at least one, each once), each checked as `_base_url`."""
-    if isinstance(value, str):
-        return _base_url(value)
-    if not isinstance(value, list | tuple):
-        raise ValueError("must be a URL in quotes, or a list of them (the endpoints of a pool)")
-    if not value:
-        raise ValueError("is an empty list; write one URL, or a list of the endpoints of a pool")
-    urls = []
-    for number, url in enumerate(value, start=1):
-        if not isinstance(url, str):
-            raise ValueError(f"endpoint {number} of the list is not a URL in quotes")
-        try:
-            urls.append(_base_url(url))
-        except ValueError as exc:
-            raise ValueError(f"endpoint {number} of the list: {exc}") from None
-    repeated = next((url for index, url in enumerate(urls) if url in urls[:index]), None)
-    if repeated is not None:
-        raise ValueError(f"lists {repeated!r} twice; write each endpoint of a pool once")
-    return tuple(urls)
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def _listen_address(address: str) -> str:
-    hint = "write it HOST:PORT, such as 127.0.0.1:9100 or [::1]:9100"
-    host, separator, port = address.rpartition(":")
-    if not separator or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{address!r} is not an address to listen on; {hint}")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):
-        raise ValueError(f"{address!r}: an IPv6 address goes in brackets; {hint}")
-    return address
-
-
-def _header_key(key: str) -> str:
-    if not _HEADER_TOKEN.fullmatch(key):
-        raise ValueError(
-            f"{key!r} cannot be part of an HTTP header name (x-fusillade-batch-<key>); use letters, digits and -_."
-        )
-    return key
-
-
-def _existing_directory(path: Path) -> Path:
-    if not path.is_dir():
-        raise ValueError(
-            f"{str(path)!r} is not an existing directory; create it, or leave spool_directory out to use the "
-            f"system's temporary directory ({tempfile.gettempdir()})"
-        )
-    return path
-
-
-Duration = Annotated[
-    timedelta,
-    BeforeValidator(units.parse_duration),
-    PlainSerializer(units.format_duration, return_type=str, when_used="json"),
-]
-"""A non-negative duration: `"250ms"`, `"5s"`, `"10m"`, `"1h30m"`, or a bare number of seconds."""
-PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
-OptionalPositiveDuration = Annotated[
-    timedelta | None,
-    BeforeValidator(units.parse_optional_duration),
-    AfterValidator(_positive_or_none),
-    PlainSerializer(units.format_optional_duration, return_type=str, when_used="json"),
-]
-"""A positive duration, or `"none"` for no limit."""
-Count = Annotated[int, Field(ge=1)]
-Price = Annotated[Decimal, Field(ge=0, allow_inf_nan=False)]
-ByteSize = Annotated[
-    int,
-    BeforeValidator(units.parse_byte_size),
-    Field(ge=1),
-    PlainSerializer(units.format_byte_size, return_type=str, when_used="json"),
-]
-"""A number of bytes, or a size such as `"200MiB"`."""
-EnvVarName = Annotated[str, AfterValidator(_env_var_name)]
-"""The NAME of an environment variable that holds a secret (never the secret)."""
-BaseUrl = Annotated[str, AfterValidator(_base_url)]
-BaseUrls = Annotated[str | tuple[str, ...], BeforeValidator(_base_urls)]
-"""One base URL, or a list of them: the endpoints of a pool."""
-ModelName = Annotated[str, Field(min_length=1)]
-
-
-# -------------------------------------------------------------------------------------------------- sections
-
-
-class Section(BaseModel):
-    """A table of the configuration file: immutable, unknown keys refused, attribute docstrings as help."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ServerSection(Section):
@@ -219,7 +75,7 @@ class ServerSection(Section):
     """Address to listen on; `0.0.0.0` for every interface."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     """TCP port; 0 picks a free one."""
-    metrics_address: Annotated[str, AfterValidator(_listen_address)] | None = None
+    metrics_address: Annotated[str, AfterValidator(listen_address)] | None = None
     """`HOST:PORT` (`[::1]:9100` for IPv6) where `/metrics` is also served, without a key, apart from the API;
     none: only at the API's `/metrics`."""
     max_header_bytes: Annotated[ByteSize, Field(ge=1024)] = 64 * 1024
@@ -238,7 +94,7 @@ class ServerSection(Section):
 
     def metrics_listen(self) -> tuple[str, int] | None:
         """`metrics_address` as (host, port), or None."""
-        return None if self.metrics_address is None else _split_address(self.metrics_address)
+        return None if self.metrics_address is None else split_address(self.metrics_address)
 
 
 class AuthSection(Section):
@@ -263,7 +119,7 @@ class UploadsSection(Section):
     max_line_bytes: ByteSize = jsonl.DEFAULT_LIMITS.max_line_bytes
     """Longest request line (its line end excluded); a longer line is refused, and an upload never holds more
     of one line in memory than this."""
-    spool_directory: Annotated[Path, AfterValidator(_existing_directory)] | None = None
+    spool_directory: Annotated[Path, AfterValidator(existing_directory)] | None = None
     """Existing directory where uploads are buffered while they are validated; none: the system's temporary
     directory."""
 
@@ -282,7 +138,7 @@ class RetrySection(Section):
     """No backoff delay is longer (a Retry-After from the upstream may be)."""
     jitter: Annotated[float, Field(ge=0, le=1)] = _RETRY.jitter
     """The delay is multiplied by a random factor in [1 - jitter, 1 + jitter]."""
-    max_attempts: Annotated[Count | None, BeforeValidator(_none_word)] = _RETRY.max_attempts
+    max_attempts: Annotated[Count | None, BeforeValidator(none_word)] = _RETRY.max_attempts
     """Attempts in all, the first included; "none": no limit but the batch deadline."""
     stop_before_deadline: Duration = _RETRY.stop_before_deadline
     """Give up when the next attempt would start later than this before the batch deadline."""
@@ -340,7 +196,7 @@ class DaemonSection(Section):
     """A 429 without Retry-After pauses its model's lane this long."""
     database_backoff_max: PositiveDuration = _DAEMON.database_backoff_max
     """Longest pause between retries of a failing database call."""
-    batch_metadata_headers: tuple[Annotated[str, AfterValidator(_header_key)], ...] = tuple(
+    batch_metadata_headers: tuple[Annotated[str, AfterValidator(header_key)], ...] = tuple(
         _DAEMON.batch_metadata_headers
     )
     """Keys of a batch's metadata sent upstream as x-fusillade-batch-<key> headers."""
@@ -370,115 +226,6 @@ class DaemonSection(Section):
         values: dict[str, Any] = dict(self)
         values["retry"] = self.retry.policy()
         return DaemonSettings(**values)
-
-
-class TimeoutsSection(Section):
-    """`[models."<name>".timeouts]`: limits of each phase of an upstream call; "none": no limit."""
-
-    connect: OptionalPositiveDuration = _TIMEOUTS.connect
-    """Establishing the connection (TCP and TLS)."""
-    first_byte: OptionalPositiveDuration = _TIMEOUTS.first_byte
-    """From sending the request to the response headers (for streams, to the first event)."""
-    idle: OptionalPositiveDuration = _TIMEOUTS.idle
-    """Longest gap between two stream events or body chunks."""
-    total: OptionalPositiveDuration = _TIMEOUTS.total
-    """The whole call, from connecting to the last byte."""
-
-    def phase_timeouts(self) -> PhaseTimeouts:
-        return PhaseTimeouts(**dict(self))
-
-
-class PricingSection(Section):
-    """`[models."<name>".pricing]`: what the upstream charges, in USD per million tokens, for the batch's `cost`
-    (exact decimals: write them as in the provider's price list, e.g. `input = 0.15`)."""
-
-    input: Price
-    """Input (prompt) tokens."""
-    output: Price
-    """Output (completion) tokens, reasoning tokens included."""
-    cached_input: Price | None = None
-    """Input tokens served from the upstream's prompt cache; none: priced as other input."""
-
-    def pricing(self) -> Pricing:
-        return Pricing.per_million(input=self.input, output=self.output, cached_input=self.cached_input)
-
-
-class RouteSection(Section):
-    """`[models."<name>"]` and the default route (`[default_route]` or `[models."*"]`): where a model's requests
-    go and how many run at once."""
-
-    base_url: BaseUrls
-    """The upstream, http(s), such as "https://api.openai.com/v1"; the request's path is appended. A list of
-    URLs is a pool of endpoints serving the model: each call goes to the healthy one with the fewest calls in
-    flight."""
-    api_key_env: EnvVarName | None = None
-    """Name of the environment variable holding the upstream's API key (sent as a Bearer token); none: no key."""
-    concurrency: Count = 16
-    """Requests of this model in flight at once, across every daemon sharing the database; with `adaptive`, the
-    ceiling of the limit."""
-    adaptive: bool = False
-    """Find the limit from the upstream's answers: cut on refusals (429, 503, connection errors, timeouts) and
-    when its latency shows it is queueing, grown while calls succeed; between `min_concurrency` and
-    `concurrency`."""
-    min_concurrency: Count = 1
-    """With `adaptive`: the floor of the limit, where it starts."""
-    fallback: ModelName | None = None
-    """Another model with a table of its own in [models] that may answer this model's requests instead (the
-    request's `model` is rewritten to it): see `fallback_when_remaining`."""
-    fallback_when_remaining: PositiveDuration | None = None
-    """With `fallback`: a request whose batch has less than this left before its deadline goes to the fallback
-    (escalation: a faster or more available model finishes the batch in time); none: never for that reason."""
-    stream: bool = False
-    """Ask the upstream for server-sent events and reassemble them (reads with first-byte and idle timeouts)."""
-    retry_404: bool = False
-    """Treat 404 as retriable (an upstream still loading a model may answer 404 for a while)."""
-    timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
-    """Limits of each phase of a call."""
-    pricing: PricingSection | None = None
-    """The model's prices, for the cost of batches; none: their cost is unknown (usage is counted anyway)."""
-    requests_per_minute: Count | None = None
-    """Requests of this model sent per minute at most, across every daemon sharing the database (a token bucket
-    of half a second's worth, so bursts stay small); none: no rate limit."""
-    tokens_per_minute: Count | None = None
-    """Tokens of this model's requests per minute at most (each estimated from its body and output limit, then
-    corrected by its real usage; a bucket of half a second's worth). SQLite only for now; none: no token limit."""
-
-    @model_validator(mode="after")
-    def _fallback_needs_a_model(self) -> Self:
-        if self.fallback_when_remaining is not None and self.fallback is None:
-            raise ValueError("fallback_when_remaining is set without fallback (the model to fall back to)")
-        return self
-
-    @model_validator(mode="after")
-    def _adaptive_bounds(self) -> Self:
-        if self.adaptive and self.min_concurrency > self.concurrency:
-            raise ValueError(
-                f"min_concurrency ({self.min_concurrency}) must not be above concurrency ({self.concurrency}), "
-                "the ceiling of an adaptive limit"
-            )
-        return self
-
-    @property
-    def base_urls(self) -> tuple[str, ...]:
-        """The endpoints: `base_url` as one, or the pool."""
-        return (self.base_url,) if isinstance(self.base_url, str) else self.base_url
-
-    def route(self, api_key: str | None) -> Route:
-        """This route with the key already read from the environment."""
-        return Route(
-            base_urls=self.base_urls,
-            api_key=api_key,
-            concurrency=self.concurrency,
-            adaptive=self.adaptive,
-            min_concurrency=self.min_concurrency,
-            fallback=self.fallback,
-            fallback_when_remaining=self.fallback_when_remaining,
-            stream=self.stream,
-            timeouts=self.timeouts.phase_timeouts(),
-            retry_404=self.retry_404,
-            requests_per_minute=self.requests_per_minute,
-            tokens_per_minute=self.tokens_per_minute,
-        )
 
 
 # ------------------------------------------------------------------------------------------------------ root
