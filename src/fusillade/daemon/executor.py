@@ -230,9 +230,7 @@ class RequestExecutor:
             start = self._start(request)
             if start is None:
                 return
-            route, deadline, called = start
-            if called is not request:  # sent to its fallback: from now on it is the fallback model's request
-                request = called
+            route, deadline, request = start  # its fallback model's request when it falls back
             chosen = None
             if len(route.base_urls) > 1 or route.fallback is not None:
                 # A pool, or a route that falls back when its upstream is down: choose the endpoint, knowing its

@@ -38,12 +38,10 @@ class Lanes:
         self._owners: Counter[str] = Counter()
         self._paused_until: dict[str, float] = {}
         self._adaptive: dict[str, AdaptiveLimit] = {}
-        self.any_adaptive = False
-        """Whether any route is adaptive (the executor tells the lanes of outcomes only then)."""
         self._buckets: dict[str, TokenBucket] = {}
         self.any_rated = False
         """Whether any route has a rate limit (the tick loop tells the lanes of claims' tokens only then)."""
-        self._bound_adaptive()
+        self._keep_what_stays()
 
     # ------------------------------------------------------------------------------------------- routes
 
@@ -52,19 +50,17 @@ class Lanes:
         self._default = default
         if default is None:
             self._learnt.clear()
-        self._bound_adaptive()
+        self._keep_what_stays()
 
-    def _bound_adaptive(self) -> None:
-        """Keep the adaptive limits of the models whose route is still adaptive, within its new bounds."""
+    def _keep_what_stays(self) -> None:
+        """Keep the adaptive limits of the models whose route is still adaptive (within its new bounds) and the
+        buckets of those whose route still has a request rate."""
         for model, limit in list(self._adaptive.items()):
             route = self.route(model)
             if route is None or not route.adaptive:
                 del self._adaptive[model]
             else:
                 limit.bound(route.min_concurrency, route.concurrency)
-        self.any_adaptive = any(route.adaptive for route in self._routes.values()) or bool(
-            self._default and self._default.adaptive
-        )
         for model in list(self._buckets):
             route = self.route(model)
             if route is None or route.requests_per_minute is None:

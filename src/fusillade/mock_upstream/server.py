@@ -14,6 +14,7 @@ import random
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -198,35 +199,35 @@ class MockUpstream:
                 return await self._send_error(request, HttpError(400, "The body must be a JSON object."))
             if not model:
                 return await self._send_error(request, HttpError(400, "You must provide a model parameter."))
-            if behaviour.capacity is None:
+            if self._over_capacity(behaviour):
+                self.stats.count_fault("over_capacity")
+                return await self._send_error(
+                    request, HttpError(429, "Over capacity: too many requests in flight.")
+                )
+            async with self._capacity_slot(behaviour):
                 return await self._answer(request, behaviour, endpoint, body, model, custom_id, attempt)
-            return await self._within_capacity(request, behaviour, endpoint, body, model, custom_id, attempt)
         except asyncio.CancelledError:
             self.stats.client_disconnects += 1
             raise
         finally:
             self.stats.leave(model)
 
-    async def _within_capacity(
-        self,
-        request: web.Request,
-        behaviour: Behaviour,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        model: str,
-        custom_id: str | None,
-        attempt: int | None,
-    ) -> web.StreamResponse:
-        """Answer in one of the `capacity` slots: refused (429) or queued for one when all are taken."""
-        assert behaviour.capacity is not None
-        if behaviour.over_capacity == "refuse" and self._serving >= behaviour.capacity:
-            self.stats.count_fault("over_capacity")
-            return await self._send_error(request, HttpError(429, "Over capacity: too many requests in flight."))
-        slots = self._slots
-        async with slots if behaviour.over_capacity == "queue" else contextlib.nullcontext():
+    def _over_capacity(self, behaviour: Behaviour) -> bool:
+        """Whether a request is refused now: every slot taken, and the behaviour refuses above its capacity."""
+        capacity = behaviour.capacity
+        return capacity is not None and behaviour.over_capacity == "refuse" and self._serving >= capacity
+
+    @contextlib.asynccontextmanager
+    async def _capacity_slot(self, behaviour: Behaviour) -> AsyncIterator[None]:
+        """One of the `capacity` slots for the answer (queued for, first come first served, when the behaviour
+        queues); nothing to take without a capacity."""
+        if behaviour.capacity is None:
+            yield
+            return
+        async with self._slots if behaviour.over_capacity == "queue" else contextlib.nullcontext():
             self._serving += 1
             try:
-                return await self._answer(request, behaviour, endpoint, body, model, custom_id, attempt)
+                yield
             finally:
                 self._serving -= 1
 

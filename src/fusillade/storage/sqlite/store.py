@@ -255,17 +255,41 @@ class SqliteStorage:
         if limit <= 0 or not any(capacity.free > 0 for capacity in capacities):
             return models.Claimed()
         return await self._database.write(
-            lambda connection, now: queue.claim_requests(
-                connection,
-                now,
-                daemon_id,
-                capacities,
-                limit=limit,
-                owner_in_flight=owner_in_flight,
-                buckets=self._buckets,
-                tokens=self._tokens,
-            )
+            lambda connection, now: self._claim(connection, now, daemon_id, capacities, limit, owner_in_flight)
         )
+
+    def _claim(
+        self,
+        connection: sqlite3.Connection,
+        now: datetime,
+        daemon_id: ids.DaemonId,
+        capacities: Sequence[models.ModelCapacity],
+        limit: int,
+        owner_in_flight: Mapping[str, int] | None,
+    ) -> models.Claimed:
+        """The claim, with this process's rate buckets (SQLite: one process claims)."""
+        return queue.claim_requests(
+            connection,
+            now,
+            daemon_id,
+            capacities,
+            limit=limit,
+            owner_in_flight=owner_in_flight,
+            buckets=self._buckets,
+            tokens=self._tokens,
+        )
+
+    def _apply(
+        self,
+        connection: sqlite3.Connection,
+        now: datetime,
+        daemon_id: ids.DaemonId,
+        writes: Sequence[models.RequestWrite],
+    ) -> models.WriteReport:
+        """The writes, and the token buckets corrected by the usage of their completions."""
+        report = fenced_writes.apply_writes(connection, now, daemon_id, writes)
+        self._tokens.correct(writes, now.timestamp())
+        return report
 
     async def apply_writes(
         self, daemon_id: ids.DaemonId, writes: Sequence[models.RequestWrite]
@@ -273,13 +297,7 @@ class SqliteStorage:
         _one_write_per_request(writes)
         if not writes:
             return models.WriteReport()
-
-        def apply(connection: sqlite3.Connection, now: datetime) -> models.WriteReport:
-            report = fenced_writes.apply_writes(connection, now, daemon_id, writes)
-            self._tokens.correct(writes, now.timestamp())
-            return report
-
-        return await self._database.write(apply)
+        return await self._database.write(lambda connection, now: self._apply(connection, now, daemon_id, writes))
 
     async def apply_writes_and_claim(
         self,
@@ -300,23 +318,13 @@ class SqliteStorage:
         ) -> tuple[models.WriteReport, models.Claimed | errors.StateConflict]:
             report = models.WriteReport()
             if writes:
-                report = fenced_writes.apply_writes(connection, now, daemon_id, writes)
-                self._tokens.correct(writes, now.timestamp())
+                report = self._apply(connection, now, daemon_id, writes)
             if not claiming:
                 return report, models.Claimed()
             # A refused claim (dead daemon) must not undo the writes: it checks before changing anything, and
             # its error is handed back instead of raised, so that the transaction commits.
             try:
-                return report, queue.claim_requests(
-                    connection,
-                    now,
-                    daemon_id,
-                    capacities,
-                    limit=limit,
-                    owner_in_flight=owner_in_flight,
-                    buckets=self._buckets,
-                    tokens=self._tokens,
-                )
+                return report, self._claim(connection, now, daemon_id, capacities, limit, owner_in_flight)
             except errors.StateConflict as exc:
                 return report, exc
 
